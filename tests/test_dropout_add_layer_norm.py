@@ -1,0 +1,294 @@
+"""dropout_add_layer_norm: the reference against torch, every kernel backend against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transformer_kernels as tk
+from transformer_kernels import backends
+from transformer_kernels.ops.dropout_add_layer_norm import OP, draw_seed
+from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_keep_mask
+
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends
+
+KERNEL_BACKENDS = kernel_backends(OP)
+needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
+                                   "(needs a CUDA device, or TRITON_INTERPRET=1 for Triton)")
+
+
+# --- the reference is the specification: check it against torch itself ----------------------
+
+
+@pytest.mark.parametrize("rms_norm", [False, True])
+@pytest.mark.parametrize("shape", [(3, 1), (5, 17), (2, 3, 1000)])
+def test_reference_matches_torch(shape, rms_norm):
+    torch.manual_seed(0)
+    x, r = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(shape[-1], dtype=torch.float64)
+    b = None if rms_norm else torch.randn(shape[-1], dtype=torch.float64)
+    out, s = dropout_add_layer_norm_ref(x, r, w, b, 0.0, 1e-5, prenorm=True, rms_norm=rms_norm)
+    h = x + r
+    if rms_norm:
+        expected = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * w  # RMSNorm written out
+    else:
+        expected = F.layer_norm(h, (shape[-1],), w, b, 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, h, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rms_norm", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_reference_gradcheck(rms_norm, dropout_p):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = None if rms_norm else torch.randn(7, dtype=torch.float64, requires_grad=True)
+    inputs = (x, r, w) + (() if b is None else (b,))
+
+    def f(x, r, w, b=None):
+        return dropout_add_layer_norm_ref(x, r, w, b, dropout_p, 1e-5, prenorm=True, rms_norm=rms_norm, seed=1234)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_philox_known_answer():
+    # Random123's known-answer vector for philox4x32-10: counter 0, key 0 -> first word 0x6627e8d5.
+    from transformer_kernels.reference.philox import philox
+
+    assert philox(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+    # The seed may be a 0-dim tensor (inside compiled graphs) and gives the same numbers.
+    idx = torch.arange(2**32 - 2, 2**32 + 3)
+    seed = 0x0123456789ABCDEF
+    assert torch.equal(philox(seed, idx), philox(torch.tensor(seed), idx))
+
+
+# --- kernel backends against the float64 reference -------------------------------------------
+
+
+def _make_inputs(shape, dtype, *, residual=True, weight=True, bias=True, weight_dtype=None, requires_grad=True):
+    dev = device()
+    n = shape[-1]
+    wd = weight_dtype or dtype
+    x = torch.randn(shape, dtype=dtype, device=dev)
+    r = torch.randn(shape, dtype=dtype, device=dev) if residual else None
+    w = (1 + 0.5 * torch.randn(n, device=dev)).to(wd) if weight else None
+    b = (0.5 * torch.randn(n, device=dev)).to(wd) if bias else None
+    tensors = [x, r, w, b]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_()
+    return tensors
+
+
+def _run(fn, tensors, grads, prenorm):
+    """Outputs of ``fn(*tensors)`` and the gradients of every input w.r.t. <outputs, grads>."""
+    outs = fn(*tensors)
+    outs = outs if prenorm else (outs,)
+    leaves = [t for t in tensors if t is not None]
+    dtensors = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    return [o.detach() for o in outs], list(dtensors)
+
+
+def _compare(backend, shape, dtype, *, dropout_p=0.0, prenorm=False, rms_norm=False, residual=True,
+             weight=True, bias=True, weight_dtype=None):
+    torch.manual_seed(hash((shape, str(dtype), dropout_p, prenorm, rms_norm)) % 2**31)
+    bias = bias and not rms_norm
+    tensors = _make_inputs(shape, dtype, residual=residual, weight=weight, bias=bias, weight_dtype=weight_dtype)
+    grads = [torch.randn(shape, device=tensors[0].device) for _ in range(1 + prenorm)]
+
+    seed_state = torch.get_rng_state()
+    fast = _run(lambda *t: tk.dropout_add_layer_norm(*t, dropout_p, 1e-5, prenorm=prenorm, rms_norm=rms_norm,
+                                                      backend=backend), tensors, grads, prenorm)
+    # The seed the op drew, replayed: the reference applies the very same Philox mask.
+    torch.set_rng_state(seed_state)
+    seed = int(draw_seed()) if dropout_p > 0 else None
+    kw = dict(prenorm=prenorm, rms_norm=rms_norm, seed=seed)
+    same_dtype = _run(lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, upcast=False, **kw),
+                      tensors, grads, prenorm)
+    exact_inputs = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    exact = _run(lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, **kw), exact_inputs, grads, prenorm)
+
+    names = ["out", "s"][: 1 + prenorm] + [n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], tensors)
+                                             if t is not None]
+    for name, a, b, c in zip(names, fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]):
+        assert_close_to_reference(f"{backend} {name}", a, b, c)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 17), (3, 113), (2, 1000), (1, 1023), (2, 3, 512)], ids=str)
+@pytest.mark.parametrize("rms_norm", [False, True], ids=["layer", "rms"])
+def test_matches_reference(backend, dtype, shape, rms_norm):
+    _compare(backend, shape, dtype, rms_norm=rms_norm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms_norm", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("prenorm", [False, True], ids=["postnorm", "prenorm"])
+def test_dropout_matches_reference(backend, dtype, rms_norm, prenorm):
+    _compare(backend, (5, 333), dtype, dropout_p=0.3, prenorm=prenorm, rms_norm=rms_norm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(residual=False),
+        dict(weight=False, bias=False),
+        dict(bias=False),
+        dict(residual=False, dropout_p=0.2, prenorm=True),
+        dict(weight_dtype=torch.float32),
+    ],
+    ids=["no_residual", "no_affine", "no_bias", "no_residual_dropout", "fp32_weight"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_optional_arguments(backend, variant, dtype):
+    _compare(backend, (6, 96), dtype, **variant)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("hidden", [4096, 16384])
+def test_large_hidden(backend, hidden):
+    _compare(backend, (3, hidden), torch.float16, dropout_p=0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_zero_rows(backend):
+    x, r, w, b = _make_inputs((0, 64), torch.float32)
+    out, s = tk.dropout_add_layer_norm(x, r, w, b, 0.1, prenorm=True, backend=backend)
+    assert out.shape == (0, 64) and s.shape == (0, 64)
+    dx, dr, dw, db = torch.autograd.grad(out.sum(), [x, r, w, b])
+    assert dx.shape == (0, 64) and dr.shape == (0, 64)
+    assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_input(backend):
+    torch.manual_seed(0)
+    x = torch.randn(40, 6, device=device()).t()  # [6, 40], not contiguous
+    w = torch.randn(40, device=device())
+    out = tk.dropout_add_layer_norm(x, None, w, None, backend=backend)
+    expected = dropout_add_layer_norm_ref(x.double(), None, w.double(), None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- dropout ---------------------------------------------------------------------------------
+
+
+def _dropout_only(backend, x, p, **kw):
+    """(out, s) with no residual and no affine, so s = dropout(x) exposes the mask."""
+    return tk.dropout_add_layer_norm(x, None, None, None, p, prenorm=True, backend=backend, **kw)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_statistics(backend, p):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1536, device=device()) + 3.0  # never zero, so s == 0 means dropped
+    _, s = _dropout_only(backend, x, p)
+    kept = s != 0
+    n = kept.numel()
+    rate = kept.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    torch.testing.assert_close(s[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_reproducible_and_matches_philox_spec(backend):
+    x = torch.randn(7, 301, device=device()) + 3.0
+    torch.manual_seed(42)
+    _, s1 = _dropout_only(backend, x, 0.5)
+    torch.manual_seed(42)
+    _, s2 = _dropout_only(backend, x, 0.5)
+    _, s3 = _dropout_only(backend, x, 0.5)
+    assert torch.equal(s1, s2), "same seed must give the same mask"
+    assert not torch.equal(s1, s3), "a new draw must give a new mask"
+    torch.manual_seed(42)
+    expected = dropout_keep_mask(int(draw_seed()), 0.5, 7, 301, x.device)
+    assert torch.equal(s1 != 0, expected), "the mask must be the Philox mask of reference/philox.py"
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_backward_uses_forward_mask(backend, dtype):
+    """The backward regenerates the mask: its gradients match the reference fed the mask that the
+    forward's own output reveals (independently of reference/philox.py)."""
+    torch.manual_seed(3)
+    shape = (9, 130)
+    x = (torch.randn(shape, device=device()) + 3.0).to(dtype).requires_grad_()  # never zero
+    w = torch.randn(shape[-1], device=device(), requires_grad=True)
+    grads = [torch.randn(shape, device=device()) for _ in range(2)]
+    fast = _run(lambda x, w: tk.dropout_add_layer_norm(x, None, w, None, 0.4, prenorm=True, backend=backend),
+                [x, w], grads, prenorm=True)
+    keep = fast[0][1] != 0
+    assert torch.all(fast[1][0][~keep] == 0), "dropped elements must get zero gradient"
+
+    def ref(upcast):
+        return lambda x, w: dropout_add_layer_norm_ref(x, None, w, None, 0.4, prenorm=True, keep_mask=keep,
+                                                       upcast=upcast)
+
+    same_dtype = _run(ref(False), [x, w], grads, prenorm=True)
+    exact = _run(ref(True), [x.detach().double().requires_grad_(), w.detach().double().requires_grad_()],
+                 grads, prenorm=True)
+    for name, a, b, c in zip(["out", "s", "dx", "dweight"], fast[0] + fast[1], same_dtype[0] + same_dtype[1],
+                             exact[0] + exact[1]):
+        assert_close_to_reference(f"{backend} {name}", a, b, c)
+
+
+def test_eval_mode_skips_dropout():
+    x = torch.randn(4, 8, device=device())
+    state = torch.get_rng_state()
+    out = tk.dropout_add_layer_norm(x, None, None, None, 0.9, training=False)
+    assert torch.equal(torch.get_rng_state(), state), "training=False must draw no random numbers"
+    torch.testing.assert_close(out, F.layer_norm(x, (8,)))
+
+
+# --- errors at the API boundary --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(residual=torch.randn(4, 9)), ValueError, r"residual shape \[4, 9\] does not match x shape \[4, 8\]"),
+        (dict(residual=torch.randn(4, 8, dtype=torch.float64)), TypeError, "residual dtype"),
+        (dict(weight=torch.randn(8, dtype=torch.float64)), TypeError, "weight dtype torch.float64 is not supported"),
+        (dict(weight=torch.randn(7)), ValueError, r"weight shape \[7\] does not match the hidden size 8"),
+        (dict(bias=torch.randn(8), rms_norm=True), ValueError, "bias must be None when rms_norm=True"),
+        (dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
+        (dict(backend="fast"), ValueError, "unknown backend 'fast'"),
+    ],
+    ids=["residual_shape", "residual_dtype", "weight_dtype", "weight_shape", "rms_bias", "dropout_p", "backend"],
+)
+def test_bad_inputs(kwargs, error, match):
+    args = dict(x=torch.randn(4, 8), residual=None, weight=None, bias=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        tk.dropout_add_layer_norm(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_backend_on_cpu_tensor_is_a_clear_error():
+    with pytest.raises(backends.BackendError, match="dropout_add_layer_norm: the cuda backend cannot run"):
+        tk.dropout_add_layer_norm(torch.randn(2, 8), None, None, None, backend="cuda")
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+def test_triton_hidden_size_limit():
+    x = torch.randn(1, 65537, device=device())
+    with pytest.raises(backends.BackendError, match=r"hidden size 65537 is not supported \(max 65536\)"):
+        tk.dropout_add_layer_norm(x, None, None, None, backend="triton")

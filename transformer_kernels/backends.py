@@ -1,0 +1,200 @@
+"""The backend registry: which implementation serves which op for which inputs.
+
+Every op has the backends ``reference`` (pure PyTorch, the specification and the CPU fallback),
+``triton`` and ``cuda`` (the compiled extension). Each backend of each op declares what it
+supports in one place (an :class:`OpBackend`); the dispatcher, the error messages, ``info`` and the
+tests all read those declarations instead of repeating them.
+
+``auto`` picks, for CPU tensors, ``reference``; for CUDA tensors, the first backend of the op's
+preference order (``AUTO_ORDER``, set from GPU measurements in ``benchmarks/results/``) that
+supports the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+CHOICES = BACKENDS + ("auto",)
+
+# The preference order of `auto` on CUDA tensors, per op. Until GPU measurements are committed
+# under benchmarks/results/, Triton (tested in CI under the interpreter) comes first.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+DEFAULT_AUTO_ORDER = ("triton", "cuda", "reference")
+
+
+class BackendError(ValueError):
+    """An op was asked to run on a backend that cannot serve its inputs."""
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of torch
+        return f"triton is not installed ({e})"
+    return None
+
+
+def triton_unavailable() -> Optional[str]:
+    """Why Triton kernels cannot run on this machine, or None if they can."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if not (torch.cuda.is_available() or triton_interpret()):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+    return None
+
+
+def cuda_unavailable() -> Optional[str]:
+    """Why the compiled extension cannot run here, or None if it can."""
+    from . import _extension
+
+    if not _extension.loaded():
+        return f"the CUDA extension is not built ({_extension.load_error()})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+@dataclass(frozen=True)
+class OpBackend:
+    """What one backend of one op supports.
+
+    ``devices``: device types of the input tensors it accepts. ``dtypes``: input dtypes.
+    ``check``: extra, op-specific limits; returns a reason string when the inputs are out of them.
+    ``unavailable``: returns why the backend cannot run on this machine at all, or None.
+    """
+
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    check: Callable[..., Optional[str]] = lambda **_: None
+    unavailable: Callable[[], Optional[str]] = lambda: None
+
+
+@dataclass
+class Op:
+    name: str
+    backends: dict[str, OpBackend] = field(default_factory=dict)
+
+
+_OPS: dict[str, Op] = {}
+
+
+def register(op: str, backend: str, spec: OpBackend) -> None:
+    """Declare that ``backend`` implements ``op`` for the inputs ``spec`` describes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _OPS.setdefault(op, Op(op)).backends[backend] = spec
+
+
+def ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def _triton_devices() -> tuple[str, ...]:
+    # Under the interpreter, Triton kernels take CPU tensors: that is how CI tests them.
+    return ("cuda", "cpu") if triton_interpret() else ("cuda",)
+
+
+def supported_devices(op: str, backend: str) -> tuple[str, ...]:
+    spec = _OPS[op].backends[backend]
+    return _triton_devices() if backend == "triton" else spec.devices
+
+
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on these inputs, or None if it can."""
+    spec = _OPS[op].backends.get(backend)
+    if spec is None:
+        return "it has no such backend"
+    reason = spec.unavailable()
+    if reason:
+        return reason
+    devices = supported_devices(op, backend)
+    if device.type not in devices:
+        return f"{device.type} tensors are not supported (supported: {', '.join(devices)})"
+    if dtype not in spec.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+        return f"dtype {str(dtype).removeprefix('torch.')} is not supported (supported: {names})"
+    return spec.check(**problem)
+
+
+# The global choice: `set_backend` sets it, `use_backend` overrides it in a scope.
+_default_backend = "auto"
+_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "transformer_kernels_backend", default=None
+)
+
+
+def _validate(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the backend every op uses unless a call passes ``backend=``."""
+    global _default_backend
+    _default_backend = _validate(name)
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else ``set_backend``'s, else auto."""
+    return _scoped_backend.get() or _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on ``name`` (a ``backend=`` argument still wins)."""
+    token = _scoped_backend.set(_validate(name))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def available_backends(op: Optional[str] = None) -> list[str]:
+    """The backends that can run on this machine: for ``op``, or for at least one op."""
+    names = [op] if op is not None else ops()
+    usable = set()
+    for name in names:
+        if name not in _OPS:
+            raise ValueError(f"unknown op {name!r}; expected one of {', '.join(ops())}")
+        usable.update(b for b, spec in _OPS[name].backends.items() if spec.unavailable() is None)
+    return [b for b in BACKENDS if b in usable]
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype, **problem) -> str:
+    """The concrete backend that runs ``op`` on these inputs, or a clear :class:`BackendError`.
+
+    ``backend`` (the call's keyword) wins over the global choice. ``problem`` carries the op's
+    own size parameters, which each backend's ``check`` reads.
+    """
+    name = _validate(backend) if backend is not None else get_backend()
+    if name != "auto":
+        reason = why_not(op, name, device, dtype, **problem)
+        if reason:
+            hint = "" if name == "reference" else "; use backend='reference' or 'auto'"
+            raise BackendError(f"{op}: the {name} backend cannot run these inputs: {reason}{hint}")
+        return name
+    if device.type != "cuda":
+        return "reference"
+    reasons = []
+    for candidate in AUTO_ORDER.get(op, DEFAULT_AUTO_ORDER):
+        reason = why_not(op, candidate, device, dtype, **problem)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    raise BackendError(f"{op}: no backend supports these inputs ({'; '.join(reasons)})")
