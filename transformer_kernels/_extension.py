@@ -6,25 +6,31 @@ reason this module recorded.
 
 from __future__ import annotations
 
-import functools
+import importlib
+import importlib.util
 from typing import Optional
 
 
-@functools.cache
 def _load() -> Optional[str]:
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return "this install has no transformer_kernels._C; see the README to build it"
     try:
-        from . import _C  # noqa: F401  (importing registers the tk_C ops with the dispatcher)
+        importlib.import_module(f"{__package__}._C")  # registers the tk_C ops with the dispatcher
     except ImportError as e:
-        return str(e)
+        return f"transformer_kernels._C does not load: {e}"
     return None
 
 
+# Loaded once, at import: the backend checks that read this run inside traced code too.
+_LOAD_ERROR = _load()
+
+
 def loaded() -> bool:
-    return _load() is None
+    return _LOAD_ERROR is None
 
 
 def load_error() -> Optional[str]:
-    return _load()
+    return _LOAD_ERROR
 
 
 def built_archs() -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -39,20 +39,14 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - triton ships with CUDA builds of torch
-        return f"triton is not installed ({e})"
-    return None
+# Found once at import (cheaply, without importing triton): dynamo traces the checks below.
+_TRITON_MISSING = importlib.util.find_spec("triton") is None
 
 
 def triton_unavailable() -> Optional[str]:
     """Why Triton kernels cannot run on this machine, or None if they can."""
-    err = _triton_import_error()
-    if err:
-        return err
+    if _TRITON_MISSING:
+        return "triton is not installed"
     if not (torch.cuda.is_available() or triton_interpret()):
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
     return None

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check: on a fresh GPU machine, build the extension, run every test (the GPU ones
+# included), run the benchmarks at quick sizes, and leave the tables in OUT_DIR. Target: < 8 min.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Each step is timed and recorded; a failing step does not stop the later ones. The last lines
+# printed are the summary (also in OUT_DIR/summary.md). Commit OUT_DIR under benchmarks/results/.
+set -u
+OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+SUMMARY="$OUT_DIR/summary.md"
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, time, record
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS rc
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  local status=ok
+  [ $rc -eq 0 ] || status="FAILED (exit $rc)"
+  [ $rc -eq 124 ] && status="TIMED OUT after ${limit}s"
+  echo "| $name | $status | $((SECONDS - t0)) s |" >>"$SUMMARY.steps"
+  echo "=== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
+  return $rc
+}
+
+rm -f "$SUMMARY.steps"
+arch=$($PY -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')" 2>/dev/null || echo 9.0)
+
+step build 360 env MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} TK_BUILD_CUDA=1 \
+  $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+step info 60 $PY -m transformer_kernels info
+$PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
+step tests 300 env TK_REQUIRE_EXTENSION=1 $PY -m pytest tests -q -rs --junitxml="$OUT_DIR/tests.xml"
+step bench_layer_norm 300 $PY benchmarks/bench_layer_norm.py --quick --out "$OUT_DIR"
+
+{
+  echo "# GPU check"
+  echo
+  $PY benchmarks/gpu_summary.py "$OUT_DIR"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+  cat "$SUMMARY.steps"
+} >"$SUMMARY"
+rm -f "$SUMMARY.steps"
+echo
+cat "$SUMMARY"

@@ -1,0 +1,62 @@
+"""The backend registry: global choice, scoped choice, per-call choice, and auto."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import transformer_kernels as tk
+from transformer_kernels import backends
+
+
+def test_available_backends_always_has_reference():
+    assert "reference" in tk.available_backends()
+    assert "reference" in tk.available_backends("dropout_add_layer_norm")
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        tk.available_backends("nope")
+
+
+def test_set_and_use_backend_nest_and_restore():
+    assert tk.get_backend() == "auto"
+    tk.set_backend("reference")
+    try:
+        assert tk.get_backend() == "reference"
+        with tk.use_backend("triton"):
+            assert tk.get_backend() == "triton"
+            with tk.use_backend("auto"):
+                assert tk.get_backend() == "auto"
+            assert tk.get_backend() == "triton"
+        assert tk.get_backend() == "reference"
+    finally:
+        tk.set_backend("auto")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        tk.set_backend("fastest")
+
+
+def test_call_keyword_wins_over_scope():
+    x = torch.randn(2, 8)
+    with tk.use_backend("cuda"):  # cannot run here, or not on CPU tensors
+        out = tk.dropout_add_layer_norm(x, None, None, None, backend="reference")
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
+
+
+def test_auto_on_cpu_is_reference():
+    assert backends.resolve("dropout_add_layer_norm", "auto", torch.device("cpu"), torch.float32, hidden=8) == "reference"
+
+
+def test_auto_on_cuda_follows_the_preference_order(monkeypatch):
+    # Pretend every backend is available: auto must take the first that supports the inputs.
+    ops = backends._OPS["dropout_add_layer_norm"].backends
+    for name, spec in list(ops.items()):
+        monkeypatch.setitem(ops, name, backends.OpBackend(spec.devices, spec.dtypes, spec.check))
+    monkeypatch.setattr(backends, "_triton_devices", lambda: ("cuda",))
+    monkeypatch.setitem(backends.AUTO_ORDER, "dropout_add_layer_norm", ("cuda", "triton", "reference"))
+    cuda = torch.device("cuda")
+    assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=1024) == "cuda"
+    # Past the cuda backend's hidden-size limit, auto moves on to triton, then to the reference.
+    assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=20000) == "triton"
+    assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=100000) == "reference"
+    assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float64, hidden=1024) == "reference"
+    with pytest.raises(backends.BackendError, match=r"the cuda backend cannot run these inputs: hidden size 20000 "
+                                                    r"is not supported \(max 16384\)"):
+        backends.resolve("dropout_add_layer_norm", "cuda", cuda, torch.float16, hidden=20000)

@@ -1,0 +1,80 @@
+"""The compiled extension: it loads, its ops are registered, its fake implementations give the
+right shapes and dtypes, and bad inputs raise clear errors. Its kernels run in the GPU tests of
+test_dropout_add_layer_norm.py (backend 'cuda')."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from transformer_kernels import _extension
+
+REQUIRED = os.environ.get("TK_REQUIRE_EXTENSION") == "1"
+
+pytestmark = pytest.mark.skipif(not (_extension.loaded() or REQUIRED),
+                                reason=f"extension not built: {_extension.load_error()}")
+
+
+def test_extension_loads():
+    assert _extension.loaded(), _extension.load_error()
+
+
+def test_ops_registered_with_their_schemas():
+    fwd = torch.ops.tk_C.dropout_add_layer_norm_fwd.default._schema
+    bwd = torch.ops.tk_C.dropout_add_layer_norm_bwd.default._schema
+    assert [a.name for a in fwd.arguments] == ["x", "residual", "weight", "bias", "dropout_p", "eps", "seed",
+                                               "rms_norm", "store_s"]
+    assert [a.name for a in bwd.arguments] == ["dout", "ds_in", "s", "weight", "mean", "rstd", "dropout_p", "seed",
+                                               "rms_norm", "has_bias"]
+    assert len(fwd.returns) == 4 and len(bwd.returns) == 4
+
+
+def test_extension_archs_are_recorded():
+    assert _extension.built_archs(), "the extension should say which archs it was built for"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rms_norm", [False, True])
+def test_fake_implementations(dtype, rms_norm):
+    with FakeTensorMode():
+        x = torch.empty(6, 40, dtype=dtype, device="cuda")
+        w = torch.empty(40, dtype=torch.float32, device="cuda")
+        out, s, mean, rstd = torch.ops.tk_C.dropout_add_layer_norm_fwd(x, x, w, None, 0.1, 1e-5, 3, rms_norm, True)
+        assert out.shape == s.shape == (6, 40) and out.dtype == s.dtype == dtype
+        assert mean.shape == ((0,) if rms_norm else (6,)) and mean.dtype == torch.float32
+        assert rstd.shape == (6,) and rstd.dtype == torch.float32
+        ds, dx, dw, db = torch.ops.tk_C.dropout_add_layer_norm_bwd(out, None, s, w, mean, rstd, 0.1, 3, rms_norm,
+                                                                   not rms_norm)
+        assert ds.shape == dx.shape == (6, 40) and ds.dtype == dx.dtype == dtype
+        assert dw.shape == (40,) and dw.dtype == torch.float32
+        assert db.shape == ((0,) if rms_norm else (40,))
+
+
+def test_cpu_tensors_are_a_clear_error():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="dropout_add_layer_norm: x must be a CUDA tensor"):
+        torch.ops.tk_C.dropout_add_layer_norm_fwd(x, None, None, None, 0.0, 1e-5, 0, False, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(residual=torch.randn(4, 9)), r"residual shape \[4, 9\] does not match x shape \[4, 8\]"),
+        (dict(weight=torch.randn(8, dtype=torch.float64)), "weight dtype"),
+        (dict(bias=torch.randn(8), rms_norm=True), "bias must be None when rms_norm=True"),
+        (dict(x=torch.randn(2, 20000)), r"hidden size 20000 is not supported by the cuda backend \(max 16384\)"),
+    ],
+    ids=["residual_shape", "weight_dtype", "rms_bias", "hidden"],
+)
+def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
+    """The C++ op checks its own inputs too, for callers that reach it without the Python layer."""
+    args = dict(x=torch.randn(4, 8), residual=None, weight=None, bias=None, dropout_p=0.0, eps=1e-5, seed=0,
+                rms_norm=False, store_s=False)
+    args.update(kwargs)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.tk_C.dropout_add_layer_norm_fwd(*args.values())
