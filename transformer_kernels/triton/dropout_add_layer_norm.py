@@ -30,18 +30,9 @@ import triton
 import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
+from .philox import dropout_keep
 
 MAX_HIDDEN = 65536
-
-
-@triton.jit
-def _dropout_keep(seed, idx, threshold):
-    """Keep-decision of the element with flat index ``idx`` (int64); see reference/philox.py."""
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    return (r >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -73,7 +64,7 @@ def _dropout_add_layer_norm_fwd_kernel(
     offs = row * N + cols
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, offs, drop_threshold)
+        keep = dropout_keep(seed, offs, drop_threshold)
         s = tl.where(keep, s * drop_scale, 0.0)
     if HAS_RES:
         s += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
@@ -156,7 +147,7 @@ def _dropout_add_layer_norm_bwd_kernel(
             ds += tl.load(DS_IN + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs, drop_threshold)
+            keep = dropout_keep(seed, offs, drop_threshold)
             dx = tl.where(keep, ds * drop_scale, 0.0)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_W:
