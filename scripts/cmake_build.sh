@@ -2,6 +2,7 @@
 # Configures and builds libtk_C.so with CMake into build/cmake (the ops without the Python
 # package): load it with torch.ops.load_library("build/cmake/libtk_C.so").
 #
+#   TK_CMAKE_BUILD_DIR    where to build (default: build/cmake)
 #   TORCH_CUDA_ARCH_LIST  target GPUs (default "8.0;9.0")
 #   CUDA_HOME             CUDA toolkit (default: /usr/local/cuda, else the one holding nvcc)
 #   MAX_JOBS              parallel compile jobs (default: all cores)
@@ -11,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+BUILD_DIR="${TK_CMAKE_BUILD_DIR:-build/cmake}"
 
 if [[ -z "${CUDA_HOME:-}" ]]; then
   if [[ -x /usr/local/cuda/bin/nvcc ]]; then
@@ -40,7 +42,7 @@ PY
 )
 
 CMAKE_ARGS=(
-  -S . -B build/cmake
+  -S . -B "$BUILD_DIR"
   -DCMAKE_BUILD_TYPE=Release
   -DCMAKE_PREFIX_PATH="$TORCH_CMAKE_PREFIX"
   -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc"
@@ -52,5 +54,5 @@ CMAKE_ARGS=(
 command -v ninja > /dev/null && CMAKE_ARGS+=(-G Ninja)
 
 cmake "${CMAKE_ARGS[@]}"
-cmake --build build/cmake --parallel "${MAX_JOBS:-$(nproc)}"
-echo "built $(pwd)/build/cmake/libtk_C.so"
+cmake --build "$BUILD_DIR" --parallel "${MAX_JOBS:-$(nproc)}"
+echo "built $(cd "$BUILD_DIR" && pwd)/libtk_C.so"
