@@ -101,7 +101,7 @@ class Report:
                 if r is None or r.ms is None:
                     cells.append("—")
                 else:
-                    cells.append(f"{r.gbps:.0f} GB/s ({r.speedup:.2f}x)" if r.speedup else f"{r.gbps:.0f} GB/s")
+                    cells.append(f"{r.gbps:.3g} GB/s ({r.speedup:.2f}x)" if r.speedup else f"{r.gbps:.3g} GB/s")
             lines.append("| " + " | ".join(cells) + " |")
         skipped = {r.impl: r.note for r in self.rows if r.ms is None and r.note}
         lines += [""] + [f"- {impl}: not run ({note})" for impl, note in skipped.items()]
