@@ -6,12 +6,15 @@
 #
 # Each step is timed and recorded; a failing step does not stop the later ones. The last lines
 # printed are the summary (also in OUT_DIR/summary.md). Commit OUT_DIR under benchmarks/results/.
+# Through the device tool, which returns at most 8 files from $OUT, pack the folder:
+#   bash benchmarks/gpu_check.sh /tmp/gc; tar -C /tmp -czf $OUT/gpu_check.tgz gc; cp /tmp/gc/summary.md $OUT/
 set -u
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # also serves an in-place build (below)
 PY=${PYTHON:-python3}
 SUMMARY="$OUT_DIR/summary.md"
 LOG="$OUT_DIR/gpu_check.log"
@@ -35,8 +38,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, time, record
 rm -f "$SUMMARY.steps"
 arch=$($PY -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')" 2>/dev/null || echo 9.0)
 
-step build 360 env MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} TK_BUILD_CUDA=1 \
-  $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+build_env=(env MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} TK_BUILD_CUDA=1)
+# An older pip/setuptools without editable-wheel support falls back to an in-place build.
+step build 360 "${build_env[@]}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . ||
+  step build_inplace 360 "${build_env[@]}" $PY setup.py build_ext --inplace
 step info 60 $PY -m transformer_kernels info
 $PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
 step tests 300 env TK_REQUIRE_EXTENSION=1 $PY -m pytest tests -q -rs --junitxml="$OUT_DIR/tests.xml"
