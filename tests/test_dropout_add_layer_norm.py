@@ -11,7 +11,7 @@ from transformer_kernels import backends
 from transformer_kernels.ops.dropout_add_layer_norm import OP, draw_seed
 from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_keep_mask
 
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
 needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
@@ -95,7 +95,7 @@ def _run(fn, tensors, grads, prenorm):
 
 def _compare(backend, shape, dtype, *, dropout_p=0.0, prenorm=False, rms_norm=False, residual=True,
              weight=True, bias=True, weight_dtype=None):
-    torch.manual_seed(hash((shape, str(dtype), dropout_p, prenorm, rms_norm)) % 2**31)
+    torch.manual_seed(seed_for(shape, dtype, dropout_p, prenorm, rms_norm))
     bias = bias and not rms_norm
     tensors = _make_inputs(shape, dtype, residual=residual, weight=weight, bias=bias, weight_dtype=weight_dtype)
     grads = [torch.randn(shape, device=tensors[0].device) for _ in range(1 + prenorm)]
