@@ -2,6 +2,7 @@
 
 Public API::
 
+    attention(q, k, v, ...)                         fused attention (causal, padding, dropout, GQA)
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
     available_backends(), set_backend(), use_backend(), get_backend()
     transformer_kernels.nn.LayerNorm / RMSNorm      drop-in modules
@@ -9,13 +10,14 @@ Public API::
 """
 
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
-from .ops import dropout_add_layer_norm
+from .ops import attention, dropout_add_layer_norm
 from . import nn, reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "attention",
     "available_backends",
     "dropout_add_layer_norm",
     "get_backend",

@@ -1,6 +1,7 @@
 """Pure-PyTorch specifications of every op: the CPU fallback, and what the tests hold kernels to."""
 
+from .attention import attention_ref
 from .dropout_add_layer_norm import dropout_add_layer_norm_ref
 from .philox import dropout_keep_mask
 
-__all__ = ["dropout_add_layer_norm_ref", "dropout_keep_mask"]
+__all__ = ["attention_ref", "dropout_add_layer_norm_ref", "dropout_keep_mask"]

@@ -1,0 +1,200 @@
+"""``attention``: the functional op, its custom-op registration and autograd.
+
+The kernel backend (``triton``) is reached through two ``torch.library`` custom ops,
+``transformer_kernels::attention_fwd`` / ``_bwd``, with fake implementations and registered
+autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The ``reference`` backend is
+plain differentiable PyTorch and needs neither.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference.attention import attention_ref
+from .dropout_add_layer_norm import draw_seed
+
+OP = "attention"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_check(head_dim: Optional[int] = None, **_) -> Optional[str]:
+    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is not supported (max {TRITON_MAX_HEAD_DIM})"
+    return None
+
+
+backends.register(OP, "reference", backends.OpBackend(
+    devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
+backends.register(OP, "triton", backends.OpBackend(
+    devices=("cuda",), dtypes=KERNEL_DTYPES, check=_triton_check, unavailable=backends.triton_unavailable))
+
+
+def _kernels(backend: str):
+    """(fwd, bwd) of a kernel backend."""
+    if backend == "triton":
+        from ..triton import attention as tri
+
+        return tri.attention_fwd, tri.attention_bwd
+    raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. `seed` is a 0-dim int64 CPU tensor (or None without dropout), so drawing it stays
+# inside a compiled graph. The forward returns (out, lse2): lse2 is the log-sum-exp in base 2,
+# what the backward needs (see triton/attention.py).
+
+
+@torch.library.custom_op("transformer_kernels::attention_fwd", mutates_args=())
+def _fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    fwd, _ = _kernels(backend)
+    return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, _seed_value(seed))
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
+    b, lq, hq, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty((b, hq, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("transformer_kernels::attention_bwd", mutates_args=())
+def _bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse2: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, bwd = _kernels(backend)
+    return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, _seed_value(seed))
+
+
+@_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2, key_padding_mask, seed)
+    ctx.args = (causal, dropout_p, softmax_scale, backend)
+    ctx.mark_non_differentiable(lse2)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse2, key_padding_mask, seed = ctx.saved_tensors
+    causal, dropout_p, softmax_scale, backend = ctx.args
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional API.
+
+
+def _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> None:
+    for name, t, shape in (("q", q, "[B, Lq, Hq, D]"), ("k", k, "[B, Lk, Hkv, D]"), ("v", v, "[B, Lk, Hkv, D]")):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{OP}: {name} must be a floating-point tensor {shape}")
+        if t.dim() != 4:
+            raise ValueError(f"{OP}: {name} must be 4-D {shape}, got shape {list(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{OP}: {name} dtype {t.dtype} does not match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{OP}: {name} is on {t.device}, q on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k shape {list(k.shape)} and v shape {list(v.shape)} must match")
+    (b, _, hq, d), (bk, lk, hkv, dk) = q.shape, k.shape
+    if bk != b:
+        raise ValueError(f"{OP}: batch size of k/v ({bk}) does not match q's ({b})")
+    if dk != d:
+        raise ValueError(f"{OP}: head dim of k/v ({dk}) does not match q's ({d})")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{OP}: the number of query heads ({hq}) must be a multiple of the number of "
+                         f"key/value heads ({hkv})")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
+            raise TypeError(f"{OP}: key_padding_mask must be a bool tensor [B, Lk] (True = padding), got {got}")
+        if key_padding_mask.shape != (b, lk):
+            raise ValueError(f"{OP}: key_padding_mask shape {list(key_padding_mask.shape)} does not match "
+                             f"[B, Lk] = {[b, lk]}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Scaled dot-product attention, fused: ``softmax(scale · q kᵀ + mask) v`` with dropout.
+
+    Args:
+        q: ``[B, Lq, Hq, D]``; fp16, bf16 or fp32 (fp64 on the reference backend).
+        k, v: ``[B, Lk, Hkv, D]``, q's dtype; ``Hq % Hkv == 0`` (multi-head, grouped-query,
+            multi-query). Any strides: the layout a fused QKV projection produces needs no copy.
+        causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned bottom-right).
+        key_padding_mask: bool ``[B, Lk]``, True = padding (ignored key), or None.
+        dropout_p: dropout on the attention probabilities; pass 0 in eval.
+        softmax_scale: defaults to ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the scores, fp32 ``[B, Hq, Lq]``, -inf on
+            rows that see no key (not differentiable).
+        backend: ``reference``, ``triton`` or ``auto``; wins over the global choice.
+
+    Returns:
+        ``out`` ``[B, Lq, Hq, D]`` in q's dtype (zeros on rows that see no key), or
+        ``(out, lse)`` with ``return_lse=True``.
+    """
+    _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    d = q.shape[-1]
+    scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
+    name = backends.resolve(OP, backend, q.device, q.dtype, head_dim=d)
+    seed = draw_seed() if dropout_p > 0.0 else None
+    if name == "reference":
+        return attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                             softmax_scale=scale, return_lse=return_lse, seed=seed)
+    out, lse2 = _fwd(q, k, v, key_padding_mask, bool(causal), float(dropout_p), scale, seed, name)
+    return (out, lse2 * math.log(2.0)) if return_lse else out

@@ -1,0 +1,547 @@
+# Fused attention (FlashAttention-2), forward and backward, in Triton, with causal (bottom-right),
+# key-padding masks, in-kernel dropout, GQA/MQA, any lengths and head dims up to 256.
+# Modelled on Triton's 06-fused-attention tutorial and flash-attention's Triton kernel: the forward
+# keeps one query tile in registers and streams the keys with an online softmax; the backward
+# recomputes the probabilities from the saved log-sum-exp in two kernels (dk/dv per key tile, dq per
+# query tile) instead of one kernel with dq atomics: deterministic, and GQA's dk/dv are summed over
+# the query heads of a group inside one program, at the cost of computing QKᵀ and dO·Vᵀ twice.
+"""Triton kernels of ``attention`` and their launchers.
+
+Forward, per query row i (``visible`` and ``keep`` as in ``reference/attention.py``; in base 2,
+with s = softmax_scale · log2(e) · q·k):
+
+    m_j = max(m_{j-1}, max_j s_ij),   l_j = l_{j-1} · 2^(m_{j-1} - m_j) + Σ_j 2^(s_ij - m_j)
+    acc_j = acc_{j-1} · 2^(m_{j-1} - m_j) + Σ_j 2^(s_ij - m_j) · keep_ij / (1 - p) · v_j
+    out = acc / l,   lse₂ = m + log2 l = lse / ln 2      (out = 0, lse₂ = -inf if i sees no key)
+
+The log-sum-exp is kept in base 2 (``lse₂``) for the backward, which recomputes P = 2^(s - lse₂):
+a round trip through the natural log would cost ~ulp(|s|) in the exponent, 1e-3 at huge logits.
+
+Backward (the vector-Jacobian product), with P recomputed and Z = keep / (1 - p):
+
+    dV = (P∘Z)ᵀ dO,   dP = (dO Vᵀ)∘Z,   dS = P∘(dP - Δ),   Δ_i = Σ_d dO_id · O_id
+    dQ = scale · dS K,   dK = scale · dSᵀ Q
+
+(Δ = rowsum(P∘dP) because O = (P∘Z) V.) No [Lq, Lk] tensor ever leaves the registers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+from ..reference.philox import dropout_scale, dropout_threshold
+from .dropout_add_layer_norm import _device_ctx
+from .philox import dropout_keep
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the three kernels.
+
+
+@triton.jit
+def _key_ok(KPM, b, offs_n, Lk, HAS_KPM: tl.constexpr):
+    """[BLOCK_N] bool: key j of batch b exists and is not padding."""
+    ok = offs_n < Lk
+    if HAS_KPM:
+        ok = ok & (tl.load(KPM + b.to(tl.int64) * Lk + offs_n, mask=ok, other=1) == 0)
+    return ok
+
+
+@triton.jit
+def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
+    """Broadcast bool: query q_idx may attend to key k_idx (bottom-right causal alignment)."""
+    vis = (q_idx < Lq) & key_ok
+    if CAUSAL:
+        vis = vis & (k_idx <= q_idx + (Lk - Lq))
+    return vis
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile sizes. On a GPU the kernels are autotuned over the candidates of their head-dim bucket,
+# keyed on the padded head dim, the masks and power-of-two length buckets (Triton adds the tensor
+# dtypes to every key). TK_AUTOTUNE=0 takes each bucket's first candidate instead (for test runs,
+# where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small config:
+# tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths all run.
+# The candidates were picked so that ptxas (sm_90, Triton 3.8, compiled offline) reports little or
+# no register spilling; their speed is unmeasured: tune them with benchmarks/bench_attention.py.
+
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "lq_bucket", "lk_bucket"]
+
+# kernel -> head-dim bucket -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M tiles queries,
+# BLOCK_N keys. fp32 operands count double (twice the registers and shared memory per element).
+_CONFIGS = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 3)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2)],
+        128: [(32, 64, 8, 3), (16, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
+        128: [(64, 32, 8, 3), (64, 16, 4, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+        256: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)],
+    },
+}
+_INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _d_bucket(block_d: int, fp32: bool) -> int:
+    return min(max(64, block_d * (2 if fp32 else 1)), 256)
+
+
+def _autotune() -> bool:
+    """Read at each launch, so a test or benchmark can switch it with the environment."""
+    return not triton_interpret() and os.environ.get("TK_AUTOTUNE", "1") != "0"
+
+
+def _heuristic(kind: str, block_d: int, fp32: bool) -> dict:
+    """The launch parameters without autotuning."""
+    if triton_interpret():
+        m, n = _INTERPRET_TILES[kind]
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)
+    m, n, w, s = _CONFIGS[kind][_d_bucket(block_d, fp32)][0]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+
+def _tuned(kind: str, kernel):
+    """``kernel`` autotuned over every bucket's candidates, pruned per call to its own bucket's."""
+    candidates = dict.fromkeys(c for bucket in _CONFIGS[kind].values() for c in bucket)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = set(_CONFIGS[kind][_d_bucket(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return kept or configs
+
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
+    if _autotune():
+        tuned[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs, **_heuristic(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee"))
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # [B, Lq, Hq, D]
+    K,  # [B, Lk, Hkv, D]
+    V,  # [B, Lk, Hkv, D]
+    KPM,  # [B, Lk] uint8, nonzero = padding (if HAS_KPM); contiguous
+    OUT,  # [B, Lq, Hq, D]
+    LSE,  # [B, Hq, Lq] fp32, base-2 log-sum-exp of the scores (lse₂); contiguous
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    Hq,
+    GROUP,  # Hq // Hkv: query heads per key/value head
+    Lq,
+    Lk,
+    HEAD_DIM,
+    scale_log2,  # softmax_scale · log2(e)
+    seed,  # Philox key (if HAS_DROPOUT)
+    drop_threshold,  # keep iff (philox >> 8) >= drop_threshold
+    drop_scale,  # 1 / (1 - p)
+    lq_bucket,  # autotune key only
+    lk_bucket,  # autotune key only
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), None otherwise
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter.
+    row_base = (bh.to(tl.int64) * Lq + offs_m) * Lk
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = Lk
+    if CAUSAL:  # key tiles wholly above the (bottom-right) diagonal are skipped
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_ok,
+                     other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
+        vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen no visible key its max is -inf: subtract 0 instead (all p are 0).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < Lk) & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0  # l >= 1 once a row has seen one visible key
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
+    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(OUT + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+             mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    OUT,  # [B, Lq, Hq, D]
+    DOUT,  # [B, Lq, Hq, D]
+    DELTA,  # [B, Hq, Lq] fp32: Σ_d dO · O; contiguous
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    Hq,
+    Lq,
+    HEAD_DIM,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _load_lse_log2(LSE, offs_m, Lq):
+    """lse₂ of the rows; +inf for a row that sees no key (and for padding rows), so that
+    2^(s - lse₂) is 0 there rather than NaN."""
+    lse = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # [B, Lq, Hq, D]
+    K,  # [B, Lk, Hkv, D]
+    V,  # [B, Lk, Hkv, D]
+    KPM,  # [B, Lk] uint8 (if HAS_KPM)
+    DOUT,  # [B, Lq, Hq, D]
+    LSE,  # [B, Hq, Lq] fp32 lse₂
+    DELTA,  # [B, Hq, Lq] fp32
+    DK,  # [B, Lk, Hkv, D]: summed over the GROUP query heads of each key/value head
+    DV,  # [B, Lk, Hkv, D]
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    Hq,
+    Hkv,
+    GROUP,
+    Lq,
+    Lk,
+    HEAD_DIM,
+    softmax_scale,
+    scale_log2,
+    seed,
+    drop_threshold,
+    drop_scale,
+    lq_bucket,
+    lk_bucket,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query tile (inner loop)
+    BLOCK_N: tl.constexpr,  # key tile (this program's)
+):
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_mask, other=0.0)
+    key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    if CAUSAL:  # query tiles wholly below the first query that sees this key tile are skipped
+        lo = tl.maximum(pid_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_mask,
+                         other=0.0)
+            lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
+            delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            # Transposed tiles [BLOCK_N, BLOCK_M]: rows are this program's keys.
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+            vis = _visible(offs_m[None, :], offs_n[:, None], key_ok[:, None], Lq, Lk, CAUSAL)
+            pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                idx = (bh.to(tl.int64) * Lq + offs_m[None, :]) * Lk + offs_n[:, None]
+                keep = dropout_keep(seed, idx, drop_threshold)
+                dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    dk *= softmax_scale
+    DK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=n_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=n_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # [B, Lq, Hq, D]
+    K,  # [B, Lk, Hkv, D]
+    V,  # [B, Lk, Hkv, D]
+    KPM,  # [B, Lk] uint8 (if HAS_KPM)
+    DOUT,  # [B, Lq, Hq, D]
+    LSE,  # [B, Hq, Lq] fp32 lse₂
+    DELTA,  # [B, Hq, Lq] fp32
+    DQ,  # [B, Lq, Hq, D]
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    Hq,
+    GROUP,
+    Lq,
+    Lk,
+    HEAD_DIM,
+    softmax_scale,
+    scale_log2,
+    seed,
+    drop_threshold,
+    drop_scale,
+    lq_bucket,
+    lk_bucket,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
+    do = tl.load(DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=m_mask, other=0.0)
+    lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    row_base = (bh.to(tl.int64) * Lq + offs_m) * Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + Lk - Lq)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        t_mask = (offs_n[None, :] < Lk) & d_ok[:, None]
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
+        vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+
+    dq *= softmax_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_mask)
+
+
+_attention_fwd_tuned = _tuned("fwd", _attention_fwd_kernel)
+_attention_bwd_dkdv_tuned = _tuned("dkdv", _attention_bwd_dkdv_kernel)
+_attention_bwd_dq_tuned = _tuned("dq", _attention_bwd_dq_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: take and return what the op layer's custom ops do.
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(n), 16384)
+
+
+def _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed):
+    """Kernel arguments shared by the forward and the backward."""
+    bsz, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
+    args = dict(
+        seed=seed, drop_threshold=dropout_threshold(dropout_p), drop_scale=dropout_scale(dropout_p),
+        lq_bucket=_bucket(lq), lk_bucket=_bucket(lk),
+        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, BLOCK_D=_block_d(d),
+    )
+    return (bsz, lq, hq, lk, hkv, d), kpm, args
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: int,
+):
+    """Forward.
+
+    Args:
+        q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] (any strides), fp16/bf16/fp32, D <= 256.
+        key_padding_mask: bool [B, Lk], True = padding; or None.
+        seed: the Philox key of the dropout mask (ignored when ``dropout_p == 0``).
+
+    Returns:
+        ``(out, lse2)``: out [B, Lq, Hq, D] contiguous in q's dtype; lse2 fp32 [B, Hq, Lq], the
+        log-sum-exp of the scores in base 2 (natural lse = lse2 · ln 2), -inf on rows without keys.
+    """
+    (bsz, lq, hq, lk, hkv, d), kpm, args = _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse2 = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse2.fill_(float("-inf"))
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+    with _device_ctx(q):
+        _launch(
+            "fwd", _attention_fwd_kernel, _attention_fwd_tuned, grid,
+            q, k, v, kpm, out, lse2, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            hq, hq // hkv, lq, lk, d, softmax_scale * LOG2E, **args,
+        )
+    return out, lse2
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse2: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: int,
+):
+    """Backward: the gradients of q, k, v, given the forward's ``out`` and ``lse2``.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, in the dtypes and shapes of ``q``, ``k``, ``v``.
+    """
+    (bsz, lq, hq, lk, hkv, d), kpm, args = _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    scales = (softmax_scale, softmax_scale * LOG2E)
+    with _device_ctx(q):
+        _attention_bwd_delta_kernel[(triton.cdiv(lq, 64), bsz * hq)](
+            out, dout, delta, *out.stride(), *dout.stride(), hq, lq, d, BLOCK_D=args["BLOCK_D"], BLOCK_M=64,
+        )
+        _launch(
+            "dkdv", _attention_bwd_dkdv_kernel, _attention_bwd_dkdv_tuned,
+            lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv), q, k, v, kpm, dout, lse2, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            hq, hkv, group, lq, lk, d, *scales, **args,
+        )
+        _launch(
+            "dq", _attention_bwd_dq_kernel, _attention_bwd_dq_tuned,
+            lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq), q, k, v, kpm, dout, lse2, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            hq, group, lq, lk, d, *scales, **args,
+        )
+    return dq, dk, dv
