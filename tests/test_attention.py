@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from transformer_kernels.ops.attention import OP, _bwd, _fwd
 from transformer_kernels.ops.dropout_add_layer_norm import draw_seed
 from transformer_kernels.reference import attention_ref, dropout_keep_mask
 
-from helpers import assert_close_to_reference, device, kernel_backends
+from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
 needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
@@ -71,7 +70,7 @@ def _compare(backend, dtype, b, lq, lk, hq, hkv, d, *, causal=False, padding=Non
     The op draws its dropout seed after ``torch.manual_seed(op_rng_seed)``; the reference applies
     the Philox mask of that seed, or ``keep_mask`` if given. Returns the backend's (out, lse, grads).
     """
-    torch.manual_seed(zlib.crc32(repr((dtype, b, lq, lk, hq, hkv, d, causal, padding, dropout_p)).encode()))
+    torch.manual_seed(seed_for(dtype, b, lq, lk, hq, hkv, d, causal, padding, dropout_p))
     q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype)
     kpm = _padding(b, lk, padding)
     dout = torch.randn(b, lq, hq, d, device=device())
