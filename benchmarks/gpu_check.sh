@@ -47,6 +47,7 @@ $PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
 step tests 300 env TK_REQUIRE_EXTENSION=1 $PY -m pytest tests -q -rs --junitxml="$OUT_DIR/tests.xml"
 step bench_layer_norm 300 $PY benchmarks/bench_layer_norm.py --quick --out "$OUT_DIR"
 step bench_attention 300 $PY benchmarks/bench_attention.py --quick --out "$OUT_DIR"
+step bench_cross_entropy 300 $PY benchmarks/bench_cross_entropy.py --quick --out "$OUT_DIR"
 
 {
   echo "# GPU check"

@@ -3,6 +3,8 @@
 Public API::
 
     attention(q, k, v, ...)                         fused attention (causal, padding, dropout, GQA)
+    cross_entropy(logits, target, ...)              label-smoothed cross-entropy, loss + gradient fused
+    linear_cross_entropy(hidden, weight, target)    output layer + cross-entropy, logits never materialised
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
     available_backends(), set_backend(), use_backend(), get_backend()
     transformer_kernels.nn.LayerNorm / RMSNorm      drop-in modules
@@ -10,7 +12,7 @@ Public API::
 """
 
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
-from .ops import attention, dropout_add_layer_norm
+from .ops import attention, cross_entropy, dropout_add_layer_norm, linear_cross_entropy
 from . import nn, reference
 
 __version__ = "0.1.0"
@@ -19,8 +21,10 @@ __all__ = [
     "BackendError",
     "attention",
     "available_backends",
+    "cross_entropy",
     "dropout_add_layer_norm",
     "get_backend",
+    "linear_cross_entropy",
     "nn",
     "reference",
     "set_backend",

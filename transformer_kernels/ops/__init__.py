@@ -1,6 +1,7 @@
 """Functional ops: validation, backend choice, custom-op registration and autograd, one file per op."""
 
 from .attention import attention
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .dropout_add_layer_norm import dropout_add_layer_norm
 
-__all__ = ["attention", "dropout_add_layer_norm"]
+__all__ = ["attention", "cross_entropy", "dropout_add_layer_norm", "linear_cross_entropy"]
