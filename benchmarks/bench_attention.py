@@ -40,36 +40,9 @@ HEADS = 16
 # has five such matmuls (recomputed QKᵀ, dV, dP, dQ, dK) = 2.5x; causal halves all of them.
 FLOP_COUNTS = (
     "fwd = 4*B*H*L*L*D (x0.5 causal); bwd = 2.5 x fwd; fwd+bwd = 3.5 x fwd; with a padding mask the "
-    "padded keys are still counted; the 'GB/s' field of the CSV/JSON holds GFLOP/s"
+    "padded keys are still counted"
 )
 MAX_LEN_MATERIALISED = 4096  # sdpa_math and the reference build [B, H, L, L]: skipped above this
-
-
-class FlopReport(Report):
-    """A Report whose table shows TFLOP/s (each row's ``gbps`` field holds GFLOP/s)."""
-
-    def markdown(self) -> str:
-        if not self.rows:
-            return "(no results)"
-        keys = list(self.rows[0].case)
-        impls = list(dict.fromkeys(r.impl for r in self.rows))
-        cases: dict[tuple, dict] = {}
-        for r in self.rows:
-            cases.setdefault(tuple(r.case[k] for k in keys), {})[r.impl] = r
-        lines = ["| " + " | ".join(keys + impls) + " |", "|" + "---|" * (len(keys) + len(impls))]
-        for case, by_impl in cases.items():
-            cells = [str(c) for c in case]
-            for impl in impls:
-                r = by_impl.get(impl)
-                if r is None or r.ms is None:
-                    cells.append("—")
-                else:
-                    tflops = r.gbps / 1e3
-                    cells.append(f"{tflops:.3g} ({r.speedup:.2f}x)" if r.speedup else f"{tflops:.3g}")
-            lines.append("| " + " | ".join(cells) + " |")
-        skipped = {r.impl: r.note for r in self.rows if r.ms is None and r.note}
-        lines += ["", "TFLOP/s (speed-up over sdpa)"] + [f"- {i}: not run ({n})" for i, n in skipped.items()]
-        return "\n".join(lines)
 
 
 def _sdpa_impl(backend=None):
@@ -207,8 +180,8 @@ def main(argv=None) -> int:
         tokens = 2 * max(seqlens)
     impls = implementations(device)
 
-    report = FlopReport("bench_attention", FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
-                                           f"autotune {'on' if autotune and on_gpu else 'off'}")
+    report = Report("bench_attention", FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
+                    f"autotune {'on' if autotune and on_gpu else 'off'}", unit="TFLOP/s", baseline="sdpa")
     for dt in dtypes:
         for d in head_dims:
             for causal in (False, True):
@@ -237,7 +210,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(report: FlopReport, path: Path) -> None:
+def plot(report: Report, path: Path) -> None:
     """TFLOP/s against sequence length: one panel per (pass, D, causal, padding), one line per impl."""
     import matplotlib
 
@@ -251,10 +224,10 @@ def plot(report: FlopReport, path: Path) -> None:
     for i, p in enumerate(PASSES):
         for j, (d, causal, padding) in enumerate(groups):
             ax = axes[i][j]
-            rows = [r for r in report.rows if r.case["pass"] == p and r.gbps and r.case["dtype"] == dtype
+            rows = [r for r in report.rows if r.case["pass"] == p and r.rate and r.case["dtype"] == dtype
                     and (r.case["D"], r.case["causal"], r.case["padding"]) == (d, causal, padding)]
             for impl in dict.fromkeys(r.impl for r in rows):
-                pts = [(r.case["L"], r.gbps / 1e3) for r in rows if r.impl == impl]
+                pts = [(r.case["L"], r.rate) for r in rows if r.impl == impl]
                 ax.plot(*zip(*pts), marker="o", label=impl)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{p} D={d}{' causal' if causal else ''}{' padded' if padding else ''}", fontsize=9)

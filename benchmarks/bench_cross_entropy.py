@@ -28,8 +28,8 @@ import transformer_kernels as tk  # noqa: E402
 from common import Report, time_ms  # noqa: E402
 
 NAME = "bench_cross_entropy"
-BYTE_COUNTS = ("read hidden, weight; write dhidden, dweight = (2*N*d + 2*V*d)*elt; the [N, V] logits a fused "
-               "implementation never stores are not counted")
+FLOP_COUNTS = ("the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
+               "dweight = dlogitsᵀ hidden: 3 x 2*N*V*d (the softmax and loss are not counted)")
 
 
 def eager(h, w, t):
@@ -132,13 +132,12 @@ def main(argv=None) -> int:
     else:
         dtype, d, cases = torch.float32, 64, [(256, 1000)]
     impls = implementations(device)
-    report = Report(NAME, BYTE_COUNTS)
+    report = Report(NAME, FLOP_COUNTS, unit="TFLOP/s", baseline="eager")
     peaks = {}
     for n, v in cases:
         timings, case_peaks, notes = run_case(n, v, d, dtype, device, impls, args.quick)
         dt = str(dtype).removeprefix("torch.")
-        elt = torch.tensor([], dtype=dtype).element_size()
-        report.add_case({"dtype": dt, "N": n, "V": v, "d": d}, timings, (2 * n * d + 2 * v * d) * elt,
+        report.add_case({"dtype": dt, "N": n, "V": v, "d": d}, timings, 6 * n * v * d,
                         baseline="eager", notes=notes)
         peaks[(dt, n, v, d)] = case_peaks
     report.write(args.out)

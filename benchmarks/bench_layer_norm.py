@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     impls = implementations(device)
     copy_gbps = copy_bandwidth_gbps(device, args.quick)
 
-    report = Report("bench_layer_norm", BYTE_COUNTS + f"; measured copy bandwidth: {copy_gbps:.0f} GB/s")
+    report = Report("bench_layer_norm", BYTE_COUNTS + f"; measured copy bandwidth: {copy_gbps:.0f} GB/s",
+                    baseline="eager")
     for dt in dtypes:
         dtype = DTYPES[dt]
         elt = torch.tensor([], dtype=dtype).element_size()
@@ -137,8 +138,8 @@ def main(argv=None) -> int:
                 case = {"dtype": dt, "M": m, "N": n, "pass": p}
                 report.add_case(case, timings[p], per_pass_bytes[p], baseline="eager", notes=notes)
     for row in report.rows:
-        if row.gbps is not None:
-            row.note = f"{100 * row.gbps / copy_gbps:.0f}% of copy bandwidth"
+        if row.rate is not None:
+            row.note = f"{100 * row.rate / copy_gbps:.0f}% of copy bandwidth"
     report.write(args.out)
     print(report.markdown())
     print(f"\ndevice: {torch.cuda.get_device_name() if on_gpu else 'cpu'}; copy bandwidth {copy_gbps:.0f} GB/s; "
@@ -161,9 +162,9 @@ def plot(report: Report, path: Path, copy_gbps: float) -> None:
     for i, dt in enumerate(dtypes):
         for j, p in enumerate(PASSES):
             ax = axes[i][j]
-            rows = [r for r in report.rows if r.case["dtype"] == dt and r.case["pass"] == p and r.gbps]
+            rows = [r for r in report.rows if r.case["dtype"] == dt and r.case["pass"] == p and r.rate]
             for impl in dict.fromkeys(r.impl for r in rows):
-                pts = [(r.case["N"], r.gbps) for r in rows if r.impl == impl]
+                pts = [(r.case["N"], r.rate) for r in rows if r.impl == impl]
                 ax.plot(*zip(*pts), marker="o", label=impl)
             ax.axhline(copy_gbps, color="gray", linestyle="--", label="copy")
             ax.set_xscale("log", base=2)

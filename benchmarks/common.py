@@ -6,7 +6,7 @@
   repeat so small sizes are not flattered), the median of the repeats.
 - CPU timing: wall-clock median over repeats after a warm-up (CPU numbers are for smoke runs only).
 - Results are ratios against the baseline measured in the same run, on the same device, plus the
-  achieved GB/s for the byte count each benchmark writes down.
+  achieved rate (GB/s, TFLOP/s) for the byte or FLOP count each benchmark writes down.
 - Output: a markdown table on the terminal and in ``<out>/<name>.md``, ``<out>/<name>.csv``, and
   ``<out>/<name>.json`` with the environment (card, driver, torch, triton, commit, date).
 """
@@ -62,30 +62,36 @@ class Row:
     case: dict
     impl: str
     ms: Optional[float]
-    gbps: Optional[float]
+    rate: Optional[float]  # work per second, in the report's unit
     speedup: Optional[float]  # baseline time / this time
     note: str = ""
+
+
+UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12}
 
 
 @dataclass
 class Report:
     name: str
-    byte_counts: str  # how the GB/s column was computed, written down with the results
+    counts: str  # how the work (bytes or FLOPs) behind the rate was counted, kept with the results
+    unit: str = "GB/s"  # a key of UNITS
+    baseline: str = "the baseline"  # named in the table's caption
     rows: list[Row] = field(default_factory=list)
 
-    def add_case(self, case: dict, timings: dict[str, Optional[float]], nbytes: int, baseline: str,
+    def add_case(self, case: dict, timings: dict[str, Optional[float]], work: float, baseline: str,
                  notes: Optional[dict[str, str]] = None) -> None:
+        """Rows for one case: ``work`` bytes or FLOPs per call, speed-ups over ``timings[baseline]``."""
         base = timings.get(baseline)
         for impl, ms in timings.items():
             self.rows.append(Row(
                 case=case, impl=impl, ms=ms,
-                gbps=None if ms is None else nbytes / (ms * 1e-3) / 1e9,
+                rate=None if ms is None else work / (ms * 1e-3) / UNITS[self.unit],
                 speedup=None if ms is None or base is None else base / ms,
                 note=(notes or {}).get(impl, ""),
             ))
 
     def markdown(self) -> str:
-        """One line per case, one column per implementation: GB/s and the speed-up over the baseline."""
+        """One line per case, one column per implementation: the rate and the speed-up over the baseline."""
         if not self.rows:
             return "(no results)"
         keys = list(self.rows[0].case)
@@ -101,10 +107,11 @@ class Report:
                 if r is None or r.ms is None:
                     cells.append("—")
                 else:
-                    cells.append(f"{r.gbps:.3g} GB/s ({r.speedup:.2f}x)" if r.speedup else f"{r.gbps:.3g} GB/s")
+                    cells.append(f"{r.rate:.3g} ({r.speedup:.2f}x)" if r.speedup else f"{r.rate:.3g}")
             lines.append("| " + " | ".join(cells) + " |")
         skipped = {r.impl: r.note for r in self.rows if r.ms is None and r.note}
-        lines += [""] + [f"- {impl}: not run ({note})" for impl, note in skipped.items()]
+        lines += ["", f"{self.unit} (speed-up over {self.baseline})"]
+        lines += [f"- {impl}: not run ({note})" for impl, note in skipped.items()]
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> dict:
@@ -112,15 +119,15 @@ class Report:
         env = environment()
         env.update(commit=git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         header = (f"# {self.name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
-                  + f"\n- bytes counted: {self.byte_counts}\n\n")
+                  + f"\n- {self.unit} from: {self.counts}\n\n")
         (out_dir / f"{self.name}.md").write_text(header + self.markdown() + "\n")
         with open(out_dir / f"{self.name}.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(self.rows[0].case) if self.rows else []
-            w.writerow(keys + ["impl", "ms", "gbps", "speedup", "note"])
+            w.writerow(keys + ["impl", "ms", self.unit, "speedup", "note"])
             for r in self.rows:
-                w.writerow([r.case[k] for k in keys] + [r.impl, r.ms, r.gbps, r.speedup, r.note])
-        data = {"name": self.name, "environment": env, "byte_counts": self.byte_counts,
+                w.writerow([r.case[k] for k in keys] + [r.impl, r.ms, r.rate, r.speedup, r.note])
+        data = {"name": self.name, "environment": env, "unit": self.unit, "counts": self.counts,
                 "rows": [asdict(r) for r in self.rows]}
         (out_dir / f"{self.name}.json").write_text(json.dumps(data, indent=1))
         return env

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.ops.attention import OP, _bwd, _fwd
-from transformer_kernels.ops.dropout_add_layer_norm import draw_seed
+from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import attention_ref, dropout_keep_mask
 
 from helpers import assert_close_to_reference, device, kernel_backends, seed_for

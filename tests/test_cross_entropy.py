@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import transformer_kernels as tk
 from transformer_kernels import backends
-from transformer_kernels.ops.cross_entropy import CE_OP, LCE_OP, _ce_fwd, _lce_fwd
+from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
 from transformer_kernels.reference import cross_entropy_ref, linear_cross_entropy_ref
 
 from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, max_err, seed_for

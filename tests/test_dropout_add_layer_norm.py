@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import transformer_kernels as tk
 from transformer_kernels import backends
-from transformer_kernels.ops.dropout_add_layer_norm import OP, draw_seed
+from transformer_kernels.ops.dropout_add_layer_norm import OP
+from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_keep_mask
 
 from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference.attention import attention_ref
-from .dropout_add_layer_norm import draw_seed
+from .seed import draw_seed, seed_value
 
 OP = "attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,10 +44,6 @@ def _kernels(backend: str):
     raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # Custom ops. `seed` is a 0-dim int64 CPU tensor (or None without dropout), so drawing it stays
 # inside a compiled graph. The forward returns (out, lse2): lse2 is the log-sum-exp in base 2,
@@ -67,7 +63,7 @@ def _fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
-    return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, _seed_value(seed))
+    return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
 
 
 @_fwd.register_fake
@@ -92,7 +88,7 @@ def _bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, _seed_value(seed))
+    return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
 
 
 @_bwd.register_fake

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import backends
 from .._extension import loaded as _extension_loaded
 from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
+from .seed import draw_seed, seed_value
 
 OP = "dropout_add_layer_norm"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,10 +52,6 @@ def _kernels(backend: str):
     raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # Custom ops over contiguous [M, N] views. `seed` is a 0-dim int64 CPU tensor (or None without
 # dropout), so drawing it stays inside a compiled graph.
@@ -74,7 +71,7 @@ def _fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fwd, _ = _kernels(backend)
-    return fwd(x, residual, weight, bias, dropout_p, eps, _seed_value(seed), rms_norm, store_s)
+    return fwd(x, residual, weight, bias, dropout_p, eps, seed_value(seed), rms_norm, store_s)
 
 
 @_fwd.register_fake
@@ -103,7 +100,7 @@ def _bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, _seed_value(seed), rms_norm, has_bias)
+    return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_value(seed), rms_norm, has_bias)
 
 
 @_bwd.register_fake
@@ -182,11 +179,6 @@ def _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm) -> None:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
     if eps < 0.0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
-
-
-def draw_seed() -> Tensor:
-    """A dropout seed from torch's default generator, so ``torch.manual_seed`` reproduces a run."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def dropout_add_layer_norm(

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..backends import triton_interpret
 from ..reference.philox import dropout_scale, dropout_threshold
-from .dropout_add_layer_norm import _device_ctx
+from .launch import device_ctx
 from .philox import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -492,7 +492,7 @@ def attention_fwd(
     if out.numel() == 0:
         return out, lse2.fill_(float("-inf"))
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
-    with _device_ctx(q):
+    with device_ctx(q):
         _launch(
             "fwd", _attention_fwd_kernel, _attention_fwd_tuned, grid,
             q, k, v, kpm, out, lse2, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -528,7 +528,7 @@ def attention_bwd(
     delta = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     group = hq // hkv
     scales = (softmax_scale, softmax_scale * LOG2E)
-    with _device_ctx(q):
+    with device_ctx(q):
         _attention_bwd_delta_kernel[(triton.cdiv(lq, 64), bsz * hq)](
             out, dout, delta, *out.stride(), *dout.stride(), hq, lq, d, BLOCK_D=args["BLOCK_D"], BLOCK_M=64,
         )

@@ -22,12 +22,13 @@ never read out of bounds).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import device_ctx
 
 
 @triton.jit
@@ -94,11 +95,6 @@ def _cross_entropy_kernel(
                 tl.store(g_row + cols, zero.to(GRAD.dtype.element_ty), mask=cols < V)
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current device); nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_params(v: int, on_gpu: bool) -> tuple[int, int]:
     # Untuned (no GPU measurements yet). On the CPU, 8192 makes V = 32003 take several blocks.
     block_v = min(max(triton.next_power_of_2(v), 16), 16384 if on_gpu else 8192)
@@ -134,7 +130,7 @@ def cross_entropy_fwd(
     if n == 0:
         return loss, grad
     block_v, num_warps = _launch_params(v, logits.is_cuda)
-    with _device_ctx(logits):
+    with device_ctx(logits):
         _cross_entropy_kernel[(n,)](
             logits, logits.stride(0), target, loss,
             grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,

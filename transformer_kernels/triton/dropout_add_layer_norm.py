@@ -22,7 +22,6 @@ treats the two backends alike.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -30,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
+from .launch import device_ctx
 from .philox import dropout_keep
 
 MAX_HIDDEN = 65536
@@ -184,11 +184,6 @@ def _launch_params(n: int) -> tuple[int, int]:
     return block_n, num_warps
 
 
-def _device_ctx(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current device); nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def dropout_add_layer_norm_fwd(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -213,7 +208,7 @@ def dropout_add_layer_norm_fwd(
     if m == 0:
         return out, s, mean, rstd
     block_n, num_warps = _launch_params(n)
-    with _device_ctx(x):
+    with device_ctx(x):
         _dropout_add_layer_norm_fwd_kernel[(m,)](
             x, residual, weight, bias, out, s, mean, rstd,
             n, eps, seed, dropout_threshold(dropout_p), dropout_scale(dropout_p),
@@ -240,7 +235,7 @@ def _column_sum(partial: torch.Tensor) -> torch.Tensor:
     p, n = partial.shape
     out = partial.new_empty(n)
     block_cols = 64
-    with _device_ctx(partial):
+    with device_ctx(partial):
         _column_sum_kernel[(triton.cdiv(n, block_cols),)](
             partial, out, p, n, BLOCK_P=32, BLOCK_COLS=block_cols, num_warps=4
         )
@@ -274,7 +269,7 @@ def dropout_add_layer_norm_bwd(
     db_partial = dout.new_zeros(partial_shape, dtype=torch.float32) if has_bias else None
     if m > 0:
         block_n, num_warps = _launch_params(n)
-        with _device_ctx(dout):
+        with device_ctx(dout):
             _dropout_add_layer_norm_bwd_kernel[(programs,)](
                 dout, ds_in, s, weight, mean, rstd, ds, dx, dw_partial, db_partial,
                 m, n, triton.cdiv(m, programs),
