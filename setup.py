@@ -121,9 +121,25 @@ def nvidia_wheel_include_dirs(cuda_major: str) -> list[str]:
     return found
 
 
+def cublaslt_link(cuda_home: str, cuda_major: str) -> dict:
+    """Links cuBLASLt (used by fused_linear): the toolkit's libcublasLt.so, else the nvidia wheel's
+    libcublasLt.so.<major> that torch itself loads (a toolkit without the math libraries), by path.
+    Found neither: the symbols still resolve through libtorch_cuda.so, which depends on it."""
+    toolkit_libs = (os.path.join(cuda_home, lib, "libcublasLt.so") for lib in ("lib64", "lib"))
+    if any(os.path.isfile(path) for path in toolkit_libs):
+        return {"libraries": ["cublasLt"]}
+    name = f"libcublasLt.so.{cuda_major}"
+    for include in nvidia_wheel_include_dirs(cuda_major):
+        path = os.path.join(os.path.dirname(include), "lib", name)
+        if os.path.isfile(path):
+            return {"extra_link_args": [path]}
+    log(f"no libcublasLt.so in {cuda_home} nor {name} in the nvidia wheels: relying on torch's")
+    return {}
+
+
 def cuda_extension():
     import torch
-    from torch.utils.cpp_extension import CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 
     arch_list = resolve_arch_list()
     # -isystem keeps the toolkit's own headers (passed with -I by torch) ahead of the wheels'.
@@ -144,6 +160,7 @@ def cuda_extension():
             # No --use_fast_math: expf / rsqrtf / divisions keep their IEEE-faithful forms.
             "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + system_includes,
         },
+        **cublaslt_link(CUDA_HOME, torch.version.cuda.split(".")[0]),
     )
 
 

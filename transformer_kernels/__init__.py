@@ -6,13 +6,15 @@ Public API::
     cross_entropy(logits, target, ...)              label-smoothed cross-entropy, loss + gradient fused
     linear_cross_entropy(hidden, weight, target)    output layer + cross-entropy, logits never materialised
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
+    fused_linear(x, weight, bias, activation, ...)  linear layer + bias + activation + dropout fused
+    ffn(x, w1, b1, w2, b2, ...)                     the position-wise feed-forward block
     available_backends(), set_backend(), use_backend(), get_backend()
     transformer_kernels.nn.LayerNorm / RMSNorm      drop-in modules
     transformer_kernels.reference.*                 the pure-PyTorch specifications
 """
 
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
-from .ops import attention, cross_entropy, dropout_add_layer_norm, linear_cross_entropy
+from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
 from . import nn, reference
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "dropout_add_layer_norm",
+    "ffn",
+    "fused_linear",
     "get_backend",
     "linear_cross_entropy",
     "nn",
