@@ -9,13 +9,15 @@ Public API::
     fused_linear(x, weight, bias, activation, ...)  linear layer + bias + activation + dropout fused
     ffn(x, w1, b1, w2, b2, ...)                     the position-wise feed-forward block
     available_backends(), set_backend(), use_backend(), get_backend()
-    transformer_kernels.nn.LayerNorm / RMSNorm      drop-in modules
+    transformer_kernels.nn.*                        drop-in torch.nn modules (Transformer, layers, MHA, norms)
+    convert(model, inplace=False)                   swap a model's torch.nn modules for the drop-ins
     transformer_kernels.reference.*                 the pure-PyTorch specifications
 """
 
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
 from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
 from . import nn, reference
+from .nn import convert
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "BackendError",
     "attention",
     "available_backends",
+    "convert",
     "cross_entropy",
     "dropout_add_layer_norm",
     "ffn",

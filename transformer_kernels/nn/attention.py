@@ -1,0 +1,116 @@
+"""``MultiheadAttention``: torch.nn's module, computed by ``fused_linear`` + ``attention``.
+
+It subclasses :class:`torch.nn.MultiheadAttention`: same constructor, parameters, ``state_dict``
+keys. The fused path serves batched inputs with a bool ``key_padding_mask`` or none, and no
+``attn_mask`` or a causal one (``is_causal=True``, or a mask equal to the causal mask, with equal
+query and key lengths). Anything else — an arbitrary ``attn_mask``, a float padding mask,
+``need_weights=True`` (torch's default!), separate k/v dims, unbatched inputs — runs torch.nn's
+own forward, counted by :func:`transformer_kernels.nn.fallback_counts`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import attention, fused_linear
+from . import fallback
+
+
+def causal_mask_is(mask: Tensor, lq: int, lk: int) -> bool:
+    """True if ``mask`` [lq, lk] is the causal mask (bool: True above the diagonal; float: -inf)."""
+    if mask.dim() != 2 or tuple(mask.shape) != (lq, lk) or lq != lk:
+        return False
+    above = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return torch.equal(mask, above)
+    return bool(torch.all(torch.where(above, mask == float("-inf"), mask == 0)))
+
+
+def fusable_padding_mask(mask: Optional[Tensor]) -> bool:
+    return mask is None or mask.dtype == torch.bool
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """Drop-in for :class:`torch.nn.MultiheadAttention` (``add_bias_kv``/``add_zero_attn`` unsupported)."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+        for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
+            if value:
+                raise ValueError(f"transformer_kernels.nn.MultiheadAttention: {name}=True is not supported; "
+                                 "use torch.nn.MultiheadAttention")
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
+                         batch_first, device, dtype)
+
+    def _why_not_fused(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        if need_weights:
+            return "need_weights=True"
+        if not self._qkv_same_embed_dim:
+            return "kdim/vdim differ from embed_dim"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "add_bias_kv/add_zero_attn"
+        if query.dim() != 3:
+            return "unbatched input"
+        if not fusable_padding_mask(key_padding_mask):
+            return "a float key_padding_mask"
+        if attn_mask is not None and not is_causal:
+            lq, lk = (query.shape[1], key.shape[1]) if self.batch_first else (query.shape[0], key.shape[0])
+            if not causal_mask_is(attn_mask, lq, lk):
+                return "an attn_mask other than the causal mask"
+        return None
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        reason = self._why_not_fused(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if reason is not None:
+            fallback.record("MultiheadAttention", reason)
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        causal = is_causal or attn_mask is not None  # a fused attn_mask is the causal one
+        out = self.attend(query, key, value, key_padding_mask, causal)
+        return out, None
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+               causal: bool) -> Tensor:
+        """The fused path: projections, attention, output projection; [B, L, E] or [L, B, E] as configured."""
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if query is key and key is value:  # self-attention: one GEMM
+            q, k, v = self.project_qkv(query)
+        elif key is value:  # cross-attention: q, then k and v in one GEMM
+            q, (k, v) = self.project_q(query), self.project_kv(key)
+        else:
+            q, k, v = self.project_q(query), self._project(key, 1, 1), self._project(value, 2, 1)
+        out = self.attend_heads(q, k, v, key_padding_mask, causal)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    # The pieces, on batch-first [B, L, E] inputs; heads come out as strided [B, L, H, D] views.
+    # Incremental decoding uses them directly: keys/values projected once, queries one step at a time.
+
+    def _project(self, x: Tensor, first: int, count: int) -> Tensor:
+        """x times ``count`` of the packed in_proj blocks (q, k, v) from block ``first``: [B, L, count, H, D]."""
+        e = self.embed_dim
+        rows = slice(first * e, (first + count) * e)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
+        y = fused_linear(x, self.in_proj_weight[rows], bias)
+        return y.view(*x.shape[:2], count, self.num_heads, self.head_dim).squeeze(2)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self._project(x, 0, 3).unbind(2)
+
+    def project_q(self, x: Tensor) -> Tensor:
+        return self._project(x, 0, 1)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._project(x, 1, 2).unbind(2)
+
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                     causal: bool) -> Tensor:
+        """Attention over projected heads ([B, L, H, D]), then the output projection: [B, Lq, E]."""
+        o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                      dropout_p=self.dropout if self.training else 0.0)
+        return fused_linear(o.reshape(*q.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)

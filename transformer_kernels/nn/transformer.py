@@ -1,0 +1,204 @@
+"""Encoder/decoder layers, stacks and ``Transformer``: torch.nn's modules on the fused ops.
+
+Each class subclasses its ``torch.nn`` namesake (same constructor, defaults, parameters and
+``state_dict`` keys) and replaces ``forward`` with a composition of ``attention``,
+``dropout_add_layer_norm``, ``fused_linear`` and ``ffn``:
+
+    post-LN (the paper):  x = LN1(x + drop(SA(x)));  x = LN2(x + drop(FFN(x)))
+    pre-LN:               x = x + drop(SA(LN1(x)));  x = x + drop(FFN(LN2(x)))
+
+where each "residual add + dropout + norm" is one ``dropout_add_layer_norm`` call (pre-LN uses its
+``prenorm=True`` form, which also returns the new residual stream). What the fused ops do not
+serve — an arbitrary ``attn_mask``, a float padding mask, a callable activation — runs torch.nn's
+own forward instead, counted by :func:`transformer_kernels.nn.fallback_counts`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import dropout_add_layer_norm, ffn
+from . import fallback
+from .attention import MultiheadAttention, causal_mask_is, fusable_padding_mask
+from .layer_norm import LayerNorm
+
+
+def activation_name(fn) -> Optional[str]:
+    """The fused ops' name for a torch activation, or None if they have none."""
+    if fn is F.relu or isinstance(fn, torch.nn.ReLU):
+        return "relu"
+    if fn is F.gelu:
+        return "gelu"
+    if isinstance(fn, torch.nn.GELU):
+        return "gelu" if fn.approximate == "none" else "gelu_tanh"
+    return None
+
+
+def _self_attn_causal(mask: Optional[Tensor], is_causal: Optional[bool], length: int) -> Optional[bool]:
+    """Whether self-attention is causal; None if ``mask`` is something the fused path cannot serve."""
+    if mask is None:
+        return bool(is_causal)
+    return True if is_causal or causal_mask_is(mask, length, length) else None
+
+
+def _norm(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
+    return dropout_add_layer_norm(x, None, norm.weight, norm.bias, 0.0, norm.eps)
+
+
+def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, p: float, training: bool, prenorm=False):
+    return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, p, norm.eps, prenorm=prenorm,
+                                  training=training)
+
+
+class _FusedLayer:
+    """What the encoder and decoder layers share: the FFN block and the fused-path checks."""
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                   activation_name(self.activation), self.dropout.p, training=self.training)
+
+    def _length(self, x: Tensor) -> int:
+        return x.shape[1] if self.self_attn.batch_first else x.shape[0]
+
+    def _common_reason(self, x: Tensor, *padding_masks) -> Optional[str]:
+        if activation_name(self.activation) is None:
+            return f"activation {self.activation!r}"
+        if x.dim() != 3:
+            return "unbatched input"
+        if not all(fusable_padding_mask(m) for m in padding_masks):
+            return "a float key padding mask"
+        return None
+
+
+class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
+    """Drop-in for :class:`torch.nn.TransformerEncoderLayer`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        convert(self, inplace=True)
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        causal = _self_attn_causal(src_mask, is_causal, self._length(src)) if src.dim() == 3 else None
+        reason = self._common_reason(src, src_key_padding_mask) or (
+            "a src_mask other than the causal mask" if causal is None else None)
+        if reason is not None:
+            fallback.record("TransformerEncoderLayer", reason)
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        x, kpm, train = src, src_key_padding_mask, self.training
+        if self.norm_first:
+            h = _norm(x, self.norm1)
+            h, x = _add_norm(self.self_attn.attend(h, h, h, kpm, causal), x, self.norm2, self.dropout1.p, train,
+                             prenorm=True)
+            return x + F.dropout(self._ffn(h), self.dropout2.p, train)
+        x = _add_norm(self.self_attn.attend(x, x, x, kpm, causal), x, self.norm1, self.dropout1.p, train)
+        return _add_norm(self._ffn(x), x, self.norm2, self.dropout2.p, train)
+
+
+class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
+    """Drop-in for :class:`torch.nn.TransformerDecoderLayer`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        convert(self, inplace=True)
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False) -> Tensor:
+        causal = _self_attn_causal(tgt_mask, tgt_is_causal, self._length(tgt)) if tgt.dim() == 3 else None
+        reason = self._common_reason(tgt, tgt_key_padding_mask, memory_key_padding_mask)
+        if reason is None and causal is None:
+            reason = "a tgt_mask other than the causal mask"
+        if reason is None and (memory_mask is not None or memory_is_causal):
+            reason = "a memory_mask"
+        if reason is not None:
+            fallback.record("TransformerDecoderLayer", reason)
+            return super().forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                                   memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+        return self.blocks(
+            tgt,
+            lambda h: self.self_attn.attend(h, h, h, tgt_key_padding_mask, causal),
+            lambda h: self.multihead_attn.attend(h, memory, memory, memory_key_padding_mask, False),
+        )
+
+    def blocks(self, x: Tensor, sa, ca) -> Tensor:
+        """The layer's residual structure around its self-attention ``sa`` and cross-attention ``ca``
+        (functions of the normalised stream): the forward passes full attention, incremental
+        decoding passes attention over its caches."""
+        train = self.training
+        if self.norm_first:
+            h, x = _add_norm(sa(_norm(x, self.norm1)), x, self.norm2, self.dropout1.p, train, prenorm=True)
+            h, x = _add_norm(ca(h), x, self.norm3, self.dropout2.p, train, prenorm=True)
+            return x + F.dropout(self._ffn(h), self.dropout3.p, train)
+        x = _add_norm(sa(x), x, self.norm1, self.dropout1.p, train)
+        x = _add_norm(ca(x), x, self.norm2, self.dropout2.p, train)
+        return _add_norm(self._ffn(x), x, self.norm3, self.dropout3.p, train)
+
+
+class TransformerEncoder(torch.nn.TransformerEncoder):
+    """Drop-in for :class:`torch.nn.TransformerEncoder`: the layers in turn, then the final norm.
+
+    (torch's nested-tensor fast path, which converts the padding mask, is not used.)"""
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: Optional[bool] = None) -> Tensor:
+        x = src
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
+        return x if self.norm is None else self.norm(x)
+
+
+class TransformerDecoder(torch.nn.TransformerDecoder):
+    """Drop-in for :class:`torch.nn.TransformerDecoder`."""
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
+                memory_is_causal: bool = False) -> Tensor:
+        x = tgt
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                      tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                      tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+        return x if self.norm is None else self.norm(x)
+
+
+class Transformer(torch.nn.Transformer):
+    """Drop-in for :class:`torch.nn.Transformer`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        convert(self, inplace=True)
+
+
+# torch.nn class -> ours. Ours only override methods (no state of their own), so converting a module
+# is re-classing it in place: its parameters, buffers, device, dtype and training mode stay as they are.
+_DROP_INS = {
+    torch.nn.MultiheadAttention: MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer: TransformerDecoderLayer,
+    torch.nn.TransformerEncoder: TransformerEncoder,
+    torch.nn.TransformerDecoder: TransformerDecoder,
+    torch.nn.Transformer: Transformer,
+    torch.nn.LayerNorm: LayerNorm,
+}
+
+
+def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """Replace every ``torch.nn`` MultiheadAttention, Transformer(Encoder|Decoder)(Layer),
+    Transformer and LayerNorm in ``model`` with the fused drop-ins, keeping weights, devices,
+    dtypes and training mode. Returns the model (a deep copy unless ``inplace``)."""
+    import copy
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        ours = _DROP_INS.get(type(module))
+        if ours is not None:
+            module.__class__ = ours
+    return model
