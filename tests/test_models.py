@@ -1,0 +1,140 @@
+"""The paper's model: construction, loss, and incremental decoding (KV cache, greedy, beam search)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import transformer_kernels as tk
+from transformer_kernels.models import (
+    EncoderDecoder,
+    beam_search,
+    build_model,
+    config_from_preset,
+    greedy_decode,
+    strip,
+)
+from transformer_kernels.models.transformer import sinusoidal_positions
+
+from helpers import kernel_backends
+
+PAD, BOS, EOS, VOCAB = 0, 1, 2, 13
+
+
+def copy_batch(n: int, generator: torch.Generator):
+    """A toy copy task: target = source, lengths 4..7, tokens 3..12."""
+    lengths = torch.randint(4, 8, (n,), generator=generator)
+    src = torch.full((n, 8), PAD)
+    tgt_in, tgt_out = torch.full((n, 9), PAD), torch.full((n, 9), PAD)
+    for i, length in enumerate(lengths.tolist()):
+        src[i, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        tgt_in[i, 0], tgt_in[i, 1: length + 1] = BOS, src[i, :length]
+        tgt_out[i, :length], tgt_out[i, length] = src[i, :length], EOS
+    return src, tgt_in, tgt_out
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    """A tiny model trained for a few hundred steps on the copy task (seconds on a CPU)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = build_model("tiny", VOCAB, VOCAB, d_model=32, nhead=4, dim_feedforward=64, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    for _ in range(250):
+        src, tgt_in, tgt_out = copy_batch(32, g)
+        loss = model.loss(src, tgt_in, tgt_out, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_presets_have_the_papers_sizes():
+    base = config_from_preset("base", 100, 100)
+    big = config_from_preset("big", 100, 100)
+    assert (base.d_model, base.nhead, base.dim_feedforward, base.num_encoder_layers, base.dropout) == (512, 8, 2048, 6, 0.1)
+    assert (big.d_model, big.nhead, big.dim_feedforward, big.num_decoder_layers, big.dropout) == (1024, 16, 4096, 6, 0.3)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        config_from_preset("huge", 100, 100)
+    with pytest.raises(ValueError, match="share_all_embeddings needs one vocabulary"):
+        config_from_preset("tiny", 10, 12, share_all_embeddings=True)
+
+
+def test_sinusoidal_positions():
+    pe = sinusoidal_positions(50, 16)
+    torch.testing.assert_close(pe[:, 0], torch.sin(torch.arange(50.0)))
+    torch.testing.assert_close(pe[:, 1], torch.cos(torch.arange(50.0)))
+    torch.testing.assert_close(pe[7, 14], torch.sin(torch.tensor(7.0) / 1e4 ** (14 / 16)))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("share_all", [False, True])
+def test_model_structure_and_loss(norm_first, share_all):
+    torch.manual_seed(0)
+    model = build_model("tiny", VOCAB, VOCAB, norm_first=norm_first, share_all_embeddings=share_all, dropout=0.0)
+    assert model.output_weight is model.tgt_embed.weight, "the output layer is tied to the target embedding"
+    assert (model.src_embed is model.tgt_embed) == share_all
+    assert (model.encoder.norm is not None) == norm_first and (model.decoder.norm is not None) == norm_first
+    src, tgt_in, tgt_out = copy_batch(4, torch.Generator().manual_seed(1))
+    loss = model.loss(src, tgt_in, tgt_out, label_smoothing=0.1)
+    # The fused loss equals the unfused composition over the decoder's hidden states.
+    hidden = model(src, tgt_in)
+    logits = model.logits(hidden).reshape(-1, VOCAB)
+    expected = torch.nn.functional.cross_entropy(logits, tgt_out.reshape(-1), ignore_index=PAD, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_padding_does_not_change_the_translation_state(copy_model):
+    """Extra source padding is masked out: the encoder output on real tokens is unchanged."""
+    src, _, _ = copy_batch(2, torch.Generator().manual_seed(2))
+    padded = torch.cat([src, torch.full((2, 5), PAD)], 1)
+    copy_model.eval()
+    with torch.no_grad():
+        mem, _ = copy_model.encode(src)
+        mem_padded, _ = copy_model.encode(padded)
+    torch.testing.assert_close(mem_padded[:, : src.shape[1]], mem, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_greedy_equals_recomputed_prefix(copy_model):
+    src, _, _ = copy_batch(8, torch.Generator().manual_seed(3))
+    assert torch.equal(greedy_decode(copy_model, src), greedy_decode(copy_model, src, use_cache=False))
+
+
+def test_beam_size_one_equals_greedy(copy_model):
+    src, _, _ = copy_batch(8, torch.Generator().manual_seed(4))
+    assert torch.equal(beam_search(copy_model, src, beam_size=1), greedy_decode(copy_model, src))
+
+
+def test_beam_search_recovers_the_copied_input(copy_model):
+    src, _, tgt_out = copy_batch(16, torch.Generator().manual_seed(5))
+    hyps = strip(beam_search(copy_model, src, beam_size=4, length_penalty=0.6), EOS, PAD)
+    refs = strip(tgt_out, EOS, PAD)
+    assert sum(h == r for h, r in zip(hyps, refs)) >= 15, list(zip(hyps, refs))
+
+
+def test_decoding_restores_training_mode_and_bounds_length(copy_model):
+    copy_model.train()
+    src, _, _ = copy_batch(2, torch.Generator().manual_seed(6))
+    out = greedy_decode(copy_model, src, max_len=3)
+    assert out.shape == (2, 3) and copy_model.training
+    with pytest.raises(ValueError, match="beam_size must be >= 1"):
+        beam_search(copy_model, src, beam_size=0)
+
+
+def test_model_is_an_nn_module_of_the_package_layers():
+    model = EncoderDecoder(config_from_preset("tiny", VOCAB, VOCAB))
+    from transformer_kernels import nn as tknn
+
+    assert all(isinstance(layer, tknn.TransformerEncoderLayer) for layer in model.encoder.layers)
+    assert all(isinstance(layer, tknn.TransformerDecoderLayer) for layer in model.decoder.layers)
+
+
+@pytest.mark.skipif("triton" not in kernel_backends("attention"), reason="needs the triton backend")
+def test_cached_decoding_runs_on_the_kernels(copy_model):
+    """The KV-cached steps (Lq = 1 over strided cache views) on the Triton kernels give the same tokens."""
+    src, _, _ = copy_batch(4, torch.Generator().manual_seed(7))
+    with tk.use_backend("triton"):
+        fused = beam_search(copy_model, src, beam_size=2)
+    assert torch.equal(fused, beam_search(copy_model, src, beam_size=2))
