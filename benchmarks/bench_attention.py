@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transformer_kernels as tk  # noqa: E402
-from common import Report, time_ms  # noqa: E402
+from common import Report, peak_mib, time_ms  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -106,17 +106,6 @@ def check(out, expected, name):
                                msg=lambda m: f"{name} is wrong: {m}")
 
 
-def _peak_mib(fn, device) -> str:
-    if device.type != "cuda":
-        return ""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return f"peak +{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB"
-
-
 def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
     q, k, v, kpm = make_inputs(b, seqlen, HEADS, d, dtype, device, padding)
     inputs = (q, k, v)
@@ -147,7 +136,8 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
                                        quick=quick)
         step = lambda: torch.autograd.grad(fn(q, k, v, causal, kpm), inputs, g)  # noqa: E731
         timings["fwd+bwd"][name] = time_ms(step, device, quick=quick)
-        notes[name] = _peak_mib(step, device)
+        peak = peak_mib(step, device)
+        notes[name] = "" if peak is None else f"peak +{peak:.0f} MiB"
         del out
     return timings, notes
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transformer_kernels as tk  # noqa: E402
-from common import Report, time_ms  # noqa: E402
+from common import Report, peak_mib, time_ms  # noqa: E402
 
 NAME = "bench_cross_entropy"
 FLOP_COUNTS = ("the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
@@ -51,19 +51,6 @@ def implementations(device: torch.device) -> dict:
     reason = tk.backends.why_not("linear_cross_entropy", "triton", device, torch.bfloat16)
     impls["triton"] = package("triton") if reason is None else reason
     return impls
-
-
-def peak_mib(fn, device: torch.device):
-    """Peak memory of one call above what was allocated before it, in MiB (None on a CPU)."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def run_case(n, v, d, dtype, device, impls, quick):

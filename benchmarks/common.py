@@ -55,6 +55,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return statistics.median(times)
 
 
+def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak device memory of one call of ``fn`` above what was allocated before it, in MiB
+    (None on a CPU, where ``fn`` still runs once)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 @dataclass
 class Row:
     """One measurement: an implementation of a case, against the baseline of the same case."""
@@ -67,7 +81,7 @@ class Row:
     note: str = ""
 
 
-UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12}
+UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
 
 
 @dataclass

@@ -65,6 +65,8 @@ step tests 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests -q -
 step bench_layer_norm 120 $PY benchmarks/bench_layer_norm.py --quick --out "$OUT_DIR"
 step bench_attention 150 $PY benchmarks/bench_attention.py --quick --out "$OUT_DIR"
 step bench_cross_entropy 120 $PY benchmarks/bench_cross_entropy.py --quick --out "$OUT_DIR"
+step bench_ffn 120 $PY benchmarks/bench_ffn.py --quick --out "$OUT_DIR"
+step bench_layers 120 $PY benchmarks/bench_layers.py --quick --out "$OUT_DIR"
 
 {
   echo "# GPU check"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,12 +19,34 @@ def test_info_reports_versions_and_backends():
         assert needle in out
 
 
-def test_bench_layer_norm_runs(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layer_norm.py"), "--quick", "--hidden", "64",
-                    "--dtype", "fp32", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
-    data = json.loads((tmp_path / "bench_layer_norm.json").read_text())
-    assert data["environment"]["torch"] and data["rows"]
+def _run_bench(name, tmp_path, *args):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--quick", "--out", str(tmp_path),
+                    *args], check=True, capture_output=True, text=True)
+
+
+def _timed_rows(json_path):
+    data = json.loads(json_path.read_text())
+    assert data["environment"]["torch"] and data["unit"] and data["counts"]
     timed = [r for r in data["rows"] if r["ms"] is not None]
-    assert {r["impl"] for r in timed} >= {"eager"} and all(r["ms"] > 0 for r in timed)
+    assert timed and all(r["ms"] > 0 and r["rate"] > 0 for r in timed)
+    return timed
+
+
+def test_bench_layer_norm_runs(tmp_path):
+    _run_bench("layer_norm", tmp_path, "--hidden", "64", "--dtype", "fp32")
+    assert {r["impl"] for r in _timed_rows(tmp_path / "bench_layer_norm.json")} >= {"eager"}
     assert (tmp_path / "bench_layer_norm.png").stat().st_size > 0
-    assert (tmp_path / "bench_layer_norm.csv").read_text().startswith("dtype,M,N,pass,impl")
+    assert (tmp_path / "bench_layer_norm.csv").read_text().startswith("dtype,M,N,pass,impl,ms,GB/s")
+
+
+@pytest.mark.parametrize("name, reports", [
+    ("attention", ["bench_attention"]),
+    ("cross_entropy", ["bench_cross_entropy"]),
+    ("ffn", ["bench_ffn"]),
+    ("layers", ["bench_layers", "bench_decoding"]),
+])
+def test_other_benchmarks_run(name, reports, tmp_path):
+    _run_bench(name, tmp_path)
+    for report in reports:
+        _timed_rows(tmp_path / f"{report}.json")
+        assert (tmp_path / f"{report}.md").read_text().startswith(f"# {report}")

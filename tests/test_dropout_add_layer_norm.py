@@ -99,7 +99,8 @@ def _compare(backend, shape, dtype, *, dropout_p=0.0, prenorm=False, rms_norm=Fa
     torch.manual_seed(seed_for(shape, dtype, dropout_p, prenorm, rms_norm))
     bias = bias and not rms_norm
     tensors = _make_inputs(shape, dtype, residual=residual, weight=weight, bias=bias, weight_dtype=weight_dtype)
-    grads = [torch.randn(shape, device=tensors[0].device) for _ in range(1 + prenorm)]
+    # Output gradients in x's dtype, so every path (fast, same-dtype, float64) sees the same values.
+    grads = [torch.randn(shape, device=tensors[0].device).to(dtype) for _ in range(1 + prenorm)]
 
     seed_state = torch.get_rng_state()
     fast = _run(lambda *t: tk.dropout_add_layer_norm(*t, dropout_p, 1e-5, prenorm=prenorm, rms_norm=rms_norm,
@@ -233,7 +234,7 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
     shape = (9, 130)
     x = (torch.randn(shape, device=device()) + 3.0).to(dtype).requires_grad_()  # never zero
     w = torch.randn(shape[-1], device=device(), requires_grad=True)
-    grads = [torch.randn(shape, device=device()) for _ in range(2)]
+    grads = [torch.randn(shape, device=device()).to(dtype) for _ in range(2)]
     fast = _run(lambda x, w: tk.dropout_add_layer_norm(x, None, w, None, 0.4, prenorm=True, backend=backend),
                 [x, w], grads, prenorm=True)
     keep = fast[0][1] != 0
