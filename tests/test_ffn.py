@@ -422,14 +422,20 @@ def test_extension_fakes_give_right_shapes(activation):
 # --- what the interpreter cannot see ---------------------------------------------------------
 
 
-def test_fp32_dots_follow_torch_tf32_flag(monkeypatch):
+def test_fp32_dots_follow_torch_tf32_flag():
     from transformer_kernels.triton.ffn import _dot_precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _dot_precision(torch.float32) == "tf32"
-    assert _dot_precision(torch.bfloat16) is None
+    # Set through torch's own setter and restored by hand: allow_tf32 is a property of a module
+    # object, which monkeypatch cannot always undo.
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _dot_precision(torch.float32) == "tf32"
+        assert _dot_precision(torch.bfloat16) is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels themselves are compiled and run")
