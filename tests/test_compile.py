@@ -67,3 +67,16 @@ def test_opcheck_custom_ops(backend):
             bwd_args = (torch.randn_like(out), torch.randn_like(s), s, w.detach(), mean, rstd, p,
                         seed if p else None, rms_norm, bias is not None, backend)
             torch.library.opcheck(_bwd, bwd_args)
+
+
+def test_compile_follows_the_scoped_backend():
+    """Without backend=, a compiled function reads the scoped choice without a graph break (torch 2.11
+    could not trace the ContextVar this used to be)."""
+    torch._dynamo.reset()
+    x, r = torch.randn(3, 16, device=device()), torch.randn(3, 16, device=device())
+    w, b = torch.randn(16, device=device()), torch.randn(16, device=device())
+    compiled = torch.compile(lambda *t: tk.dropout_add_layer_norm(*t), fullgraph=True, backend="aot_eager")
+    expected = torch.nn.functional.layer_norm(x + r, (16,), w, b)
+    for backend in BACKENDS:
+        with tk.use_backend(backend):
+            torch.testing.assert_close(compiled(x, r, w, b), expected, rtol=1e-5, atol=1e-5)

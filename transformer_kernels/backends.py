@@ -13,7 +13,6 @@ supports the inputs.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -125,11 +124,11 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **p
     return spec.check(**problem)
 
 
-# The global choice: `set_backend` sets it, `use_backend` overrides it in a scope.
+# The global choice: `set_backend` sets it, `use_backend` overrides it in a scope. Process-wide
+# plain globals, like torch.backends' flags: torch.compile guards on them (and recompiles when they
+# change), where it cannot trace a ContextVar (torch 2.11).
 _default_backend = "auto"
-_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "transformer_kernels_backend", default=None
-)
+_scoped_backends: list[str] = []
 
 
 def _validate(name: str) -> str:
@@ -146,17 +145,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``set_backend``'s, else auto."""
-    return _scoped_backend.get() or _default_backend
+    return _scoped_backends[-1] if _scoped_backends else _default_backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on ``name`` (a ``backend=`` argument still wins)."""
-    token = _scoped_backend.set(_validate(name))
+    _scoped_backends.append(_validate(name))
     try:
         yield
     finally:
-        _scoped_backend.reset(token)
+        _scoped_backends.pop()
 
 
 def available_backends(op: Optional[str] = None) -> list[str]:
