@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the test suite, Triton kernels in the interpreter, under the GPU machine's versions
+# (torch 2.11, Triton 3.6; see ../shared/GPU.md) in a venv of its own, so that an API the GPU
+# image lacks is found here and not in a scarce GPU window. Not part of CI: the venv costs a
+# ~3 GB download. numpy < 2.3, because Triton 3.6's interpreter converts 1-element arrays with
+# int(), which newer numpy refuses. Extra arguments go to pytest.
+#
+#   bash scripts/check_gpu_image_versions.sh [-x] [-k pattern]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${TK_COMPAT_VENV:-/tmp/tk-venv-torch2.11}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.3" pytest matplotlib tokenizers sacrebleu safetensors
+fi
+# The extension built here is for this machine's torch: it does not load there, and its tests skip.
+TRITON_INTERPRET=1 PYTHONPATH=$PWD "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider \
+  --ignore=tests/test_cmake_build.py -W ignore::DeprecationWarning "$@"
