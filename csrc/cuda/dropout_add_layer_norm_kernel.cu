@@ -4,7 +4,7 @@
 // (one HBM pass; the per-thread slice is a template, hence N <= 16384), while the backward keeps
 // dweight/dbias partials in shared memory (no spills at large N, lower occupancy there).
 
-#include "philox.cuh"
+#include "elementwise.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -45,61 +45,7 @@ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
 // ---------------------------------------------------------------------------------------------
-// Element conversion and vector memory access.
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// fp32 value of v after a round trip through T: what storing v in T and reading it back gives.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
-template <typename E, int K>
-struct alignas(sizeof(E) * K) Pack {
-  E v[K];
-};
-
-// Elements of E moved per memory instruction when moving VEC of them: at most 16 bytes, so a
-// VEC-element access needs 16-byte alignment when it spans >= 16 bytes, element alignment else.
-template <typename E, int VEC>
-constexpr int kChunk = (16 / int(sizeof(E)) < VEC) ? 16 / int(sizeof(E)) : VEC;
-
-template <int VEC, typename E>
-__device__ __forceinline__ void load_f32(const E* p, float (&dst)[VEC]) {
-  constexpr int C = kChunk<E, VEC>;
-#pragma unroll
-  for (int c = 0; c < VEC / C; ++c) {
-    const Pack<E, C> pk = reinterpret_cast<const Pack<E, C>*>(p)[c];
-#pragma unroll
-    for (int e = 0; e < C; ++e) dst[c * C + e] = to_float(pk.v[e]);
-  }
-}
-
-template <int VEC, typename E>
-__device__ __forceinline__ void store_f32(E* p, const float (&src)[VEC]) {
-  constexpr int C = kChunk<E, VEC>;
-#pragma unroll
-  for (int c = 0; c < VEC / C; ++c) {
-    Pack<E, C> pk;
-#pragma unroll
-    for (int e = 0; e < C; ++e) pk.v[e] = from_float<E>(src[c * C + e]);
-    reinterpret_cast<Pack<E, C>*>(p)[c] = pk;
-  }
-}
+// Parameters of either dtype.
 
 // Loads a weight/bias slice that is either T or fp32 (a warp-uniform branch), or fills `fill`
 // when the parameter is absent.
@@ -151,18 +97,6 @@ __device__ __forceinline__ void row_group_sum(float (&v)[K]) {
   for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
 }
 
-struct Dropout {
-  uint64_t seed;
-  uint32_t threshold;  // keep iff (philox >> 8) >= threshold
-  float scale;         // 1 / (1 - p), 0 for p = 1
-  bool enabled;        // p > 0
-};
-
-// x * keep * scale for element idx = row * N + col.
-__device__ __forceinline__ float apply_dropout(const Dropout& d, float v, int64_t idx) {
-  return v * (tk_philox_keep(d.seed, static_cast<uint64_t>(idx), d.threshold) ? d.scale : 0.f);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward.
 //   s    = T(residual + x * keep * scale)                                 [M, N]
@@ -212,7 +146,7 @@ __global__ void __launch_bounds__(kMaxThreads) dropout_add_ln_fwd_kernel(const F
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float v = xv[e];
-        if (p.dropout.enabled) v = apply_dropout(p.dropout, v, row_start + col + e);
+        if (p.dropout.enabled) v *= dropout_factor(p.dropout, row_start + col + e);
         if (residual) v = rv[e] + v;
         s[k][e] = round_to<T>(v);
         sum += p.rms_norm ? s[k][e] * s[k][e] : s[k][e];
@@ -395,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreads) dropout_add_ln_bwd_kernel(const B
         store_f32<VEC>(ds + col, g);
         if (dx) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) g[e] = apply_dropout(p.dropout, g[e], row_start + col + e);
+          for (int e = 0; e < VEC; ++e) g[e] *= dropout_factor(p.dropout, row_start + col + e);
           store_f32<VEC>(dx + col, g);
         }
       }

@@ -25,7 +25,7 @@
 // is misaligned or cuBLASLt has no BGRADB algorithm for the shape / dtype.
 
 #include "cublaslt_gemm.h"
-#include "philox.cuh"
+#include "elementwise.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -56,63 +56,6 @@ constexpr int kColSumTile = 32;      // column_sum_kernel: a CTA is 32 columns x
 
 // Activation codes, as returned by fused_linear_cuda_activation.
 enum class Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
-
-// ---------------------------------------------------------------------------------------------
-// Element conversion, 16-byte vector access, dropout.
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// fp32 value of v after a round trip through T.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
-// VEC elements in one memory instruction: VEC * sizeof(T) is 16 bytes (vector path) or one element.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ void load_f32(const T* p, float (&dst)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) dst[e] = to_float(pk.v[e]);
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void store_f32(T* p, const float (&src)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) pk.v[e] = from_float<T>(src[e]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
-
-struct Dropout {
-  uint64_t seed;
-  uint32_t threshold;  // keep iff (philox >> 8) >= threshold
-  float scale;         // 1 / (1 - p), 0 for p = 1 (and 1 for p = 0)
-  bool enabled;        // p > 0
-};
-
-// keep(idx) * scale for element idx = row * N + col of the [M, N] output.
-__device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t idx) {
-  return tk_philox_keep(d.seed, static_cast<uint64_t>(idx), d.threshold) ? d.scale : 0.f;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Activations and their derivatives, in fp32.

@@ -1,0 +1,80 @@
+// Element-wise building blocks of the CUDA kernels: fp16/bf16/fp32 conversion, vectorised
+// (16-byte) loads and stores through fp32 registers, and the Philox dropout factor.
+#pragma once
+
+#include "philox.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace tk {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// fp32 value of v after a round trip through T: what storing v in T and reading it back gives.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+template <typename E, int K>
+struct alignas(sizeof(E) * K) Pack {
+  E v[K];
+};
+
+// Elements of E moved per memory instruction when moving VEC of them: at most 16 bytes, so a
+// VEC-element access needs 16-byte alignment when it spans >= 16 bytes, element alignment else.
+template <typename E, int VEC>
+constexpr int kChunk = (16 / int(sizeof(E)) < VEC) ? 16 / int(sizeof(E)) : VEC;
+
+template <int VEC, typename E>
+__device__ __forceinline__ void load_f32(const E* p, float (&dst)[VEC]) {
+  constexpr int C = kChunk<E, VEC>;
+#pragma unroll
+  for (int c = 0; c < VEC / C; ++c) {
+    const Pack<E, C> pk = reinterpret_cast<const Pack<E, C>*>(p)[c];
+#pragma unroll
+    for (int e = 0; e < C; ++e) dst[c * C + e] = to_float(pk.v[e]);
+  }
+}
+
+template <int VEC, typename E>
+__device__ __forceinline__ void store_f32(E* p, const float (&src)[VEC]) {
+  constexpr int C = kChunk<E, VEC>;
+#pragma unroll
+  for (int c = 0; c < VEC / C; ++c) {
+    Pack<E, C> pk;
+#pragma unroll
+    for (int e = 0; e < C; ++e) pk.v[e] = from_float<E>(src[c * C + e]);
+    reinterpret_cast<Pack<E, C>*>(p)[c] = pk;
+  }
+}
+
+struct Dropout {
+  uint64_t seed;
+  uint32_t threshold;  // keep iff (philox >> 8) >= threshold
+  float scale;         // 1 / (1 - p), 0 for p = 1
+  bool enabled;        // p > 0
+};
+
+// keep(idx) * scale for the element with flat index idx (row * N + col).
+__device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t idx) {
+  return tk_philox_keep(d.seed, static_cast<uint64_t>(idx), d.threshold) ? d.scale : 0.f;
+}
+
+}  // namespace tk
