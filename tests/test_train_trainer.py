@@ -1,0 +1,160 @@
+"""The training loop: LR schedule, checkpoints (atomic, resumable, validated), signals, inference loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from transformer_kernels.models import build_model
+from transformer_kernels.train import checkpoint as ckpt
+from transformer_kernels.train.trainer import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
+
+
+def tiny_config(out_dir, **kw) -> TrainConfig:
+    base = dict(out_dir=str(out_dir), synthetic_train=160, synthetic_val=8, val_bleu_sentences=0, vocab_size=120,
+                preset="tiny", d_model=32, dim_feedforward=64, layers=1, batch_tokens=160, warmup=20, lr_scale=2.0,
+                max_steps=4, log_interval=1000, eval_interval=1000, save_interval=2, seed=7,
+                dropout=0.0)  # the CPU reference dropout (Philox in PyTorch) is slow: only where it matters
+    return TrainConfig(**{**base, **kw})
+
+
+def quiet(*args):
+    pass
+
+
+def test_inverse_sqrt_schedule():
+    d, w = 512, 4000
+    assert inverse_sqrt_lr(1, d, w) == pytest.approx(d ** -0.5 * w ** -1.5)
+    assert inverse_sqrt_lr(w, d, w) == pytest.approx(d ** -0.5 * w ** -0.5)  # the peak
+    assert inverse_sqrt_lr(4 * w, d, w, scale=2.0) == pytest.approx(2 * d ** -0.5 * (4 * w) ** -0.5)
+    values = [inverse_sqrt_lr(s, d, w) for s in range(1, 3 * w, 97)]
+    peak = max(range(len(values)), key=values.__getitem__)
+    assert all(a < b for a, b in zip(values[:peak], values[1: peak + 1]))
+    assert all(a > b for a, b in zip(values[peak:], values[peak + 1:]))
+
+
+def test_trainer_uses_the_papers_recipe(tmp_path):
+    t = Trainer(tiny_config(tmp_path / "run", dropout=0.1), log=quiet)
+    group = t.opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9 and group["weight_decay"] == 0.0
+    assert t.cfg.label_smoothing == 0.1 and t.model.config.dropout == 0.1 and t.precision == "fp32"
+    losses = t.train()
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(inverse_sqrt_lr(4, 32, 20, 2.0))
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny_config(tmp_path / "run"), log=quiet)
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    # dropout on: the RNG state must be restored too
+    kw = dict(dropout=0.1, accum_steps=2)
+    straight = Trainer(tiny_config(tmp_path / "a", max_steps=6, **kw), log=quiet).train()
+    first = Trainer(tiny_config(tmp_path / "b", max_steps=3, save_interval=3, **kw), log=quiet).train()
+    resumed = Trainer(tiny_config(tmp_path / "b", max_steps=6, **kw), resume=True, log=quiet)
+    assert resumed.step == 3
+    rest = resumed.train()
+    assert first + rest == straight
+
+
+def test_signal_saves_a_checkpoint_and_exits(tmp_path):
+    t = Trainer(tiny_config(tmp_path / "run", max_steps=50), log=quiet)
+    t._on_signal(signal.SIGTERM, None)  # as if it arrived during the first step
+    with pytest.raises(SystemExit) as exit_info:
+        t.train()
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert ckpt.read_pointer(tmp_path / "run", "latest").name == "step_00000001"
+
+
+def test_a_real_sigint_mid_run_saves_and_exits(tmp_path):
+    t = Trainer(tiny_config(tmp_path / "run", max_steps=10 ** 6, time_limit=1.0), log=quiet)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(SystemExit) as exit_info:
+        t.train()
+    timer.join()
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert ckpt.read_pointer(tmp_path / "run", "latest").name == f"step_{t.step:08d}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers restored"
+
+
+def test_epochs_stop_after_whole_epochs(tmp_path):
+    t = Trainer(tiny_config(tmp_path / "run", max_steps=10 ** 6, epochs=1), log=quiet)
+    assert len(t.train()) == len(t.batcher.epoch_batches(0))
+    assert t.batcher.state()["epoch"] == 1 and t.batcher.state()["position"] == 0
+
+
+def test_keep_last_and_best(tmp_path):
+    model = build_model("tiny", 20, 20, d_model=32, dim_feedforward=64)
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None), (5, 1.5)]:
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2, val_loss=val)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000002", "step_00000004", "step_00000005"]
+    assert ckpt.read_pointer(tmp_path, "best").name == "step_00000002"
+    assert ckpt.read_pointer(tmp_path, "latest").name == "step_00000005"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+
+
+def test_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = build_model("tiny", 20, 20, d_model=32, dim_feedforward=64)
+    ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=3)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with torch.no_grad():
+        model.tgt_embed.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3)
+    monkeypatch.undo()
+    latest = ckpt.resolve_checkpoint(tmp_path, "latest")
+    assert latest.name == "step_00000001" and not (tmp_path / "checkpoints" / "step_00000002").exists()
+    fresh = build_model("tiny", 20, 20, d_model=32, dim_feedforward=64)
+    ckpt.load_weights(fresh, latest)
+    assert ckpt.load_state(latest) == {"step": 1}
+    torch.testing.assert_close(fresh.tgt_embed.weight + 1.0, model.tgt_embed.weight)
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tmp_path):
+    model = build_model("tiny", 20, 20, d_model=32, dim_feedforward=64)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=1)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit this model"):
+        ckpt.load_weights(build_model("tiny", 20, 20, d_model=64, dim_feedforward=64), path)
+    (path / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_state(path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        ckpt.load_weights(model, path)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint yet"):
+        ckpt.resolve_checkpoint(tmp_path / "elsewhere", "latest")
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
+    Trainer(tiny_config(tmp_path / "run", max_steps=2), log=quiet).train()
+    latest = ckpt.resolve_checkpoint(tmp_path / "run", "latest")
+    (latest / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        Trainer(tiny_config(tmp_path / "run", max_steps=4), resume=True, log=quiet)
+
+
+def test_load_for_inference_and_averaging(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, max_steps=4, save_interval=1, keep_last=3), log=quiet).train()
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["d_model"] == 32 and run["joint_vocab"] is True
+    model, tok, _ = load_for_inference(out, "latest")
+    averaged, _, _ = load_for_inference(out, average=3)
+    paths = ckpt.last_checkpoints(out, 3)
+    assert len(paths) == 3
+    expected = torch.stack([ckpt.load_file(str(p / "model.safetensors"))["tgt_embed.weight"] for p in paths]).mean(0)
+    torch.testing.assert_close(averaged.tgt_embed.weight, expected)
+    outputs = translate(model, tok, ["bi ka", "", "ta ro ne"], beam_size=2)
+    assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)

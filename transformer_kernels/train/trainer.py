@@ -1,0 +1,496 @@
+"""Training the paper's model: its recipe, checkpoints that resume the same run, and translation.
+
+The recipe (Vaswani et al., 2017, §5.3–5.4): Adam with β = (0.9, 0.98), ε = 1e-9; learning rate
+``scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)``; label smoothing 0.1; dropout 0.1.
+Each optimizer step sums the loss over ``accum_steps`` token-budget batches and divides by their
+target-token count, so accumulation and data parallelism change nothing but the batch size.
+Everything that decides the next step — weights, optimizer, scaler, RNG states and the batcher's
+position — is in the checkpoint, so an interrupted run resumed from it takes the same steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..models import EncoderDecoder, TransformerConfig, beam_search, build_model, greedy_decode, strip
+from . import checkpoint as ckpt
+from .data import (DataError, SyntheticTask, TokenBatcher, TokenizedPairs, collate, multi30k_paths, read_parallel,
+                   tokenize_pairs)
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/synthetic"
+    # data: none → the embedded synthetic task; "multi30k" + data_dir; or explicit files
+    data: Optional[str] = None
+    data_dir: Optional[str] = None
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    train_src: Optional[str] = None
+    train_tgt: Optional[str] = None
+    val_src: Optional[str] = None
+    val_tgt: Optional[str] = None
+    synthetic_train: int = 10000
+    synthetic_val: int = 300
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    max_len: int = 128  # tokens per side; longer pairs are dropped
+    # model
+    preset: str = "tiny"
+    d_model: Optional[int] = None
+    nhead: Optional[int] = None
+    dim_feedforward: Optional[int] = None
+    layers: Optional[int] = None
+    dropout: float = 0.1
+    share_embeddings: bool = False
+    norm_first: bool = False
+    # optimisation
+    batch_tokens: int = 4096
+    accum_steps: int = 1
+    max_steps: int = 100000
+    epochs: Optional[int] = None
+    time_limit: Optional[float] = None  # minutes of training
+    lr_scale: float = 1.0
+    warmup: int = 4000
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    weight_decay: float = 0.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    seed: int = 1
+    # bookkeeping
+    log_interval: int = 100
+    eval_interval: int = 1000
+    save_interval: int = 1000
+    keep_last: int = 5
+    val_bleu_sentences: int = 200
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
+    """The paper's schedule at ``step`` (1-based): linear warm-up, then ∝ step^-0.5."""
+    step = max(step, 1)
+    return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def load_pairs(cfg: TrainConfig, split: str) -> list[tuple[str, str]]:
+    """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits)."""
+    if cfg.data is None and cfg.train_src is None:
+        task = SyntheticTask(seed=cfg.seed)
+        return task.pairs(split, cfg.synthetic_train if split == "train" else cfg.synthetic_val)
+    if cfg.data == "multi30k":
+        if cfg.data_dir is None:
+            raise DataError("--data multi30k needs --data-dir DIR (with train.de.gz, val.en.gz, ...)")
+        return read_parallel(*multi30k_paths(cfg.data_dir, split, cfg.src_lang, cfg.tgt_lang))
+    if cfg.data is not None:
+        raise DataError(f"unknown --data {cfg.data!r}; expected 'multi30k', or give --train-src/--train-tgt")
+    if cfg.train_src is None or cfg.train_tgt is None:
+        raise DataError("give both --train-src and --train-tgt")
+    if split == "train":
+        return read_parallel(cfg.train_src, cfg.train_tgt)
+    if cfg.val_src is None or cfg.val_tgt is None:
+        return []
+    return read_parallel(cfg.val_src, cfg.val_tgt)
+
+
+# --------------------------------------------------------------------------------- translation
+
+@torch.inference_mode()
+def translate(model: EncoderDecoder, tokenizer: Tokenizer, texts: Sequence[str], beam_size: int = 4,
+              length_penalty: float = 0.6, batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Translations of ``texts``: sorted by length into batches (little padding), returned in order."""
+    device = next(model.parameters()).device
+    limit = model.config.max_positions
+    ids = [s[:limit] for s in tokenizer.encode_batch(list(texts), side="src")]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[Optional[str]] = [None] * len(ids)
+    bar = _progress(total=len(ids), desc="translate", unit="sent", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        src = torch.full((len(chunk), max(1, max(len(ids[i]) for i in chunk))), PAD_ID, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            src[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+        src = src.to(device)
+        tokens = (greedy_decode(model, src) if beam_size == 1 else
+                  beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty))
+        for i, text in zip(chunk, tokenizer.decode_batch(strip(tokens.cpu(), EOS_ID, PAD_ID), side="tgt")):
+            out[i] = text
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]):
+    """sacreBLEU's corpus BLEU (default 13a tokenisation) and its signature."""
+    import sacrebleu
+
+    metric = sacrebleu.BLEU()
+    return metric.corpus_score(list(hypotheses), [list(references)]), metric.get_signature()
+
+
+@torch.inference_mode()
+def evaluate_loss(model: EncoderDecoder, data: TokenizedPairs, batch_tokens: int) -> float:
+    """Per-token negative log-likelihood (no label smoothing) over ``data``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batcher = TokenBatcher([len(s) for s in data.src], [len(t) for t in data.tgt], batch_tokens, shuffle=False)
+    total, count = 0.0, 0
+    for indices in batcher.epoch_batches(0):
+        b = collate(data, indices, PAD_ID, BOS_ID, EOS_ID).to(device)
+        total += float(model.loss(b.src, b.tgt_in, b.tgt_out, reduction="sum"))
+        count += int((b.tgt_out != PAD_ID).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _progress(**kw):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional: plain runs work without it
+        kw["disable"] = True
+        tqdm = None
+    if tqdm is None or kw.get("disable"):
+        class _Null:
+            def update(self, n=1): pass
+            def set_postfix_str(self, s): pass
+            def close(self): pass
+        return _Null()
+    return tqdm(**kw)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+class _LossModule(torch.nn.Module):
+    """``forward`` = the model's summed loss, so DistributedDataParallel's hooks see the step."""
+
+    def __init__(self, model: EncoderDecoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, tgt_in, tgt_out, label_smoothing: float):
+        return self.model.loss(src, tgt_in, tgt_out, label_smoothing=label_smoothing, reduction="sum")
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {name!r}; expected auto, fp32, bf16 or fp16")
+    if name != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {name} needs a CUDA device; on the CPU training runs in fp32")
+    return name
+
+
+class Trainer:
+    """One training run in ``cfg.out_dir``: a new run, or (``resume=True``) the continuation of one."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out_dir)
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.device = _pick_device(cfg.device)
+        if self.world_size > 1:
+            self._init_distributed()
+        self.precision = _pick_precision(cfg.precision, self.device)
+        if resume:
+            self._load_run()
+        else:
+            if (self.out / "run.json").exists():
+                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, "
+                                      "or choose another --out-dir")
+            if self.world_size > 1:  # every rank checks before rank 0 writes
+                torch.distributed.barrier()
+            self._new_run()
+        self._prepare_data()
+        # AdamW with weight_decay 0 (the default) is exactly the paper's Adam; >0 decays decoupled.
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9,
+                                     weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.step, self.best_val = 0, math.inf
+        self.losses: list[float] = []  # per optimizer step, this process's run only
+        self._stop_signal: Optional[int] = None
+        if resume:
+            self._restore(ckpt.resolve_checkpoint(self.out, "latest"))
+
+    # ---- set-up
+
+    def _init_distributed(self):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+
+    def _new_run(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.train_pairs = load_pairs(cfg, "train")
+        self.tokenizer = Tokenizer.train(self.train_pairs, cfg.vocab_size, joint=cfg.joint_vocab)
+        overrides = {k: v for k, v in dict(d_model=cfg.d_model, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward,
+                                            num_encoder_layers=cfg.layers, num_decoder_layers=cfg.layers).items()
+                     if v is not None}
+        if cfg.share_embeddings and not cfg.joint_vocab:
+            raise ValueError("--share-embeddings needs a joint vocabulary (drop --separate-vocab)")
+        model = build_model(cfg.preset, self.tokenizer.vocab_size("src"), self.tokenizer.vocab_size("tgt"),
+                            dropout=cfg.dropout, share_all_embeddings=cfg.share_embeddings, norm_first=cfg.norm_first,
+                            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, **overrides)
+        self.model = model.to(self.device)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.out)
+            run = {"model": model.config.to_dict(), "joint_vocab": cfg.joint_vocab, "train": asdict(cfg)}
+            ckpt.atomic_write_text(self.out / "run.json", json.dumps(run, indent=2))
+
+    def _load_run(self):
+        run = ckpt.read_run(self.out)
+        saved = TrainConfig.from_dict(run["train"])
+        # The run's data, tokenizer and model come from the run; the schedule may be extended.
+        for name in ("out_dir", "max_steps", "epochs", "time_limit", "log_interval", "eval_interval", "save_interval",
+                     "keep_last", "device", "precision"):
+            setattr(saved, name, getattr(self.cfg, name))
+        self.cfg = saved
+        torch.manual_seed(saved.seed)
+        self.tokenizer = Tokenizer.load(self.out, joint=run["joint_vocab"])
+        self.train_pairs = load_pairs(saved, "train")
+        self.model = EncoderDecoder(TransformerConfig(**run["model"])).to(self.device)
+
+    def _prepare_data(self):
+        cfg = self.cfg
+        self.train_data = tokenize_pairs(self.train_pairs, self.tokenizer, cfg.max_len)
+        val_pairs = load_pairs(cfg, "val")
+        self.val_pairs = val_pairs
+        self.val_data = tokenize_pairs(val_pairs, self.tokenizer, cfg.max_len) if val_pairs else None
+        self.batcher = TokenBatcher([len(s) for s in self.train_data.src], [len(t) for t in self.train_data.tgt],
+                                    cfg.batch_tokens, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        if self.rank == 0:
+            self.log(f"data: {len(self.train_data)} training pairs ({self.train_data.dropped} dropped: longer than "
+                     f"{cfg.max_len} tokens or empty), {len(val_pairs)} validation pairs; vocab "
+                     f"src {self.tokenizer.vocab_size('src')} tgt {self.tokenizer.vocab_size('tgt')}"
+                     f"{' (joint)' if self.tokenizer.joint else ''}")
+
+    # ---- checkpoints
+
+    def state(self) -> dict:
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "batcher": self.batcher.state(), "best_val": self.best_val,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def save(self, val_loss: Optional[float] = None) -> Optional[Path]:
+        if self.rank != 0:
+            return None
+        return ckpt.save_checkpoint(self.out, self.step, self.model, self.state(), self.cfg.keep_last, val_loss)
+
+    def _restore(self, path: Path):
+        ckpt.load_weights(self.model, path)
+        state = ckpt.load_state(path)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batcher.load_state(state["batcher"])
+            self.step, self.best_val = state["step"], state["best_val"]
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), None))
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not match this run: {e}") from e
+        if self.rank == 0:
+            self.log(f"resumed from {path} at step {self.step} (epoch {self.batcher.epoch})")
+
+    # ---- training
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def train(self) -> list[float]:
+        """Run to ``max_steps`` / ``epochs`` / ``time_limit``; returns this process's per-step losses.
+        SIGINT/SIGTERM end the run after the current step with a checkpoint (then SystemExit)."""
+        cfg = self.cfg
+        module = _LossModule(self.model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
+                                             else None)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        csv_file = open(self.out / "log.csv", "a", newline="") if self.rank == 0 else None
+        writer = csv.writer(csv_file) if csv_file else None
+        if writer and csv_file.tell() == 0:
+            writer.writerow(["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bleu"])
+        bar = _progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                        disable=self.rank != 0 or not sys.stderr.isatty())
+        batches = iter(self.batcher)
+        start, window_tokens, window_start, window_loss = time.time(), 0, time.time(), []
+        self.model.train()
+        try:
+            while self.step < cfg.max_steps and (cfg.epochs is None or self.batcher.epoch < cfg.epochs):
+                if cfg.time_limit is not None and time.time() - start > cfg.time_limit * 60:
+                    break
+                micro = [collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
+                         for _ in range(cfg.accum_steps)]
+                num_tokens = torch.tensor(sum(int((b.tgt_out != PAD_ID).sum()) for b in micro), device=self.device)
+                if self.world_size > 1:  # normalise by the global token count; DDP averages over ranks
+                    torch.distributed.all_reduce(num_tokens)
+                denom = float(num_tokens) / self.world_size
+                lr = inverse_sqrt_lr(self.step + 1, self.model.config.d_model, cfg.warmup, cfg.lr_scale)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for i, b in enumerate(micro):
+                    sync = self.world_size > 1 and i < len(micro) - 1
+                    with (module.no_sync() if sync else nullcontext()), self._autocast():
+                        loss = module(b.src, b.tgt_in, b.tgt_out, cfg.label_smoothing) / denom
+                    self.scaler.scale(loss).backward()
+                    loss_sum += float(loss.detach())
+                self.scaler.unscale_(self.opt)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                 cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.step += 1
+                step_loss = loss_sum if self.world_size == 1 else self._global_mean(loss_sum)
+                self.losses.append(step_loss)
+                window_loss.append(step_loss)
+                window_tokens += sum(int((b.src != PAD_ID).sum() + (b.tgt_out != PAD_ID).sum()) for b in micro)
+                bar.update(1)
+                if self.step % cfg.log_interval == 0 and self.rank == 0:
+                    tps = window_tokens * self.world_size / max(time.time() - window_start, 1e-9)
+                    mean = sum(window_loss) / len(window_loss)
+                    self.log(f"step {self.step} epoch {self.batcher.epoch} loss {mean:.4f} lr {lr:.3g} "
+                             f"grad_norm {grad_norm:.3f} tokens/s {tps:,.0f}")
+                    writer.writerow([self.step, self.batcher.epoch, f"{mean:.5f}", f"{lr:.6g}", f"{grad_norm:.4f}",
+                                     f"{tps:.0f}", "", ""])
+                    csv_file.flush()
+                    window_tokens, window_start, window_loss = 0, time.time(), []
+                if self.step % cfg.eval_interval == 0:
+                    self._validate(writer, csv_file)
+                elif self.step % cfg.save_interval == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    break
+            if self._stop_signal is None and self.step % cfg.eval_interval != 0:
+                self._validate(writer, csv_file)
+            elif self._stop_signal is not None:
+                path = self.save()
+                if self.rank == 0:
+                    self.log(f"{signal.Signals(self._stop_signal).name}: saved {path}; continue with --resume")
+                raise SystemExit(128 + self._stop_signal)
+        finally:
+            bar.close()
+            if csv_file:
+                csv_file.close()
+                plot_losses(self.out)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.losses
+
+    def _global_mean(self, value: float) -> float:
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world_size
+
+    def _validate(self, writer, csv_file):
+        """Validation loss and BLEU (greedy, first ``val_bleu_sentences``), then a checkpoint."""
+        if self.rank != 0:
+            return
+        val_loss, score = None, None
+        if self.val_data is not None and len(self.val_data):
+            val_loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_tokens)
+            pairs = self.val_pairs[: self.cfg.val_bleu_sentences]
+            if pairs:
+                hyps = translate(self.model, self.tokenizer, [s for s, _ in pairs], beam_size=1)
+                score = bleu(hyps, [t for _, t in pairs])[0].score
+            self.best_val = min(self.best_val, val_loss)
+            bleu_text = f" BLEU {score:.2f} (greedy, {len(pairs)} sentences)" if score is not None else ""
+            self.log(f"step {self.step} validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
+                     f"{bleu_text}")
+            writer.writerow([self.step, self.batcher.epoch, "", "", "", "", f"{val_loss:.5f}",
+                             "" if score is None else f"{score:.2f}"])
+            csv_file.flush()
+        path = self.save(val_loss)
+        self.log(f"saved {path}")
+
+
+def plot_losses(out_dir) -> Optional[Path]:
+    """``loss.png`` from ``log.csv``: training loss and validation loss per step (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = [], []
+    with open(Path(out_dir) / "log.csv") as f:
+        for row in csv.DictReader(f):
+            if row["loss"]:
+                train.append((int(row["step"]), float(row["loss"])))
+            if row["val_loss"]:
+                val.append((int(row["step"]), float(row["val_loss"])))
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label in ((train, "train (label-smoothed)"), (val, "validation (NLL)")):
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per target token")
+    ax.legend()
+    path = Path(out_dir) / "loss.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def load_for_inference(out_dir, which: str = "best", average: int = 1, device: str = "auto"):
+    """(model in eval mode, tokenizer, run record) of a training output directory; ``average`` > 1
+    averages the last that many checkpoints' weights."""
+    run = ckpt.read_run(out_dir)
+    model = EncoderDecoder(TransformerConfig(**run["model"]))
+    if average > 1:
+        paths = ckpt.last_checkpoints(out_dir, average)
+        if not paths:
+            raise ckpt.CheckpointError(f"{out_dir} has no checkpoint yet")
+        ckpt.apply_weights(model, ckpt.average_weights(paths), f"average of {len(paths)} checkpoints")
+    else:
+        ckpt.load_weights(model, ckpt.resolve_checkpoint(out_dir, which))
+    tokenizer = Tokenizer.load(out_dir, joint=run["joint_vocab"])
+    return model.to(_pick_device(device)).eval(), tokenizer, run
