@@ -4,6 +4,7 @@
 // (one HBM pass; the per-thread slice is a template, hence N <= 16384), while the backward keeps
 // dweight/dbias partials in shared memory (no spills at large N, lower occupancy there).
 
+#include "dispatch.cuh"
 #include "elementwise.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -608,28 +609,6 @@ void launch_bwd(BwdParams params, const at::Tensor& dweight, const at::Tensor& d
   }
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      f(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      f(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      f(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      TORCH_CHECK(false, "dropout_add_layer_norm: dtype ", dtype, " is not supported");
-  }
-}
-
 }  // namespace
 }  // namespace tk
 
@@ -657,7 +636,7 @@ void dropout_add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at
   p.weight_f32 = tk::is_f32(weight);
   p.bias_f32 = tk::is_f32(bias);
   p.rms_norm = rms_norm;
-  tk::dispatch_dtype(x.scalar_type(),
+  tk::dispatch_dtype("dropout_add_layer_norm", x.scalar_type(),
                      [&](auto tag) { tk::launch_fwd<typename decltype(tag)::type>(p); });
 }
 
@@ -684,7 +663,7 @@ void dropout_add_layer_norm_bwd_cuda(const at::Tensor& dout, const std::optional
   p.weight_f32 = tk::is_f32(weight);
   p.rms_norm = rms_norm;
   const at::TensorOptions f32 = dout.options().dtype(at::kFloat);
-  tk::dispatch_dtype(dout.scalar_type(),
+  tk::dispatch_dtype("dropout_add_layer_norm", dout.scalar_type(),
                      [&](auto tag) {
     tk::launch_bwd<typename decltype(tag)::type>(p, dweight, dbias, f32);
   });

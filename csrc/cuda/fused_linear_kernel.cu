@@ -25,6 +25,7 @@
 // is misaligned or cuBLASLt has no BGRADB algorithm for the shape / dtype.
 
 #include "cublaslt_gemm.h"
+#include "dispatch.cuh"
 #include "elementwise.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -233,27 +234,6 @@ unsigned grid_for(int64_t vectors) {
       1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * kCtasPerSm)));
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      f(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      f(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      f(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      TORCH_CHECK(false, kOp, ": dtype ", dtype, " is not supported");
-  }
-}
 
 template <Act A>
 using ActTag = std::integral_constant<Act, A>;
@@ -290,7 +270,7 @@ void dispatch_vec(int64_t cols, F&& f, Ptrs... ptrs) {
 
 void launch_epilogue(at::ScalarType dtype, Act act, const EpilogueParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(dtype, [&](auto dtype_tag) {
+  dispatch_dtype(kOp, dtype, [&](auto dtype_tag) {
     using T = typename decltype(dtype_tag)::type;
     dispatch_act(act, [&](auto act_tag) {
       dispatch_vec<T>(p.cols, [&](auto vec_c) {
@@ -305,7 +285,7 @@ void launch_epilogue(at::ScalarType dtype, Act act, const EpilogueParams& p) {
 
 void launch_dz(at::ScalarType dtype, Act act, int64_t cols, const DzParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(dtype, [&](auto dtype_tag) {
+  dispatch_dtype(kOp, dtype, [&](auto dtype_tag) {
     using T = typename decltype(dtype_tag)::type;
     dispatch_act(act, [&](auto act_tag) {
       dispatch_vec<T>(cols, [&](auto vec_c) {
@@ -323,7 +303,7 @@ void launch_column_sum(const at::Tensor& in, const at::Tensor& out) {
   const int64_t rows = in.size(0);
   const int64_t cols = in.size(1);
   const auto grid = static_cast<unsigned>((cols + kColSumTile - 1) / kColSumTile);
-  dispatch_dtype(in.scalar_type(), [&](auto dtype_tag) {
+  dispatch_dtype(kOp, in.scalar_type(), [&](auto dtype_tag) {
     using T = typename decltype(dtype_tag)::type;
     column_sum_kernel<T><<<grid, dim3(kColSumTile, kColSumTile), 0, stream>>>(
         static_cast<const T*>(in.data_ptr()), static_cast<T*>(out.data_ptr()), rows, cols);
