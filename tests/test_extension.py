@@ -78,3 +78,41 @@ def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=match):
         torch.ops.tk_C.dropout_add_layer_norm_fwd(*args.values())
+
+
+# ---- the CPU keep-mask (csrc/dropout_mask.cpp), which the reference backend uses on the CPU
+
+
+def test_native_philox_matches_the_pytorch_specification():
+    from transformer_kernels.reference.philox import philox
+
+    gen = torch.Generator().manual_seed(7)
+    # Counters with non-zero high words, and seeds across the whole int64 range (negative too).
+    idx = torch.cat([torch.arange(4096), torch.randint(0, 2**62, (4096,), generator=gen),
+                     torch.tensor([2**32 - 1, 2**32, 2**63 - 1])])
+    for seed in (0, 1, 2**32 - 1, 2**32, 2**62 + 12345, -1, -2**63):
+        s = torch.tensor(seed, dtype=torch.int64)
+        assert torch.equal(torch.ops.tk_C.philox_first_word(s, idx), philox(s, idx)), seed
+    # Random123's known answer: counter 0, key 0 -> 0x6627e8d5.
+    assert torch.ops.tk_C.philox_first_word(torch.tensor(0), torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (17, 113), (1023, 17), (3, 0)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_native_keep_mask_is_the_specified_mask(rows, cols, p):
+    from transformer_kernels.reference.philox import dropout_keep_mask, native_mask_available, philox_keep_mask
+
+    assert native_mask_available()
+    for seed in (3, 2**62 - 1, torch.tensor(2**40 + 9)):
+        fast = dropout_keep_mask(seed, p, rows, cols)
+        assert fast.dtype == torch.bool and fast.shape == (rows, cols)
+        assert torch.equal(fast, philox_keep_mask(seed, p, rows, cols))
+
+
+def test_native_keep_mask_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="seed must be a 0-dim int64 CPU tensor"):
+        torch.ops.tk_C.dropout_keep_mask(torch.tensor([1, 2]), 10, 2, 2)
+    with pytest.raises(RuntimeError, match="threshold must be in"):
+        torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 2**24 + 1, 2, 2)
+    with pytest.raises(RuntimeError, match="rows and cols must be >= 0"):
+        torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 10, -1, 2)

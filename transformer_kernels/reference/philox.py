@@ -10,13 +10,22 @@ with ``idx`` the element's index in the row-major [M, N] view. The generator is 
 Random123 (Salmon et al., SC'11), as in curand and Triton's ``tl.philox``; the 24-bit integer
 comparison keeps the decision exact in every language. The Triton kernels compute it with
 ``tl.philox`` and the CUDA kernels in ``csrc/cuda/philox.cuh``; tests hold both to this file.
+
+On the CPU, when the extension is built, ``dropout_keep_mask`` computes the same bits with a
+parallel C++ loop (``csrc/dropout_mask.cpp``, the CUDA kernels' header): the specification below
+takes ~250 whole-tensor int64 operations per mask, which made dropout most of a CPU training
+step. ``philox_keep_mask`` is the specification itself, always in PyTorch; tests hold the C++
+loop to it bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import Union
+import functools
+from typing import Optional, Union
 
 import torch
+
+from .. import _extension
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -67,7 +76,31 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def dropout_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:
-    """The bool keep-mask [rows, cols] that every backend uses for ``seed`` and rate ``p``."""
+def philox_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:
+    """The specification of the keep-mask, in PyTorch: bool [rows, cols] for ``seed`` and rate ``p``."""
     idx = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
     return (philox(seed, idx) >> 8) >= dropout_threshold(p)
+
+
+@functools.lru_cache(maxsize=None)
+def native_mask_available() -> bool:
+    """Whether the extension's C++ keep-mask is there (an extension built before it was added is not)."""
+    return _extension.loaded() and hasattr(torch.ops.tk_C, "dropout_keep_mask")
+
+
+def _native_seed(seed: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+    """``seed`` as the C++ loop takes it (a 0-dim int64 CPU tensor), or None when it cannot."""
+    if isinstance(seed, torch.Tensor):
+        ok = seed.device.type == "cpu" and seed.dim() == 0 and seed.dtype == torch.int64
+        return seed if ok else None
+    return torch.tensor(seed, dtype=torch.int64) if -2**63 <= seed < 2**63 else None
+
+
+def dropout_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:
+    """The bool keep-mask [rows, cols] that every backend uses for ``seed`` and rate ``p``."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and not torch.compiler.is_compiling() and native_mask_available():
+        native = _native_seed(seed)
+        if native is not None:
+            return torch.ops.tk_C.dropout_keep_mask(native, dropout_threshold(p), rows, cols)
+    return philox_keep_mask(seed, p, rows, cols, device)
