@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ def cli(*args, input=None):
                           input=input)
 
 
-def test_train_translate_evaluate(tmp_path, capsys):
+def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     r = cli("train", "--out-dir", str(out), "--max-steps", "4", *TINY)
     assert r.returncode == 0, r.stderr
@@ -29,14 +30,28 @@ def test_train_translate_evaluate(tmp_path, capsys):
     r = cli("translate", "--model", str(out), "--beam-size", "2", input="bi ka ro\nta ne\n")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2
+    assert "100%" not in r.stderr, "no progress bar off a terminal"
+    # on a terminal, translate shows a progress bar on stderr; stdout still holds only the translations
+    monkeypatch.setattr(sys, "stdin", io.StringIO("bi ka ro\nta ne\n"))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["translate", "--model", str(out), "--beam-size", "1"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2 and "translate: 100%" in captured.err
+    monkeypatch.undo()
 
     r = cli("evaluate", "--model", str(out), "--synthetic-test", "4", "--beam-size", "1")
     assert r.returncode == 0, r.stderr
     assert "BLEU" in r.stdout and "signature: nrefs:1" in r.stdout and "loss" in r.stdout
+    assert "100%" not in r.stderr
 
-    # resume extends the same run; a second run into the same directory is refused (in-process: faster)
-    assert main(["train", "--out-dir", str(out), "--resume", "--max-steps", "6", *TINY]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    # resume extends the same run, warning of a given flag the run fixes (not of those left out, whose
+    # defaults differ from the run's too); a second run into the same directory is refused (in-process: faster)
+    assert main(["train", "--out-dir", str(out), "--resume", "--max-steps", "6", "--dropout", "0.2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "resumed from" in stdout
+    assert [line for line in stdout.splitlines() if "warning" in line] == [
+        f"warning: --dropout 0.2 is ignored: {out} holds a run started with --dropout 0.0, which --resume continues "
+        "unchanged"]
     assert (out / "checkpoints" / "step_00000006").is_dir()
     assert main(["train", "--out-dir", str(out), "--max-steps", "2", *TINY]) == 2
     assert "already holds a run" in capsys.readouterr().err

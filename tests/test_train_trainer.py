@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 import threading
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 
 from transformer_kernels.models import build_model
 from transformer_kernels.train import checkpoint as ckpt
-from transformer_kernels.train.trainer import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
+from transformer_kernels.train.trainer import (TrainConfig, Trainer, _RunLog, inverse_sqrt_lr, load_for_inference,
+                                                translate)
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
@@ -158,3 +161,70 @@ def test_load_for_inference_and_averaging(tmp_path):
     torch.testing.assert_close(averaged.tgt_embed.weight, expected)
     outputs = translate(model, tok, ["bi ka", "", "ta ro ne"], beam_size=2)
     assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
+
+
+def test_tensorboard_scalars_and_a_resume_that_retakes_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, max_steps=4, log_interval=1, save_interval=2, eval_interval=1000), log=quiet).train()
+    # As if the run had died after logging step 4 but before checkpointing it: resuming retakes steps 3 and 4.
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    for name in ("best", "best_loss"):
+        (out / "checkpoints" / name).unlink()
+    ckpt.atomic_write_text(out / "checkpoints" / "latest", "step_00000002")
+    Trainer(tiny_config(out, max_steps=4, log_interval=1, eval_interval=1000), resume=True, log=quiet).train()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4], "the retaken steps replace the old"
+    assert [e.step for e in events.Scalars("val/loss")] == [4]
+
+
+def test_without_tensorboard_logging_is_off_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    lines = []
+    records = _RunLog(tmp_path, 0, tensorboard=True, log=lines.append)
+    records.write(1, 0, loss=2.5, lr=1e-3)
+    records.close()
+    assert len(lines) == 1 and lines[0].startswith("TensorBoard logging is off: ") and "pip install" in lines[0]
+    assert not (tmp_path / "tensorboard").exists()
+    assert (tmp_path / "log.csv").read_text().splitlines()[1] == "1,0,2.50000,0.001,,,,"
+    lines.clear()
+    _RunLog(tmp_path, 0, tensorboard=False, log=lines.append).close()
+    assert lines == []
+
+
+def test_resume_warns_of_options_the_run_fixes(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, max_steps=2), log=quiet).train()
+    lines = []
+    cfg = tiny_config(out, max_steps=3, dropout=0.3, d_model=32, share_embeddings=True, joint_vocab=False,
+                      batch_tokens=999)
+    resumed = Trainer(cfg, resume=True, log=lines.append,
+                      given={"out_dir", "max_steps", "dropout", "d_model", "share_embeddings", "joint_vocab"})
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: --separate-vocab is ignored: {out} holds a run started with no --separate-vocab, "
+        "which --resume continues unchanged",
+        f"warning: --dropout 0.3 is ignored: {out} holds a run started with --dropout 0.0, "
+        "which --resume continues unchanged",
+        f"warning: --share-embeddings is ignored: {out} holds a run started with no --share-embeddings, "
+        "which --resume continues unchanged",
+    ], "named in the order of the options; not given (batch_tokens) or unchanged (d_model): no warning"
+    assert (resumed.cfg.dropout, resumed.cfg.batch_tokens, resumed.cfg.max_steps) == (0.0, 160, 3)
+
+
+def test_activation_checkpointing_takes_the_same_steps(tmp_path):
+    kw = dict(dropout=0.1, max_steps=2, save_interval=1000)
+    plain = Trainer(tiny_config(tmp_path / "a", **kw), log=quiet).train()  # each seeds the RNG: one at a time
+    recomputing = Trainer(tiny_config(tmp_path / "b", activation_checkpointing=True, **kw), log=quiet)
+    assert recomputing.model.activation_checkpointing
+    assert recomputing.train() == plain
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
+        Trainer(tiny_config(tmp_path / "run", fsdp=True), log=quiet)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .. import nn as tknn
 from ..ops import linear_cross_entropy
@@ -102,6 +103,22 @@ class EncoderDecoder(torch.nn.Module):
                                                norm=final_norm())
         self.dropout = torch.nn.Dropout(c.dropout)
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model, device), persistent=False)
+        self.activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> "EncoderDecoder":
+        """Recompute each encoder and decoder layer's activations in the backward pass instead of keeping
+        them (``torch.utils.checkpoint``): a layer's inputs are all it stores, for one more forward of it.
+        The recomputation replays the RNG state, so it draws the same dropout seeds: results are unchanged."""
+        self.activation_checkpointing = enabled
+        return self
+
+    def _stack(self, stack, x: Tensor, *args, **kwargs) -> Tensor:
+        """``stack(x, *args, **kwargs)``, one checkpointed layer at a time when activation checkpointing is on."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return stack(x, *args, **kwargs)
+        for layer in stack.layers:
+            x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+        return x if stack.norm is None else stack.norm(x)
 
     @property
     def output_weight(self) -> Tensor:
@@ -119,12 +136,12 @@ class EncoderDecoder(torch.nn.Module):
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """(memory [B, S, d], src padding mask [B, S])."""
         src_kpm = src == self.config.pad_id
-        return self.encoder(self.embed(src, self.src_embed), src_key_padding_mask=src_kpm), src_kpm
+        return self._stack(self.encoder, self.embed(src, self.src_embed), src_key_padding_mask=src_kpm), src_kpm
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_kpm: Tensor) -> Tensor:
         """Decoder hidden states [B, T, d] for the whole target prefix at once (training, scoring)."""
-        return self.decoder(self.embed(tgt_in, self.tgt_embed), memory, tgt_is_causal=True,
-                            tgt_key_padding_mask=tgt_in == self.config.pad_id, memory_key_padding_mask=src_kpm)
+        return self._stack(self.decoder, self.embed(tgt_in, self.tgt_embed), memory, tgt_is_causal=True,
+                           tgt_key_padding_mask=tgt_in == self.config.pad_id, memory_key_padding_mask=src_kpm)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, src_kpm = self.encode(src)

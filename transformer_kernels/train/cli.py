@@ -19,58 +19,69 @@ USER_ERRORS = (DataError, CheckpointError, FileExistsError, FileNotFoundError, V
 
 
 def add_train(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    g = parser.add_argument_group("data (none given: the embedded synthetic task)")
+    """The options of TrainConfig's fields default to absent (TrainConfig's defaults then apply), so a
+    resumed run can tell which were given and warn of those the saved run fixes."""
+    groups = {title: parser.add_argument_group(title, argument_default=argparse.SUPPRESS) for title in (
+        "data (none given: the embedded synthetic task)", "model", "optimisation (defaults: the paper's recipe)",
+        "memory and parallelism (launch several processes with torchrun)", "output")}
+    g = groups["data (none given: the embedded synthetic task)"]
     g.add_argument("--data", choices=["multi30k"], help="a known corpus layout in --data-dir")
     g.add_argument("--data-dir", help="directory of the corpus (Multi30k: train.de.gz, val.en.gz, ...)")
-    g.add_argument("--src-lang", default=d.src_lang)
-    g.add_argument("--tgt-lang", default=d.tgt_lang)
+    g.add_argument("--src-lang")
+    g.add_argument("--tgt-lang")
     g.add_argument("--train-src", help="source side of the training data (plain or .gz, one sentence a line)")
     g.add_argument("--train-tgt")
     g.add_argument("--val-src")
     g.add_argument("--val-tgt")
-    g.add_argument("--synthetic-train", type=int, default=d.synthetic_train, help="synthetic training pairs")
-    g.add_argument("--synthetic-val", type=int, default=d.synthetic_val, help="synthetic validation pairs")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size (per side if separate)")
+    g.add_argument("--synthetic-train", type=int, help="synthetic training pairs")
+    g.add_argument("--synthetic-val", type=int, help="synthetic validation pairs")
+    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (per side if separate)")
     g.add_argument("--separate-vocab", dest="joint_vocab", action="store_false",
                    help="one BPE vocabulary per language (default: joint)")
-    g.add_argument("--max-len", type=int, default=d.max_len, help="drop pairs with a side longer than this (tokens)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, help="big, base, small or tiny; the options below override it")
+    g.add_argument("--max-len", type=int, help="drop pairs with a side longer than this (tokens)")
+    g = groups["model"]
+    g.add_argument("--preset", help="big, base, small or tiny (default); the options below override it")
     g.add_argument("--d-model", type=int)
     g.add_argument("--nhead", type=int)
     g.add_argument("--dim-feedforward", type=int)
     g.add_argument("--layers", type=int, help="encoder and decoder layers")
-    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--dropout", type=float)
     g.add_argument("--share-embeddings", action="store_true", help="one table for source, target and output")
     g.add_argument("--norm-first", action="store_true", help="pre-LN layers (default: post-LN, as the paper)")
-    g = parser.add_argument_group("optimisation (defaults: the paper's recipe)")
-    g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per batch and side")
-    g.add_argument("--accum-steps", type=int, default=d.accum_steps, help="batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g = groups["optimisation (defaults: the paper's recipe)"]
+    g.add_argument("--batch-tokens", type=int, help="padded tokens per batch and side")
+    g.add_argument("--accum-steps", type=int, help="batches per optimizer step")
+    g.add_argument("--max-steps", type=int)
     g.add_argument("--epochs", type=int, help="stop after this many epochs")
     g.add_argument("--time-limit", type=float, help="stop after this many minutes of training")
-    g.add_argument("--lr-scale", type=float, default=d.lr_scale,
-                   help="lr = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)")
-    g.add_argument("--warmup", type=int, default=d.warmup)
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="gradient clipping (0: off)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--lr-scale", type=float, help="lr = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)")
+    g.add_argument("--warmup", type=int)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--clip-norm", type=float, help="gradient clipping (0: off)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on a GPU that has it, fp32 on the CPU")
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--backend", help="force the kernels' backend (reference, triton, cuda); default auto")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = parser.add_argument_group("output")
-    g.add_argument("--out-dir", default=d.out_dir)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    g.add_argument("--log-interval", type=int, default=d.log_interval)
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval,
+    g.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    g.add_argument("--backend", default=None, help="force the kernels' backend (reference, triton, cuda); default auto")
+    g.add_argument("--seed", type=int)
+    g = groups["memory and parallelism (launch several processes with torchrun)"]
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of storing them")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the processes (FSDP2) instead of "
+                        "replicating them (DDP); checkpoints stay whole")
+    g = groups["output"]
+    g.add_argument("--out-dir")
+    g.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out-dir from its latest checkpoint (its data, model and recipe)")
+    g.add_argument("--log-interval", type=int)
+    g.add_argument("--eval-interval", type=int,
                    help="steps between validations (loss, greedy BLEU) and checkpoints kept as best")
-    g.add_argument("--val-bleu-sentences", type=int, default=d.val_bleu_sentences,
-                   help="validation sentences translated for BLEU (0: loss only)")
-    g.add_argument("--save-interval", type=int, default=d.save_interval)
-    g.add_argument("--keep-last", type=int, default=d.keep_last)
+    g.add_argument("--val-bleu-sentences", type=int, help="validation sentences translated for BLEU (0: loss only)")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--keep-last", type=int)
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="no TensorBoard logs (default: in OUT_DIR/tensorboard when tensorboard is installed)")
 
 
 def _add_model_source(parser: argparse.ArgumentParser) -> None:
@@ -111,10 +122,10 @@ def run_train(args) -> int:
     from .trainer import Trainer
 
     names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
     try:
         _set_backend(args.backend)
-        Trainer(cfg, resume=args.resume).train()
+        Trainer(TrainConfig(**given), resume=args.resume, given=given).train()
     except USER_ERRORS as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2

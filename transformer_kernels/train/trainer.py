@@ -5,7 +5,8 @@ The recipe (Vaswani et al., 2017, §5.3–5.4): Adam with β = (0.9, 0.98), ε =
 Each optimizer step sums the loss over ``accum_steps`` token-budget batches and divides by their
 target-token count, so accumulation and data parallelism change nothing but the batch size.
 Everything that decides the next step — weights, optimizer, scaler, RNG states and the batcher's
-position — is in the checkpoint, so an interrupted run resumed from it takes the same steps.
+position — is in the checkpoint, so an interrupted run resumed from it takes the same steps. Checkpoints
+are whole even when FSDP shards the model in training, so sharded and unsharded runs load each other's.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from ..models import EncoderDecoder, TransformerConfig, beam_search, build_model, greedy_decode, strip
 from . import checkpoint as ckpt
-from .data import (DataError, SyntheticTask, TokenBatcher, TokenizedPairs, collate, multi30k_paths, read_parallel,
-                   tokenize_pairs)
+from .data import (DataError, PairStream, SyntheticTask, TokenBatcher, TokenCache, TokenizedPairs, collate,
+                   multi30k_paths, parallel_files)
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -72,17 +73,38 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
     seed: int = 1
+    # memory: what a step keeps, and where; not the steps taken (FSDP: up to fp32 rounding)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (else DDP)
     # bookkeeping
     log_interval: int = 100
     eval_interval: int = 1000
     save_interval: int = 1000
     keep_last: int = 5
     val_bleu_sentences: int = 200
+    tensorboard: bool = True  # scalars in out_dir/tensorboard, when the tensorboard package is installed
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# What a resumed run takes from its command line: how, where and for how long it trains. The other
+# options fix what the run is (data, tokenizer, model, recipe, seed); it keeps those it was started with.
+RESUME_OPTIONS = ("out_dir", "max_steps", "epochs", "time_limit", "log_interval", "eval_interval", "save_interval",
+                  "keep_last", "val_bleu_sentences", "tensorboard", "device", "precision", "activation_checkpointing",
+                  "fsdp")
+
+
+def _flag(name: str, value) -> str:
+    """Option ``name`` set to ``value``, as the command line spells it."""
+    if name == "joint_vocab":  # its flag is the negation
+        name, value = "separate_vocab", not value
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    return flag if value is True else f"{flag} {value}"
 
 
 def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
@@ -93,24 +115,25 @@ def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) ->
 
 # ---------------------------------------------------------------------------------------- data
 
-def load_pairs(cfg: TrainConfig, split: str) -> list[tuple[str, str]]:
-    """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits)."""
+def load_pairs(cfg: TrainConfig, split: str) -> Optional[PairStream]:
+    """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits) as a stream that
+    reads the data again on each pass; None for 'val' when no validation files are given."""
     if cfg.data is None and cfg.train_src is None:
         task = SyntheticTask(seed=cfg.seed)
-        return task.pairs(split, cfg.synthetic_train if split == "train" else cfg.synthetic_val)
+        return task.stream(split, cfg.synthetic_train if split == "train" else cfg.synthetic_val)
     if cfg.data == "multi30k":
         if cfg.data_dir is None:
             raise DataError("--data multi30k needs --data-dir DIR (with train.de.gz, val.en.gz, ...)")
-        return read_parallel(*multi30k_paths(cfg.data_dir, split, cfg.src_lang, cfg.tgt_lang))
+        return parallel_files(*multi30k_paths(cfg.data_dir, split, cfg.src_lang, cfg.tgt_lang))
     if cfg.data is not None:
         raise DataError(f"unknown --data {cfg.data!r}; expected 'multi30k', or give --train-src/--train-tgt")
     if cfg.train_src is None or cfg.train_tgt is None:
         raise DataError("give both --train-src and --train-tgt")
     if split == "train":
-        return read_parallel(cfg.train_src, cfg.train_tgt)
+        return parallel_files(cfg.train_src, cfg.train_tgt)
     if cfg.val_src is None or cfg.val_tgt is None:
-        return []
-    return read_parallel(cfg.val_src, cfg.val_tgt)
+        return None
+    return parallel_files(cfg.val_src, cfg.val_tgt)
 
 
 # --------------------------------------------------------------------------------- translation
@@ -208,17 +231,41 @@ def _pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def _check_fsdp(world_size: int, precision: str) -> None:
+    if world_size == 1:
+        raise ValueError("--fsdp shards the model over several processes, and this is one: launch it with "
+                         "torchrun --nproc-per-node N (N > 1), or train without --fsdp")
+    if precision == "fp16":
+        raise ValueError("--fsdp trains in fp32 or bf16 (its gradients are not fp16-scaled here); use --precision bf16")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):  # public since torch 2.6
+        raise ValueError(f"--fsdp needs FSDP2's fully_shard (torch >= 2.6); this is torch {torch.__version__}")
+
+
+def _full_state_options():
+    """Whole (unsharded) state dicts, gathered to rank 0's CPU: checkpoints do not depend on the sharding."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 class Trainer:
     """One training run in ``cfg.out_dir``: a new run, or (``resume=True``) the continuation of one."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, given: Optional[Iterable[str]] = None):
+        """``given`` names the options the user set (default: all of ``cfg``'s); resuming, it warns of those
+        that differ from the saved run's fixed ones (data, model, recipe, seed), which it keeps."""
         self.cfg, self.log = cfg, log
+        self.given = {f.name for f in fields(TrainConfig)} if given is None else set(given)
         self.out = Path(cfg.out_dir)
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = _pick_device(cfg.device)
         if self.world_size > 1:
             self._init_distributed()
         self.precision = _pick_precision(cfg.precision, self.device)
+        if cfg.fsdp:
+            _check_fsdp(self.world_size, self.precision)
         if resume:
             self._load_run()
         else:
@@ -229,15 +276,21 @@ class Trainer:
                 torch.distributed.barrier()
             self._new_run()
         self._prepare_data()
+        checkpoint = ckpt.resolve_checkpoint(self.out, "latest") if resume else None
+        if checkpoint is not None:
+            ckpt.load_weights(self.model, checkpoint)  # whole, before FSDP shards them
+        self.model.set_activation_checkpointing(self.cfg.activation_checkpointing)
+        if self.cfg.fsdp:
+            self._shard()
         # AdamW with weight_decay 0 (the default) is exactly the paper's Adam; >0 decays decoupled.
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9,
-                                     weight_decay=cfg.weight_decay)
+                                     weight_decay=self.cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.best_val = 0, math.inf
         self.losses: list[float] = []  # per optimizer step, this process's run only
         self._stop_signal: Optional[int] = None
-        if resume:
-            self._restore(ckpt.resolve_checkpoint(self.out, "latest"))
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
     # ---- set-up
 
@@ -274,10 +327,14 @@ class Trainer:
     def _load_run(self):
         run = ckpt.read_run(self.out)
         saved = TrainConfig.from_dict(run["train"])
-        # The run's data, tokenizer and model come from the run; the schedule may be extended.
-        for name in ("out_dir", "max_steps", "epochs", "time_limit", "log_interval", "eval_interval", "save_interval",
-                     "keep_last", "device", "precision"):
+        for name in RESUME_OPTIONS:
             setattr(saved, name, getattr(self.cfg, name))
+        ignored = [f.name for f in fields(TrainConfig) if f.name in self.given and f.name not in RESUME_OPTIONS
+                   and getattr(self.cfg, f.name) != getattr(saved, f.name)]
+        if self.rank == 0:
+            for name in ignored:
+                self.log(f"warning: {_flag(name, getattr(self.cfg, name))} is ignored: {self.out} holds a run "
+                         f"started with {_flag(name, getattr(saved, name))}, which --resume continues unchanged")
         self.cfg = saved
         torch.manual_seed(saved.seed)
         self.tokenizer = Tokenizer.load(self.out, joint=run["joint_vocab"])
@@ -285,37 +342,108 @@ class Trainer:
         self.model = EncoderDecoder(TransformerConfig(**run["model"])).to(self.device)
 
     def _prepare_data(self):
+        """Token caches of the training and validation pairs in ``out/data`` (reused when built from the
+        same data, tokenizer and max_len), the batcher over the training pairs, and the first
+        ``val_bleu_sentences`` validation pairs as text for BLEU."""
         cfg = self.cfg
-        self.train_data = tokenize_pairs(self.train_pairs, self.tokenizer, cfg.max_len)
-        val_pairs = load_pairs(cfg, "val")
-        self.val_pairs = val_pairs
-        self.val_data = tokenize_pairs(val_pairs, self.tokenizer, cfg.max_len) if val_pairs else None
-        self.batcher = TokenBatcher([len(s) for s in self.train_data.src], [len(t) for t in self.train_data.tgt],
-                                    cfg.batch_tokens, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        streams = {"train": self.train_pairs, "val": load_pairs(cfg, "val")}
+        stems = {split: self.out / "data" / split for split, pairs in streams.items() if pairs is not None}
+
+        def build():
+            for split, stem in stems.items():
+                TokenCache.load_or_build(stem, streams[split], self.tokenizer, cfg.max_len)
+
+        self._on_rank_zero_first(build)
+        self.train_data = TokenCache(stems["train"])
+        self.val_data = TokenCache(stems["val"]) if "val" in stems else None
+        self.val_pairs = streams["val"].head(cfg.val_bleu_sentences) if self.val_data is not None else []
+        self.batcher = TokenBatcher(self.train_data.src_lengths, self.train_data.tgt_lengths, cfg.batch_tokens,
+                                    seed=cfg.seed, rank=self.rank, world_size=self.world_size)
         if self.rank == 0:
+            val_read = self.val_data.read if self.val_data is not None else 0
             self.log(f"data: {len(self.train_data)} training pairs ({self.train_data.dropped} dropped: longer than "
-                     f"{cfg.max_len} tokens or empty), {len(val_pairs)} validation pairs; vocab "
+                     f"{cfg.max_len} tokens or empty), {val_read} validation pairs; vocab "
                      f"src {self.tokenizer.vocab_size('src')} tgt {self.tokenizer.vocab_size('tgt')}"
                      f"{' (joint)' if self.tokenizer.joint else ''}")
 
-    # ---- checkpoints
+    def _on_rank_zero_first(self, work):
+        """``work()`` on rank 0 while the other ranks wait (for files it writes); if it fails, every rank raises."""
+        failure = None
+        if self.rank == 0:
+            try:
+                work()
+            except Exception as e:  # re-raised below, after the other ranks have heard of it
+                failure = e
+        if self.world_size > 1:
+            message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+            torch.distributed.broadcast_object_list(message, src=0)
+            if self.rank != 0 and message[0] is not None:
+                raise DataError(f"rank 0 could not prepare the data: {message[0]}")
+        if failure is not None:
+            raise failure
 
-    def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+    def _shard(self):
+        """FSDP2 in place: each encoder and decoder layer gathers its weights for its own forward and backward
+        only; the root holds the rest (embeddings, final norms). bf16 computes in bf16 and reduces in fp32."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.precision == "bf16" else MixedPrecisionPolicy())
+        for layer in [*self.model.encoder.layers, *self.model.decoder.layers]:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
+
+    # ---- checkpoints: collective (every rank calls them; under FSDP they gather the shards), rank 0 writes
+
+    def _full_model(self) -> Optional[EncoderDecoder]:
+        """The model with all its weights on rank 0, None elsewhere: under FSDP an unsharded copy on the
+        CPU, gathered from the shards; otherwise the model itself."""
+        if not self.cfg.fsdp:
+            return self.model if self.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=_full_state_options())
+        if self.rank != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # its initialisation must not move the run's RNG
+            model = EncoderDecoder(self.model.config)
+        model.load_state_dict(weights)
+        return model
+
+    def state(self) -> Optional[dict]:
+        """What decides the next step besides the weights, on rank 0 (None elsewhere). The optimizer's
+        state is whole and keyed by parameter name, so FSDP and unsharded runs resume each other's."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer = get_optimizer_state_dict(self.model, self.opt, options=_full_state_options())
+        if self.rank != 0:
+            return None
+        return {"step": self.step, "optimizer": optimizer, "scaler": self.scaler.state_dict(),
                 "batcher": self.batcher.state(), "best_val": self.best_val,
                 "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def save(self, val_loss: Optional[float] = None) -> Optional[Path]:
+        return self._write_checkpoint(self._full_model(), val_loss)
+
+    def _write_checkpoint(self, model: Optional[EncoderDecoder], val_loss: Optional[float]) -> Optional[Path]:
+        """Checkpoint ``model`` (``_full_model()``'s) with the run's state; the path on rank 0."""
+        state = self.state()
         if self.rank != 0:
             return None
-        return ckpt.save_checkpoint(self.out, self.step, self.model, self.state(), self.cfg.keep_last, val_loss)
+        return ckpt.save_checkpoint(self.out, self.step, model, state, self.cfg.keep_last, val_loss)
 
     def _restore(self, path: Path):
-        ckpt.load_weights(self.model, path)
+        """Checkpoint ``path``'s optimizer, scaler, batcher, step and RNG states (its weights are loaded
+        before the model is sharded)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         state = ckpt.load_state(path)
         try:
-            self.opt.load_state_dict(state["optimizer"])
+            set_optimizer_state_dict(self.model, self.opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
             self.scaler.load_state_dict(state["scaler"])
             self.batcher.load_state(state["batcher"])
             self.step, self.best_val = state["step"], state["best_val"]
@@ -324,7 +452,7 @@ class Trainer:
             random.setstate((3, tuple(rng["python"]), None))
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, ValueError, RuntimeError, AssertionError) as e:  # DCP checks with asserts too
             raise ckpt.CheckpointError(f"checkpoint {path} does not match this run: {e}") from e
         if self.rank == 0:
             self.log(f"resumed from {path} at step {self.step} (epoch {self.batcher.epoch})")
@@ -345,16 +473,14 @@ class Trainer:
         SIGINT/SIGTERM end the run after the current step with a checkpoint (then SystemExit)."""
         cfg = self.cfg
         module = _LossModule(self.model)
-        if self.world_size > 1:
+        ddp = self.world_size > 1 and not cfg.fsdp  # FSDP has hooked its communication into the model
+        if ddp:
             from torch.nn.parallel import DistributedDataParallel
 
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
                                              else None)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        csv_file = open(self.out / "log.csv", "a", newline="") if self.rank == 0 else None
-        writer = csv.writer(csv_file) if csv_file else None
-        if writer and csv_file.tell() == 0:
-            writer.writerow(["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bleu"])
+        records = _RunLog(self.out, self.step, cfg.tensorboard, self.log) if self.rank == 0 else None
         bar = _progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                         disable=self.rank != 0 or not sys.stderr.isatty())
         batches = iter(self.batcher)
@@ -362,12 +488,10 @@ class Trainer:
         self.model.train()
         try:
             while self.step < cfg.max_steps and (cfg.epochs is None or self.batcher.epoch < cfg.epochs):
-                if cfg.time_limit is not None and time.time() - start > cfg.time_limit * 60:
-                    break
                 micro = [collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
                          for _ in range(cfg.accum_steps)]
                 num_tokens = torch.tensor(sum(int((b.tgt_out != PAD_ID).sum()) for b in micro), device=self.device)
-                if self.world_size > 1:  # normalise by the global token count; DDP averages over ranks
+                if self.world_size > 1:  # normalise by the global token count; DDP and FSDP average over ranks
                     torch.distributed.all_reduce(num_tokens)
                 denom = float(num_tokens) / self.world_size
                 lr = inverse_sqrt_lr(self.step + 1, self.model.config.d_model, cfg.warmup, cfg.lr_scale)
@@ -376,12 +500,14 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for i, b in enumerate(micro):
-                    sync = self.world_size > 1 and i < len(micro) - 1
-                    with (module.no_sync() if sync else nullcontext()), self._autocast():
+                    # DDP all-reduces once per step; FSDP reduce-scatters every batch, keeping gradients sharded
+                    sync_later = ddp and i < len(micro) - 1
+                    with (module.no_sync() if sync_later else nullcontext()), self._autocast():
                         loss = module(b.src, b.tgt_in, b.tgt_out, cfg.label_smoothing) / denom
                     self.scaler.scale(loss).backward()
                     loss_sum += float(loss.detach())
                 self.scaler.unscale_(self.opt)
+                # the global norm: under FSDP the gradients are DTensor shards, and so is the norm's reduction
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                                  cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
                 self.scaler.step(self.opt)
@@ -397,18 +523,17 @@ class Trainer:
                     mean = sum(window_loss) / len(window_loss)
                     self.log(f"step {self.step} epoch {self.batcher.epoch} loss {mean:.4f} lr {lr:.3g} "
                              f"grad_norm {grad_norm:.3f} tokens/s {tps:,.0f}")
-                    writer.writerow([self.step, self.batcher.epoch, f"{mean:.5f}", f"{lr:.6g}", f"{grad_norm:.4f}",
-                                     f"{tps:.0f}", "", ""])
-                    csv_file.flush()
+                    records.write(self.step, self.batcher.epoch, loss=mean, lr=lr, grad_norm=grad_norm,
+                                  tokens_per_s=tps)
                     window_tokens, window_start, window_loss = 0, time.time(), []
                 if self.step % cfg.eval_interval == 0:
-                    self._validate(writer, csv_file)
+                    self._validate(records)
                 elif self.step % cfg.save_interval == 0:
                     self.save()
-                if self._stop_signal is not None:
+                if self._stop_requested(start):
                     break
             if self._stop_signal is None and self.step % cfg.eval_interval != 0:
-                self._validate(writer, csv_file)
+                self._validate(records)
             elif self._stop_signal is not None:
                 path = self.save()
                 if self.rank == 0:
@@ -416,38 +541,94 @@ class Trainer:
                 raise SystemExit(128 + self._stop_signal)
         finally:
             bar.close()
-            if csv_file:
-                csv_file.close()
-                plot_losses(self.out)
+            if records is not None:
+                records.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         return self.losses
+
+    def _stop_requested(self, start: float) -> bool:
+        """Whether a signal has arrived or the time limit has passed, on any rank: all stop at the same step."""
+        limit = self.cfg.time_limit
+        flags = [self._stop_signal or 0, int(limit is not None and time.time() - start > limit * 60)]
+        if self.world_size > 1:
+            t = torch.tensor(flags, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flags = t.tolist()
+        self._stop_signal = flags[0] or None
+        return any(flags)
 
     def _global_mean(self, value: float) -> float:
         t = torch.tensor(value, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return float(t) / self.world_size
 
-    def _validate(self, writer, csv_file):
-        """Validation loss and BLEU (greedy, first ``val_bleu_sentences``), then a checkpoint."""
-        if self.rank != 0:
-            return
+    def _validate(self, records: Optional["_RunLog"]):
+        """Validation loss and BLEU (greedy, first ``val_bleu_sentences``) on rank 0, then a checkpoint.
+        Every rank calls it: under FSDP the model is gathered from all of them."""
+        model = self._full_model()
         val_loss, score = None, None
-        if self.val_data is not None and len(self.val_data):
-            val_loss = evaluate_loss(self.model, self.val_data, self.cfg.batch_tokens)
+        if model is not None and self.val_data is not None and len(self.val_data):
+            model.to(self.device)  # under FSDP, a whole copy: the weights must fit one device to validate
+            val_loss = evaluate_loss(model, self.val_data, self.cfg.batch_tokens)
             pairs = self.val_pairs[: self.cfg.val_bleu_sentences]
             if pairs:
-                hyps = translate(self.model, self.tokenizer, [s for s, _ in pairs], beam_size=1)
+                hyps = translate(model, self.tokenizer, [s for s, _ in pairs], beam_size=1)
                 score = bleu(hyps, [t for _, t in pairs])[0].score
             self.best_val = min(self.best_val, val_loss)
             bleu_text = f" BLEU {score:.2f} (greedy, {len(pairs)} sentences)" if score is not None else ""
             self.log(f"step {self.step} validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
                      f"{bleu_text}")
-            writer.writerow([self.step, self.batcher.epoch, "", "", "", "", f"{val_loss:.5f}",
-                             "" if score is None else f"{score:.2f}"])
-            csv_file.flush()
-        path = self.save(val_loss)
-        self.log(f"saved {path}")
+            records.write(self.step, self.batcher.epoch, val_loss=val_loss, val_bleu=score)
+        path = self._write_checkpoint(model, val_loss)
+        if self.rank == 0:
+            self.log(f"saved {path}")
+
+
+class _RunLog:
+    """Rank 0's record of a run's numbers: rows of ``log.csv`` (appended to on resume; ``plot_losses``
+    draws it) and, unless turned off or not installed, the same scalars for TensorBoard in ``tensorboard/``."""
+
+    FORMATS = {"loss": ".5f", "lr": ".6g", "grad_norm": ".4f", "tokens_per_s": ".0f", "val_loss": ".5f",
+               "val_bleu": ".2f"}
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+            "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_bleu": "val/bleu"}
+
+    def __init__(self, out_dir: Path, step: int, tensorboard: bool = True, log=print):
+        self.out_dir = out_dir
+        self.file = open(out_dir / "log.csv", "a", newline="")
+        self.csv = csv.writer(self.file)
+        if self.file.tell() == 0:
+            self.csv.writerow(["step", "epoch", *self.FORMATS])
+        self.tensorboard = _summary_writer(out_dir / "tensorboard", step, log) if tensorboard else None
+
+    def write(self, step: int, epoch: int, **values: Optional[float]) -> None:
+        self.csv.writerow([step, epoch, *("" if values.get(k) is None else format(values[k], f)
+                                          for k, f in self.FORMATS.items())])
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self.tensorboard.add_scalar(self.TAGS[name], value, step)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        plot_losses(self.out_dir)
+
+
+def _summary_writer(log_dir: Path, step: int, log):
+    """TensorBoard's writer on ``log_dir``, or None (saying why) without the tensorboard package. Resuming
+    at ``step`` purges the events logged after it: those of the interrupted run's steps, which it retakes."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        log(f"TensorBoard logging is off: {e} (pip install tensorboard to turn it on, --no-tensorboard to "
+            "silence this)")
+        return None
+    return SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
 
 
 def plot_losses(out_dir) -> Optional[Path]:
