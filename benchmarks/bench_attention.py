@@ -12,28 +12,28 @@ its flash path) and ours the key_padding_mask. On a CPU only sdpa and the refere
 
     python benchmarks/bench_attention.py [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
-Tile configs: autotuned by default, heuristic with --quick (autotuning every case costs minutes of
-compiles); --autotune / --no-autotune override (through TK_AUTOTUNE, which the kernels read).
+Tile configs: autotuned by default, each bucket's first candidate with --quick (autotuning every
+case costs minutes of compiles); --autotune / --no-autotune override.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from common import Report, peak_mib, time_ms  # noqa: E402
+from benchmarks.common import (DTYPES, PASSES, Report, autotune, default_device, input_sets, label,  # noqa: E402
+                               peak_mib, time_passes)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PASSES = ("fwd", "bwd", "fwd+bwd")
 TOKENS = 16384  # B · L, constant over the sweep
 HEADS = 16
 # FLOPs of the two matmuls per (query, key) pair and head dim: 2 for QKᵀ + 2 for PV; the backward
@@ -89,14 +89,16 @@ def implementations(device: torch.device) -> dict:
     return impls
 
 
-def make_inputs(b, seqlen, heads, d, dtype, device, padding):
-    torch.manual_seed(0)
+def make_inputs(b, seqlen, heads, d, dtype, device, causal, padding, seed):
+    """((q, k, v, causal, key_padding_mask), dout), random; with ``padding`` each sequence keeps a
+    random length in [L/2, L] and the tail is padding."""
+    torch.manual_seed(seed)
     q, k, v = (torch.randn(b, seqlen, heads, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     kpm = None
-    if padding:  # each sequence keeps a random length in [L/2, L]: the tail is padding
+    if padding:
         lengths = torch.randint(seqlen // 2, seqlen + 1, (b,), device=device)
         kpm = torch.arange(seqlen, device=device)[None, :] >= lengths[:, None]
-    return q, k, v, kpm
+    return (q, k, v, causal, kpm), torch.randn_like(q)
 
 
 def check(out, expected, name):
@@ -107,13 +109,14 @@ def check(out, expected, name):
 
 
 def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
-    q, k, v, kpm = make_inputs(b, seqlen, HEADS, d, dtype, device, padding)
-    inputs = (q, k, v)
-    g = torch.randn_like(q)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    sets = input_sets(lambda seed: make_inputs(b, seqlen, HEADS, d, dtype, device, causal, padding, seed), device,
+                      4 * b * seqlen * HEADS * d * elt)
+    inputs, g = sets[0]
     timings = {p: {} for p in PASSES}
-    notes = {}
+    notes, peaks = {}, {}
     with torch.no_grad():
-        expected = impls["sdpa"](q, k, v, causal, kpm)
+        expected = impls["sdpa"](*inputs)
     for name, fn in impls.items():
         skip = fn if isinstance(fn, str) else None
         if skip is None and name in ("sdpa_math", "reference") and seqlen > MAX_LEN_MATERIALISED:
@@ -121,7 +124,7 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
         if skip is None:
             try:
                 with torch.no_grad():
-                    check(fn(q, k, v, causal, kpm), expected, name)
+                    check(fn(*inputs), expected, name)
             except RuntimeError as e:  # an SDPA backend that cannot take these inputs
                 skip = str(e).splitlines()[0][:120]
         if skip is not None:
@@ -129,20 +132,60 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
             for p in PASSES:
                 timings[p][name] = None
             continue
-        with torch.no_grad():
-            timings["fwd"][name] = time_ms(lambda: fn(q, k, v, causal, kpm), device, quick=quick)
-        out = fn(q, k, v, causal, kpm)
-        timings["bwd"][name] = time_ms(lambda: torch.autograd.grad(out, inputs, g, retain_graph=True), device,
-                                       quick=quick)
-        step = lambda: torch.autograd.grad(fn(q, k, v, causal, kpm), inputs, g)  # noqa: E731
-        timings["fwd+bwd"][name] = time_ms(step, device, quick=quick)
-        peak = peak_mib(step, device)
-        notes[name] = "" if peak is None else f"peak +{peak:.0f} MiB"
-        del out
-    return timings, notes
+        for p, ms in time_passes(fn, sets, device, quick).items():
+            timings[p][name] = ms
+        q, k, v = inputs[:3]
+        peaks[name] = peak_mib(lambda fn=fn: torch.autograd.grad(fn(*inputs), (q, k, v), g), device)
+    return timings, notes, peaks
+
+
+def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
+        seqlens: Optional[list[int]] = None, head_dims: Optional[list[int]] = None,
+        tune: Optional[bool] = None) -> list[Report]:
+    """The sweep over sequence lengths at B*L constant; ``tune`` None: autotune unless ``quick``."""
+    device = device or default_device()
+    tune = (not quick) if tune is None else tune
+    if device.type == "cuda":
+        dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])
+        seqlens = seqlens or ([1024, 8192] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+        head_dims = head_dims or ([128] if quick else [64, 128])
+        tokens = TOKENS
+    else:  # smoke sizes: only the reference against SDPA's CPU path
+        dtypes = dtypes or [torch.float32]
+        seqlens = seqlens or ([64] if quick else [128, 256])
+        head_dims = head_dims or [64]
+        tokens = 2 * max(seqlens)
+    impls = implementations(device)
+
+    report = Report("bench_attention", FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
+                    f"autotune {'on' if tune and device.type == 'cuda' else 'off'}", str(device), unit="TFLOP/s",
+                    baseline="sdpa", x="L", panels=["dtype", "D", "causal", "padding", "pass"])
+    with autotune(tune):
+        for dt in dtypes:
+            for d in head_dims:
+                for causal in (False, True):
+                    for padding in (False, True):
+                        if quick and padding and causal:
+                            continue
+                        for seqlen in seqlens:
+                            if quick and padding and seqlen != max(seqlens):
+                                continue
+                            b = max(tokens // seqlen, 1)
+                            timings, notes, peaks = run_case(b, seqlen, d, dt, causal, padding, device, impls,
+                                                             quick)
+                            fwd_flops = 4 * b * HEADS * seqlen * seqlen * d * (0.5 if causal else 1.0)
+                            flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+                            for p in PASSES:
+                                case = {"dtype": label(dt), "D": d, "causal": causal, "padding": padding, "B": b,
+                                        "L": seqlen, "pass": p}
+                                report.add_case(case, timings[p], int(flops[p]), baseline="sdpa", notes=notes,
+                                                peaks=peaks if p == "fwd+bwd" else None)
+    return [report]
 
 
 def main(argv=None) -> int:
+    from benchmarks.suite import publish
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few sizes and repeats")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
@@ -153,81 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    autotune = (not args.quick) if args.autotune is None else args.autotune
-    os.environ["TK_AUTOTUNE"] = "1" if autotune else "0"
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        dtypes = args.dtype or (["bf16"] if args.quick else ["bf16", "fp16"])
-        seqlens = args.seqlen or ([1024, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
-        head_dims = args.head_dim or ([128] if args.quick else [64, 128])
-        tokens = TOKENS
-    else:  # smoke sizes: only the reference against SDPA's CPU path
-        dtypes = args.dtype or ["fp32"]
-        seqlens = args.seqlen or [128, 256]
-        head_dims = args.head_dim or [64]
-        tokens = 2 * max(seqlens)
-    impls = implementations(device)
-
-    report = Report("bench_attention", FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
-                    f"autotune {'on' if autotune and on_gpu else 'off'}", unit="TFLOP/s", baseline="sdpa")
-    for dt in dtypes:
-        for d in head_dims:
-            for causal in (False, True):
-                for padding in (False, True):
-                    if args.quick and padding and causal:
-                        continue
-                    for seqlen in seqlens:
-                        if args.quick and padding and seqlen != max(seqlens):
-                            continue
-                        b = max(tokens // seqlen, 1)
-                        timings, notes = run_case(b, seqlen, d, DTYPES[dt], causal, padding, device, impls,
-                                                  args.quick)
-                        fwd_flops = 4 * b * HEADS * seqlen * seqlen * d * (0.5 if causal else 1.0)
-                        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
-                        for p in PASSES:
-                            case = {"dtype": dt, "D": d, "causal": causal, "padding": padding, "B": b, "L": seqlen,
-                                    "pass": p}
-                            report.add_case(case, timings[p], int(flops[p]), baseline="sdpa",
-                                            notes=notes if p == "fwd+bwd" else
-                                            {k: n for k, n in notes.items() if timings[p][k] is None})
-    report.write(args.out)
-    print(report.markdown())
-    print(f"\ndevice: {torch.cuda.get_device_name() if on_gpu else 'cpu'}; results in {args.out}/")
-    if args.plot:
-        plot(report, args.out / "bench_attention.png")
-    return 0
-
-
-def plot(report: Report, path: Path) -> None:
-    """TFLOP/s against sequence length: one panel per (pass, D, causal, padding), one line per impl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtype = report.rows[0].case["dtype"]
-    groups = list(dict.fromkeys((r.case["D"], r.case["causal"], r.case["padding"]) for r in report.rows))
-    fig, axes = plt.subplots(len(PASSES), len(groups), figsize=(4.2 * len(groups), 3.4 * len(PASSES)),
-                             squeeze=False)
-    for i, p in enumerate(PASSES):
-        for j, (d, causal, padding) in enumerate(groups):
-            ax = axes[i][j]
-            rows = [r for r in report.rows if r.case["pass"] == p and r.rate and r.case["dtype"] == dtype
-                    and (r.case["D"], r.case["causal"], r.case["padding"]) == (d, causal, padding)]
-            for impl in dict.fromkeys(r.impl for r in rows):
-                pts = [(r.case["L"], r.rate) for r in rows if r.impl == impl]
-                ax.plot(*zip(*pts), marker="o", label=impl)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{p} D={d}{' causal' if causal else ''}{' padded' if padding else ''}", fontsize=9)
-            ax.set_xlabel("sequence length L")
-            ax.set_ylabel("TFLOP/s")
-            ax.legend(fontsize=6)
-    fig.suptitle(f"attention ({dtype}, B*L = const, H = {HEADS})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
+    reports = run(args.quick, dtypes, seqlens=args.seqlen, head_dims=args.head_dim, tune=args.autotune)
+    return publish(reports, args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
-"""Benchmark of ``linear_cross_entropy``: the output layer's loss + backward, time and peak memory.
+"""Benchmarks of ``cross_entropy`` (on given logits) and ``linear_cross_entropy`` (the output layer
+and the loss, logits never materialised): time, and for the latter peak memory.
 
-Implementations, all measured in the same run on the same device (loss, then backward to hidden
-and weight):
-  eager    torch: F.cross_entropy(F.linear(hidden, weight), target)   (the baseline)
+``bench_cross_entropy``, label smoothing 0.1, memory-bound (GB/s against the card's DRAM peak):
+  eager    torch: F.cross_entropy(logits, target, label_smoothing=0.1)   (the baseline)
   compile  torch.compile of the eager function (default mode, static shapes)
+  triton   transformer_kernels.cross_entropy, backend='triton'
+``bench_linear_cross_entropy``, loss then backward to hidden and weight (TFLOP/s, peak memory):
+  eager    torch: F.cross_entropy(F.linear(hidden, weight), target)   (the baseline)
+  compile  torch.compile of the eager function
   triton   transformer_kernels.linear_cross_entropy, backend='triton'
 On a CPU only eager and the package's reference backend run (smoke sizes).
 
 Peak memory: torch.cuda.max_memory_allocated() during one loss + backward, minus what was allocated
 before it (the inputs); on a CPU it is not measured.
 
-    python benchmarks/bench_cross_entropy.py [--quick] [--out DIR]
+    python benchmarks/bench_cross_entropy.py [--quick] [--dtype bf16 ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,152 +22,170 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from common import Report, peak_mib, time_ms  # noqa: E402
+from benchmarks.common import (DTYPES, PASSES, Report, default_device, input_sets, label, peak_mib,  # noqa: E402
+                               time_ms, time_passes)
 
-NAME = "bench_cross_entropy"
-FLOP_COUNTS = ("the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
-               "dweight = dlogitsᵀ hidden: 3 x 2*N*V*d (the softmax and loss are not counted)")
+SMOOTHING = 0.1
+CE_BYTE_COUNTS = ("the least traffic of the op: fwd reads the logits, N*V*elt; bwd and fwd+bwd read the "
+                  "logits and write their gradient, 2*N*V*elt (targets and the loss not counted)")
+LCE_FLOP_COUNTS = ("the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
+                   "dweight = dlogitsᵀ hidden: 3 x 2*N*V*d (the softmax and loss are not counted)")
 
 
-def eager(h, w, t):
+def ce_eager(logits, t):
+    return F.cross_entropy(logits, t, label_smoothing=SMOOTHING)
+
+
+def lce_eager(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
-def package(backend):
-    return lambda h, w, t: tk.linear_cross_entropy(h, w, t, backend=backend)
-
-
-def implementations(device: torch.device) -> dict:
-    """name -> callable, or a string saying why it cannot run here."""
-    impls = {"eager": eager}
+def implementations(op: str, device: torch.device) -> dict:
+    """name -> callable, or a string saying why it cannot run here; ``op`` a package op's name."""
+    fn = getattr(tk, op)
+    kw = dict(label_smoothing=SMOOTHING) if op == "cross_entropy" else {}
+    impls = {"eager": ce_eager if op == "cross_entropy" else lce_eager}
     if device.type != "cuda":
-        impls["reference"] = package("reference")
+        impls["reference"] = lambda *a: fn(*a, backend="reference", **kw)
         impls["compile"] = impls["triton"] = "needs a CUDA device"
         return impls
-    impls["compile"] = "compile"  # compiled per shape, in run_case
-    reason = tk.backends.why_not("linear_cross_entropy", "triton", device, torch.bfloat16)
-    impls["triton"] = package("triton") if reason is None else reason
+    impls["compile"] = "compile"  # compiled per shape, in the case
+    reason = tk.backends.why_not(op, "triton", device, torch.bfloat16, vocab=1)
+    impls["triton"] = (lambda *a: fn(*a, backend="triton", **kw)) if reason is None else reason
     return impls
 
 
-def run_case(n, v, d, dtype, device, impls, quick):
-    torch.manual_seed(0)
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def ce_inputs(n, v, dtype, device, seed):
+    """((logits, target), dloss): logits of a trained-looking spread (std 2), random targets."""
+    torch.manual_seed(seed)
+    logits = (2 * torch.randn(n, v, device=device)).to(dtype).requires_grad_()
+    return (logits, torch.randint(0, v, (n,), device=device)), torch.randn((), device=device)
+
+
+def ce_case(n, v, dtype, device, impls, quick):
+    elt = torch.tensor([], dtype=dtype).element_size()
+    sets = input_sets(lambda seed: ce_inputs(n, v, dtype, device, seed), device, n * v * elt)
+    logits, t = sets[0][0]
+    with torch.no_grad():
+        ref = ce_eager(logits.float(), t).item()
+    timings = {p: {} for p in PASSES}
+    notes = {}
+    for name, fn in impls.items():
+        if isinstance(fn, str) and fn != "compile":
+            notes[name] = fn
+            for p in PASSES:
+                timings[p][name] = None
+            continue
+        fn = _compiled(ce_eager) if fn == "compile" else fn
+        with torch.no_grad():
+            loss = fn(logits, t).item()
+        if abs(loss - ref) > 1e-2 * abs(ref):
+            raise AssertionError(f"cross_entropy {name}: loss {loss} != fp32 eager's {ref}")
+        for p, ms in time_passes(fn, sets, device, quick).items():
+            timings[p][name] = ms
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return timings, notes
+
+
+def lce_inputs(n, v, d, dtype, device, seed):
+    torch.manual_seed(seed)
     h = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, d, device=device) / d**0.5).to(dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), device=device)
+    return h, w, torch.randint(0, v, (n,), device=device)
+
+
+def lce_case(n, v, d, dtype, device, impls, quick):
+    elt = torch.tensor([], dtype=dtype).element_size()
+    sets = input_sets(lambda seed: lce_inputs(n, v, d, dtype, device, seed), device, (n + v) * d * elt)
     timings, peaks, notes = {}, {}, {}
     ref = None
     for name, fn in impls.items():
         if isinstance(fn, str) and fn != "compile":
             notes[name], timings[name], peaks[name] = fn, None, None
             continue
-        if fn == "compile":
-            torch._dynamo.reset()
-            fn = torch.compile(eager, dynamic=False)
+        fn = _compiled(lce_eager) if fn == "compile" else fn
 
-        def step(fn=fn):
+        def step(h, w, t, fn=fn):
             return torch.autograd.grad(fn(h, w, t), (h, w))
 
         try:
-            loss = fn(h, w, t).item()
+            loss = fn(*sets[0]).item()
         except torch.OutOfMemoryError:
             notes[name], timings[name], peaks[name] = "out of memory", None, None
             torch.cuda.empty_cache()
             continue
         ref = loss if ref is None else ref
-        assert abs(loss - ref) <= 1e-2 * abs(ref), f"{name}: loss {loss} != eager's {ref}"
-        peaks[name] = peak_mib(step, device)
-        timings[name] = time_ms(step, device, quick=quick)
-        if peaks[name] is not None:
-            notes[name] = f"peak {peaks[name]:.0f} MiB"
+        if abs(loss - ref) > 1e-2 * abs(ref):
+            raise AssertionError(f"linear_cross_entropy {name}: loss {loss} != eager's {ref}")
+        peaks[name] = peak_mib(lambda: step(*sets[0]), device)
+        timings[name] = time_ms(step, device, quick=quick, inputs=sets)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return timings, peaks, notes
 
 
-def memory_markdown(report: Report, peaks: dict) -> str:
-    """One line per case: the peak memory of each implementation and its saving over eager."""
-    impls = list(dict.fromkeys(r.impl for r in report.rows))
-    lines = ["| dtype | N | V | d | " + " | ".join(f"{i} peak" for i in impls) + " |",
-             "|" + "---|" * (4 + len(impls))]
-    for case, by_impl in peaks.items():
-        base = by_impl.get("eager")
-        cells = []
-        for impl in impls:
-            p = by_impl.get(impl)
-            cells.append("—" if p is None else f"{p:.0f} MiB" + (f" ({base / p:.1f}x less)" if base and p else ""))
-        lines.append("| " + " | ".join(map(str, case)) + " | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
+        device: Optional[torch.device] = None) -> list[Report]:
+    device = device or default_device()
+    if device.type == "cuda":
+        dtypes = dtypes or [torch.bfloat16]
+        d = 1024
+        ce_cases = [(8192, 32768), (8192, 131072)] if quick else [(n, v) for n in (4096, 16384)
+                                                                   for v in (8192, 32768, 131072)]
+        lce_cases = [(8192, 131072)] if quick else [(n, v) for n in (8192, 32768)
+                                                                      for v in (32768, 131072)]
+    else:
+        dtypes = dtypes or [torch.float32]
+        d, ce_cases, lce_cases = 64, [(64, 512)] if quick else [(256, 1000), (256, 4000)], [(256, 1000)]
+
+    ce = Report("bench_cross_entropy", CE_BYTE_COUNTS + f"; label smoothing {SMOOTHING}", str(device),
+                baseline="eager", x="V", panels=["dtype", "N", "pass"])
+    impls = implementations("cross_entropy", device)
+    for dt in dtypes:
+        elt = torch.tensor([], dtype=dt).element_size()
+        for n, v in ce_cases:
+            timings, notes = ce_case(n, v, dt, device, impls, quick)
+            for p in PASSES:
+                ce.add_case({"dtype": label(dt), "N": n, "V": v, "pass": p}, timings[p],
+                            (1 if p == "fwd" else 2) * n * v * elt, baseline="eager", notes=notes)
+
+    lce = Report("bench_linear_cross_entropy", LCE_FLOP_COUNTS, str(device), unit="TFLOP/s", baseline="eager",
+                 x="V", panels=["dtype", "N"])
+    impls = implementations("linear_cross_entropy", device)
+    for dt in dtypes:
+        for n, v in lce_cases:
+            timings, peaks, notes = lce_case(n, v, d, dt, device, impls, quick)
+            lce.add_case({"dtype": label(dt), "N": n, "V": v, "d": d}, timings, 6 * n * v * d, baseline="eager",
+                         notes=notes, peaks=peaks)
+    return [ce, lce]
 
 
 def main(argv=None) -> int:
+    from benchmarks.suite import publish
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        dtype, d = torch.bfloat16, 1024
-        cases = [(8192, 131072), (32768, 32768)] if args.quick else [(n, v) for n in (8192, 32768)
-                                                                      for v in (32768, 131072)]
-    else:
-        dtype, d, cases = torch.float32, 64, [(256, 1000)]
-    impls = implementations(device)
-    report = Report(NAME, FLOP_COUNTS, unit="TFLOP/s", baseline="eager")
-    peaks = {}
-    for n, v in cases:
-        timings, case_peaks, notes = run_case(n, v, d, dtype, device, impls, args.quick)
-        dt = str(dtype).removeprefix("torch.")
-        report.add_case({"dtype": dt, "N": n, "V": v, "d": d}, timings, 6 * n * v * d,
-                        baseline="eager", notes=notes)
-        peaks[(dt, n, v, d)] = case_peaks
-    report.write(args.out)
-    memory = memory_markdown(report, peaks)
-    with open(args.out / f"{NAME}.md", "a") as f:
-        f.write("\n## Peak memory (loss + backward, above the inputs)\n\n" + memory + "\n")
-    print(report.markdown())
-    print("\n" + memory)
-    print(f"\ndevice: {torch.cuda.get_device_name() if on_gpu else 'cpu'}; results in {args.out}/")
-    if args.plot:
-        plot(report, peaks, args.out / f"{NAME}.png")
-    return 0
-
-
-def plot(report: Report, peaks: dict, path: Path) -> None:
-    """Time and peak memory per case, one bar per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = list(peaks)
-    impls = list(dict.fromkeys(r.impl for r in report.rows))
-    ms = {(tuple(r.case.values()), r.impl): r.ms for r in report.rows}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(impls)
-    for k, impl in enumerate(impls):
-        xs = [i + k * width for i in range(len(cases))]
-        axes[0].bar(xs, [ms.get((c, impl)) or 0 for c in cases], width, label=impl)
-        axes[1].bar(xs, [peaks[c].get(impl) or 0 for c in cases], width, label=impl)
-    labels = [f"N={c[1]}\nV={c[2]}" for c in cases]
-    for ax, title in zip(axes, ["loss + backward (ms)", "peak memory (MiB)"]):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"linear_cross_entropy ({cases[0][0]}, d={cases[0][3]})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return publish(run(args.quick, [DTYPES[d] for d in args.dtype] if args.dtype else None), args.out,
+                   plot=args.plot)
 
 
 if __name__ == "__main__":

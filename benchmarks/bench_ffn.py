@@ -13,26 +13,26 @@ On a CPU only eager, gemm and the package's reference backend run (smoke sizes).
                                    [--activation relu] [--dropout 0.1] [--out DIR]
 
 Tile configs: autotuned by default, the first candidate with --quick (autotuning every case costs
-minutes of compiles); --autotune / --no-autotune override (through TK_AUTOTUNE, which the kernels read).
+minutes of compiles); --autotune / --no-autotune override.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from common import Report, time_ms  # noqa: E402
+from benchmarks.common import (DTYPES, PASSES, Report, autotune, default_device, input_sets, label,  # noqa: E402
+                               time_ms, time_passes)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOP_COUNTS = (
     "fwd = 2 GEMMs = 4*T*d_model*d_ff; bwd = 4 GEMMs = 2 x fwd; fwd+bwd = 3 x fwd "
     "(bias, activation and dropout not counted)"
@@ -97,25 +97,33 @@ def check(out, ref, name):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol, msg=lambda m: f"{name} is wrong: {m}")
 
 
-def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
-    torch.manual_seed(0)
+def make_inputs(tokens, d_model, dtype, device, activation, p, seed):
+    """((x, w1, b1, w2, b2, activation, p), dout), random."""
+    torch.manual_seed(seed)
     d_ff = 4 * d_model
     x = torch.randn(tokens, d_model, device=device, dtype=dtype, requires_grad=True)
     w1 = (torch.randn(d_ff, d_model, device=device) / d_model**0.5).to(dtype).requires_grad_()
     b1 = (0.1 * torch.randn(d_ff, device=device)).to(dtype).requires_grad_()
     w2 = (torch.randn(d_model, d_ff, device=device) / d_ff**0.5).to(dtype).requires_grad_()
     b2 = (0.1 * torch.randn(d_model, device=device)).to(dtype).requires_grad_()
-    g = torch.randn(tokens, d_model, device=device, dtype=dtype)
-    inputs = (x, w1, b1, w2, b2)
+    return (x, w1, b1, w2, b2, activation, p), torch.randn(tokens, d_model, device=device, dtype=dtype)
+
+
+def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
+    elt = torch.tensor([], dtype=dtype).element_size()
+    nbytes = (2 * tokens * d_model + 8 * d_model * d_model) * elt
+    sets = input_sets(lambda seed: make_inputs(tokens, d_model, dtype, device, activation, p, seed), device, nbytes)
+    inputs = sets[0][0]
     with torch.no_grad():
-        ref = eager(*(t.float() for t in inputs), activation, 0.0)
+        ref = eager(*(t.float() for t in inputs[:5]), activation, 0.0)
     timings = {ps: {} for ps in PASSES}
     notes = {}
     for name, fn in impls.items():
         if fn == "gemm":
-            detached = [t.detach() for t in (x, w1, w2)]
-            for ps, call in zip(PASSES, bare_gemms(*detached, g)):
-                timings[ps][name] = time_ms(call, device, quick=quick)
+            calls = [bare_gemms(*(t.detach() for t in (ins[0], ins[1], ins[3])), g) for ins, g in sets]
+            for i, ps in enumerate(PASSES):
+                timings[ps][name] = time_ms(lambda call: call(), device, quick=quick,
+                                            inputs=[(c[i],) for c in calls])
             continue
         if isinstance(fn, str) and fn != "compile":
             notes[name] = fn
@@ -126,60 +134,40 @@ def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
             torch._dynamo.reset()
             fn = torch.compile(eager, dynamic=False)
         with torch.no_grad():
-            check(fn(*inputs, activation, 0.0), ref, name)
-            timings["fwd"][name] = time_ms(lambda: fn(*inputs, activation, p), device, quick=quick)
-        out = fn(*inputs, activation, p)
-        timings["bwd"][name] = time_ms(lambda: torch.autograd.grad(out, inputs, g, retain_graph=True),
-                                       device, quick=quick)
-        del out
-        timings["fwd+bwd"][name] = time_ms(lambda: torch.autograd.grad(fn(*inputs, activation, p), inputs, g),
-                                           device, quick=quick)
+            check(fn(*inputs[:5], activation, 0.0), ref, name)
+        for ps, ms in time_passes(fn, sets, device, quick).items():
+            timings[ps][name] = ms
     return timings, notes
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no autotuning")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
-    parser.add_argument("--d-model", nargs="+", type=int, default=None)
-    parser.add_argument("--tokens", nargs="+", type=int, default=None)
-    parser.add_argument("--activation", choices=["none", "relu", "gelu", "gelu_tanh"], default="relu")
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args(argv)
-    if args.autotune is not None or args.quick:
-        os.environ["TK_AUTOTUNE"] = "1" if args.autotune else "0"
-    activation = None if args.activation == "none" else args.activation
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        dtypes = args.dtype or (["bf16"] if args.quick else ["bf16", "fp16"])
-        d_models = args.d_model or ([1024, 4096] if args.quick else [512, 1024, 4096])
-        tokens = args.tokens or ([16384] if args.quick else [4096, 16384, 65536])
+def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
+        d_models: Optional[list[int]] = None, tokens: Optional[list[int]] = None, activation: str = "relu",
+        dropout: float = 0.1, tune: Optional[bool] = None) -> list[Report]:
+    """The sweep over d_model and tokens; ``tune`` None: autotune unless ``quick``."""
+    device = device or default_device()
+    tune = (not quick) if tune is None else tune
+    if device.type == "cuda":
+        dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])
+        d_models = d_models or ([1024, 4096] if quick else [512, 1024, 4096])
+        tokens = tokens or ([16384] if quick else [4096, 16384, 65536])
     else:
-        dtypes, d_models, tokens = args.dtype or ["fp32"], args.d_model or [64], args.tokens or [256]
+        dtypes, d_models, tokens = dtypes or [torch.float32], d_models or [64], tokens or ([128] if quick else [256])
     impls = implementations(device)
+    act = None if activation == "none" else activation
 
-    report = Report("bench_ffn", FLOP_COUNTS + f"; activation {args.activation}, dropout {args.dropout}",
-                    unit="TFLOP/s", baseline="eager")
-    for dt in dtypes:
-        for d in d_models:
-            for t in tokens:
-                timings, notes = run_case(t, d, DTYPES[dt], device, impls, activation, args.dropout, args.quick)
-                fwd_flops = 4 * t * d * 4 * d
-                for ps, flops in zip(PASSES, (fwd_flops, 2 * fwd_flops, 3 * fwd_flops)):
-                    case = {"dtype": dt, "tokens": t, "d_model": d, "d_ff": 4 * d, "pass": ps}
-                    report.add_case(case, timings[ps], flops, baseline="eager", notes=notes)
+    report = Report("bench_ffn", FLOP_COUNTS + f"; activation {activation}, dropout {dropout}", str(device),
+                    unit="TFLOP/s", baseline="eager", x="tokens", panels=["dtype", "d_model", "pass"])
+    with autotune(tune):
+        for dt in dtypes:
+            for d in d_models:
+                for t in tokens:
+                    timings, notes = run_case(t, d, dt, device, impls, act, dropout, quick)
+                    fwd_flops = 4 * t * d * 4 * d
+                    for ps, flops in zip(PASSES, (fwd_flops, 2 * fwd_flops, 3 * fwd_flops)):
+                        case = {"dtype": label(dt), "tokens": t, "d_model": d, "d_ff": 4 * d, "pass": ps}
+                        report.add_case(case, timings[ps], flops, baseline="eager", notes=notes)
     _note_fraction_of_gemm(report)
-    report.write(args.out)
-    print(report.markdown())
-    print(f"\ndevice: {torch.cuda.get_device_name() if on_gpu else 'cpu'}; results in {args.out}/")
-    if args.plot:
-        plot(report, args.out / "bench_ffn.png")
-    return 0
+    return [report]
 
 
 def _note_fraction_of_gemm(report: Report) -> None:
@@ -191,32 +179,24 @@ def _note_fraction_of_gemm(report: Report) -> None:
             r.note = f"{100 * r.rate / top:.0f}% of bare GEMMs"
 
 
-def plot(report: Report, path: Path) -> None:
-    """TFLOP/s against tokens: one panel per (dtype, d_model) and pass, one line per implementation."""
-    import matplotlib
+def main(argv=None) -> int:
+    from benchmarks.suite import publish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys((r.case["dtype"], r.case["d_model"]) for r in report.rows))
-    fig, axes = plt.subplots(len(panels), len(PASSES), figsize=(5 * len(PASSES), 3.4 * len(panels)), squeeze=False)
-    for i, (dt, d) in enumerate(panels):
-        for j, ps in enumerate(PASSES):
-            ax = axes[i][j]
-            rows = [r for r in report.rows if (r.case["dtype"], r.case["d_model"], r.case["pass"]) == (dt, d, ps)
-                    and r.rate]
-            for impl in dict.fromkeys(r.impl for r in rows):
-                pts = [(r.case["tokens"], r.rate) for r in rows if r.impl == impl]
-                ax.plot(*zip(*pts), marker="o", label=impl, linestyle="--" if impl == "gemm" else "-")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{dt} d_model={d} {ps}")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("TFLOP/s")
-            ax.legend(fontsize=7)
-    fig.suptitle("ffn (d_ff = 4 d_model)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no autotuning")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
+    parser.add_argument("--d-model", nargs="+", type=int, default=None)
+    parser.add_argument("--tokens", nargs="+", type=int, default=None)
+    parser.add_argument("--activation", choices=["none", "relu", "gelu", "gelu_tanh"], default="relu")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
+    reports = run(args.quick, dtypes, d_models=args.d_model, tokens=args.tokens, activation=args.activation,
+                  dropout=args.dropout, tune=args.autotune)
+    return publish(reports, args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

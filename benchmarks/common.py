@@ -1,31 +1,82 @@
-"""The benchmark methodology, shared by every ``bench_<op>.py``.
+"""The benchmark methodology, shared by every ``bench_<op>.py``, the suite, the plots and the README.
 
 - Correct first: each benchmark checks each implementation's output against the baseline before
   timing it, on random inputs (never zeros).
-- GPU timing: ``triton.testing.do_bench`` (warm-up, CUDA events, the L2 cache flushed before every
-  repeat so small sizes are not flattered), the median of the repeats.
-- CPU timing: wall-clock median over repeats after a warm-up (CPU numbers are for smoke runs only).
+- GPU timing: ``triton.testing.do_bench``: warm-up, CUDA events, and the L2 cache flushed before
+  every repeat, so one input set serves and small sizes are not flattered; the median of the
+  repeats (as many as fit in ``rep`` ms: many for an op, fewer for a long call). Calls too long for
+  that (a training step) are timed one by one with CUDA events: :func:`time_steps_ms`.
+- CPU timing: wall-clock, a warm-up call per input set, then the median of the repeats, cycling
+  through several freshly generated input sets (:func:`input_sets`) so the caches hold no warm copy
+  of the next call's inputs. CPU numbers are smoke runs: they check that the benchmark works.
 - Results are ratios against the baseline measured in the same run, on the same device, plus the
-  achieved rate (GB/s, TFLOP/s) for the byte or FLOP count each benchmark writes down.
+  achieved rate (GB/s, TFLOP/s, tokens/s) for the byte or FLOP count each benchmark writes down in
+  its report's ``counts``; memory-bound ops are also placed against the card's peak DRAM bandwidth
+  (:data:`PEAK_DRAM_GBPS`).
 - Output: a markdown table on the terminal and in ``<out>/<name>.md``, ``<out>/<name>.csv``, and
   ``<out>/<name>.json`` with the environment (card, driver, torch, triton, commit, date).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
+import math
+import os
 import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from transformer_kernels.info import environment
+
+# Case labels of the dtypes (the suite's --dtype takes torch's names: float16, bfloat16, float32).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
+
+# Peak DRAM bandwidth in GB/s (vendor data sheets), matched on torch.cuda.get_device_name():
+# each entry is (words that must all appear in the name, peak). First match wins.
+PEAK_DRAM_GBPS = (
+    (("H200",), 4800.0),
+    (("H100", "PCIe"), 2000.0),
+    (("H100", "HBM3"), 3350.0),  # "NVIDIA H100 80GB HBM3" is the SXM card
+    (("H100", "SXM"), 3350.0),
+    (("A100", "SXM4", "80GB"), 2039.0),
+    (("A100", "40GB"), 1555.0),  # SXM4 and PCIe alike
+)
+
+CPU_REPEATS = {True: 5, False: 15}  # quick -> repeats
+CPU_CACHE_BYTES = 32 * 2**20  # enough input sets to exceed a last-level cache of this size...
+CPU_MAX_SETS = 8  # ...but no more than this many
+
+
+def label(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``."""
+    return next(k for k, v in DTYPES.items() if v == dtype) if dtype in DTYPES.values() else str(dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def card(device: torch.device) -> str:
+    """The GPU's name as torch reports it, or ``"cpu"``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_dram_gbps(card_name: str) -> Optional[float]:
+    """The card's peak DRAM bandwidth (GB/s), or None for a card not in :data:`PEAK_DRAM_GBPS`."""
+    for words, peak in PEAK_DRAM_GBPS:
+        if all(w.lower() in card_name.lower() for w in words):
+            return peak
+    return None
 
 
 def git_commit() -> str:
@@ -39,20 +90,90 @@ def git_commit() -> str:
         return "unknown"
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> float:
-    """Median milliseconds of one call of ``fn``."""
+@contextlib.contextmanager
+def autotune(on: bool) -> Iterator[None]:
+    """Autotune the Triton tiles (or take each bucket's first candidate) inside the block, through
+    TK_AUTOTUNE, which the kernels read at each call; the variable is restored afterwards."""
+    before = os.environ.get("TK_AUTOTUNE")
+    os.environ["TK_AUTOTUNE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TK_AUTOTUNE"]
+        else:
+            os.environ["TK_AUTOTUNE"] = before
+
+
+def input_sets(make: Callable[[int], tuple], device: torch.device, nbytes: int) -> list[tuple]:
+    """The input sets a timing cycles through: ``make(seed)`` for each seed. One on a GPU (do_bench
+    flushes L2 before every repeat); on a CPU enough to exceed :data:`CPU_CACHE_BYTES` of
+    ``nbytes`` each, at least 2 and at most :data:`CPU_MAX_SETS`."""
+    if device.type == "cuda":
+        return [make(0)]
+    return [make(seed) for seed in range(min(max(2, math.ceil(CPU_CACHE_BYTES / max(nbytes, 1))), CPU_MAX_SETS))]
+
+
+def time_ms(fn: Callable[..., object], device: torch.device, *, quick: bool = False,
+            inputs: Sequence[tuple] = ((),)) -> float:
+    """Median milliseconds of one call ``fn(*args)``, ``args`` cycling through ``inputs``."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                             return_mode="median"))
-    fn()  # warm-up
+        args = inputs[0]
+        return float(triton.testing.do_bench(lambda: fn(*args), warmup=10 if quick else 25,
+                                             rep=40 if quick else 100, return_mode="median"))
+    for args in inputs:  # warm-up: first-call allocations and lazy initialisation, per set
+        fn(*args)
     times = []
-    for _ in range(3 if quick else 10):
+    for i in range(max(CPU_REPEATS[quick], len(inputs))):
+        args = inputs[i % len(inputs)]
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_steps_ms(step: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``step()`` for calls too long for do_bench's time budget (a training
+    step): ``warmup`` calls, then ``repeats`` calls each timed alone (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_passes(fn: Callable[..., torch.Tensor], sets: Sequence[tuple], device: torch.device,
+                quick: bool) -> dict[str, float]:
+    """Milliseconds of the forward, the backward and forward + backward of ``fn``.
+
+    Each set is ``(inputs, grad)``: ``fn(*inputs)`` returns one tensor, ``grad`` is its incoming
+    gradient, and the backward is taken w.r.t. the inputs that require grad."""
+
+    def wrt(inputs):
+        return tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+
+    with torch.no_grad():
+        fwd = time_ms(lambda inputs, g: fn(*inputs), device, quick=quick, inputs=sets)
+    outs = [(fn(*inputs), inputs, g) for inputs, g in sets]
+    bwd = time_ms(lambda out, inputs, g: torch.autograd.grad(out, wrt(inputs), g, retain_graph=True), device,
+                  quick=quick, inputs=outs)
+    del outs
+    both = time_ms(lambda inputs, g: torch.autograd.grad(fn(*inputs), wrt(inputs), g), device, quick=quick,
+                   inputs=sets)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -79,21 +200,36 @@ class Row:
     rate: Optional[float]  # work per second, in the report's unit
     speedup: Optional[float]  # baseline time / this time
     note: str = ""
-
-
-UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
+    peak_mib: Optional[float] = None  # peak memory of one call above its inputs (GPU only)
 
 
 @dataclass
 class Report:
+    """One benchmark's results. ``x`` names the swept size (the x axis of its plots) and ``panels``
+    the case keys that split the plots into panels; other case keys follow from those."""
+
     name: str
     counts: str  # how the work (bytes or FLOPs) behind the rate was counted, kept with the results
+    device: str  # where it ran: "cpu", "cuda", "cuda:1"
     unit: str = "GB/s"  # a key of UNITS
     baseline: str = "the baseline"  # named in the table's caption
+    x: Optional[str] = None
+    panels: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # lines printed under the tables
+    errors: list[str] = field(default_factory=list)  # measurements that failed (the suite exits non-zero)
+    meta: dict = field(default_factory=dict)  # measured context other than rows (copy bandwidth, ...)
     rows: list[Row] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)  # filled by write() (and by from_dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The report a JSON file written by :meth:`write` holds."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "rows"}
+        fields.setdefault("device", "cpu" if data.get("environment", {}).get("card", "cpu") == "cpu" else "cuda")
+        return cls(**fields, rows=[Row(**r) for r in data["rows"]])
 
     def add_case(self, case: dict, timings: dict[str, Optional[float]], work: float, baseline: str,
-                 notes: Optional[dict[str, str]] = None) -> None:
+                 notes: Optional[dict[str, str]] = None, peaks: Optional[dict[str, Optional[float]]] = None) -> None:
         """Rows for one case: ``work`` bytes or FLOPs per call, speed-ups over ``timings[baseline]``."""
         base = timings.get(baseline)
         for impl, ms in timings.items():
@@ -102,17 +238,23 @@ class Report:
                 rate=None if ms is None else work / (ms * 1e-3) / UNITS[self.unit],
                 speedup=None if ms is None or base is None else base / ms,
                 note=(notes or {}).get(impl, ""),
+                peak_mib=(peaks or {}).get(impl),
             ))
 
-    def markdown(self) -> str:
-        """One line per case, one column per implementation: the rate and the speed-up over the baseline."""
-        if not self.rows:
-            return "(no results)"
+    def _by_case(self) -> tuple[list[str], list[str], dict[tuple, dict[str, Row]]]:
         keys = list(self.rows[0].case)
         impls = list(dict.fromkeys(r.impl for r in self.rows))
         cases: dict[tuple, dict[str, Row]] = {}
         for r in self.rows:
             cases.setdefault(tuple(r.case[k] for k in keys), {})[r.impl] = r
+        return keys, impls, cases
+
+    def markdown(self) -> str:
+        """One line per case, one column per implementation: the rate and the speed-up over the
+        baseline; then the peak memory, where measured; then the notes."""
+        if not self.rows:
+            return "(no results)"
+        keys, impls, cases = self._by_case()
         lines = ["| " + " | ".join(keys + impls) + " |", "|" + "---|" * (len(keys) + len(impls))]
         for case, by_impl in cases.items():
             cells = [str(c) for c in case]
@@ -123,25 +265,56 @@ class Report:
                 else:
                     cells.append(f"{r.rate:.3g} ({r.speedup:.2f}x)" if r.speedup else f"{r.rate:.3g}")
             lines.append("| " + " | ".join(cells) + " |")
-        skipped = {r.impl: r.note for r in self.rows if r.ms is None and r.note}
         lines += ["", f"{self.unit} (speed-up over {self.baseline})"]
+        if any(r.peak_mib is not None for r in self.rows):
+            lines += ["", "Peak memory above the inputs, MiB (x less than the baseline):", ""]
+            lines += ["| " + " | ".join(keys + impls) + " |", "|" + "---|" * (len(keys) + len(impls))]
+            for case, by_impl in cases.items():
+                base = by_impl.get(self.baseline)
+                cells = [str(c) for c in case]
+                for impl in impls:
+                    p = by_impl[impl].peak_mib if impl in by_impl else None
+                    ratio = f" ({base.peak_mib / p:.1f}x)" if p and base is not None and base.peak_mib else ""
+                    cells.append("—" if p is None else f"{p:.0f}{ratio}")
+                lines.append("| " + " | ".join(cells) + " |")
+        skipped = {r.impl: r.note for r in self.rows if r.ms is None and r.note}
         lines += [f"- {impl}: not run ({note})" for impl, note in skipped.items()]
+        lines += [f"- {n}" for n in self.notes]
+        lines += [f"- FAILED: {e}" for e in self.errors]
         return "\n".join(lines)
 
     def write(self, out_dir: Path) -> dict:
+        """``<name>.md``, ``.csv`` and ``.json`` in ``out_dir``; returns the environment recorded."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        env = environment()
-        env.update(commit=git_commit(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        env = self.environment = run_environment(torch.device(self.device))
         header = (f"# {self.name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
                   + f"\n- {self.unit} from: {self.counts}\n\n")
         (out_dir / f"{self.name}.md").write_text(header + self.markdown() + "\n")
         with open(out_dir / f"{self.name}.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(self.rows[0].case) if self.rows else []
-            w.writerow(keys + ["impl", "ms", self.unit, "speedup", "note"])
+            w.writerow(keys + ["impl", "ms", self.unit, "speedup", "peak_mib", "note"])
             for r in self.rows:
-                w.writerow([r.case[k] for k in keys] + [r.impl, r.ms, r.rate, r.speedup, r.note])
-        data = {"name": self.name, "environment": env, "unit": self.unit, "counts": self.counts,
-                "rows": [asdict(r) for r in self.rows]}
-        (out_dir / f"{self.name}.json").write_text(json.dumps(data, indent=1))
+                w.writerow([r.case[k] for k in keys] + [r.impl, r.ms, r.rate, r.speedup, r.peak_mib, r.note])
+        (out_dir / f"{self.name}.json").write_text(json.dumps(asdict(self), indent=1))
         return env
+
+
+def run_environment(device: torch.device) -> dict:
+    """:func:`transformer_kernels.info.environment` plus the name and peak bandwidth of the card
+    that ran (``"cpu"``), the commit and the date: what every result file carries."""
+    env = environment()
+    name = card(device)
+    env.update(card=name, peak_dram_gbps=peak_dram_gbps(name), commit=git_commit(),
+               date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return env
+
+
+def load_reports(out_dir: Path) -> list[Report]:
+    """Every report in ``out_dir`` (the JSON files :meth:`Report.write` wrote), sorted by name."""
+    reports = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and {"name", "rows", "unit", "counts"} <= data.keys():
+            reports.append(Report.from_dict(data))
+    return reports

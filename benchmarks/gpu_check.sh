@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: on a fresh GPU machine, build the extension, run every test (the GPU ones
-# included), run the benchmarks at quick sizes, and leave the tables in OUT_DIR. Target: < 8 min.
+# included), run the benchmark suite at quick sizes, and leave everything in OUT_DIR. Target: < 8 min.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
@@ -8,9 +8,15 @@
 # 10-minute command limit): each step's timeout is cut to what is left, and steps that no longer
 # fit are recorded as skipped, so the summary always comes back. Steps run in priority order.
 # Tests use pytest-xdist (-n 8) when it is installed: most of their time is Triton compiling.
+# The suite (benchmarks/suite.py) runs one benchmark per process, so that a crash, a poisoned CUDA
+# context or a timeout costs that benchmark only; each run adds its tables to OUT_DIR/bench/
+# (md, csv, json, summary.md, plots/) as soon as it ends.
 #
 # Each step is timed and recorded; a failing step does not stop the later ones. The last lines
-# printed are the summary (also in OUT_DIR/summary.md). Commit OUT_DIR under benchmarks/results/.
+# printed are the summary (also in OUT_DIR/summary.md: the steps, the targets beside what was
+# measured, every table); OUT_DIR/README.md previews benchmarks/results/README.md. To publish, move
+# OUT_DIR to benchmarks/results/<card>-<date>/, run `python benchmarks/results_readme.py
+# benchmarks/results/<card>-<date>` (it rewrites benchmarks/results/README.md), commit both.
 # Through the device tool, which returns at most 8 files from $OUT, pack the folder:
 #   bash benchmarks/gpu_check.sh /tmp/gc; tar -C /tmp -czf $OUT/gpu_check.tgz gc; cp /tmp/gc/summary.md $OUT/
 set -u
@@ -26,7 +32,7 @@ LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 
 BUDGET=${TK_GPU_CHECK_BUDGET:-540}
-RESERVE=15  # seconds kept for the summary
+RESERVE=30  # seconds kept for the summary (two short Python calls, each capped at 12 s)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run, time, record
   local name=$1 limit=$2
@@ -39,43 +45,51 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, time, record
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1  # KILL 10 s after TERM: a hung CUDA call cannot stall us
   rc=$?
   local status=ok
   [ $rc -eq 0 ] || status="FAILED (exit $rc)"
-  [ $rc -eq 124 ] && status="TIMED OUT after ${limit}s"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIMED OUT after ${limit}s"
   echo "| $name | $status | $((SECONDS - t0)) s |" >>"$SUMMARY.steps"
   echo "=== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
   return $rc
 }
 
 rm -f "$SUMMARY.steps"
-arch=$($PY -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')" 2>/dev/null || echo 9.0)
+arch=$(timeout -k 5 60 $PY -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')" 2>/dev/null || echo 9.0)
 
 build_env=(env MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} TK_BUILD_CUDA=1)
 # An older pip/setuptools without editable-wheel support falls back to an in-place build.
 step build 240 "${build_env[@]}" $PY -m pip install --no-build-isolation --no-deps --no-index -e . ||
   step build_inplace 240 "${build_env[@]}" $PY setup.py build_ext --inplace
 step info 60 $PY -m transformer_kernels info
-$PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
+timeout -k 5 60 $PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 step tests 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests -q -rs "${xdist[@]}" \
   --junitxml="$OUT_DIR/tests.xml"
-step bench_layer_norm 120 $PY benchmarks/bench_layer_norm.py --quick --out "$OUT_DIR"
-step bench_attention 150 $PY benchmarks/bench_attention.py --quick --out "$OUT_DIR"
-step bench_cross_entropy 120 $PY benchmarks/bench_cross_entropy.py --quick --out "$OUT_DIR"
-step bench_ffn 120 $PY benchmarks/bench_ffn.py --quick --out "$OUT_DIR"
-step bench_layers 120 $PY benchmarks/bench_layers.py --quick --out "$OUT_DIR"
+BENCH_DIR="$OUT_DIR/bench"
+for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120; do
+  step "bench ${spec%%:*}" "${spec##*:}" $PY benchmarks/suite.py "${spec%%:*}" --quick --out "$BENCH_DIR"
+done
+if ls "$BENCH_DIR"/*.json >/dev/null 2>&1; then
+  timeout -k 2 12 $PY benchmarks/results_readme.py "$OUT_DIR" --output "$OUT_DIR/README.md" >>"$LOG" 2>&1 ||
+    echo "results_readme.py failed: see gpu_check.log" >"$OUT_DIR/README.md"
+fi
 
 {
   echo "# GPU check"
   echo
-  $PY benchmarks/gpu_summary.py "$OUT_DIR"
+  timeout -k 2 12 $PY benchmarks/gpu_summary.py "$OUT_DIR" || echo "(gpu_summary.py failed)"
   echo
   echo "| step | result | time |"
   echo "|---|---|---|"
   cat "$SUMMARY.steps"
+  echo
+  [ -f "$OUT_DIR/README.md" ] && sed -n '/^| target/,/^$/p' "$OUT_DIR/README.md"
+  echo
+  [ -f "$BENCH_DIR/summary.md" ] && sed -e '1s/^# Benchmark suite/## Benchmark suite (bench\/summary.md)/' \
+    -e 's#](plots/#](bench/plots/#' "$BENCH_DIR/summary.md"
 } >"$SUMMARY"
 rm -f "$SUMMARY.steps"
 echo

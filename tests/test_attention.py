@@ -422,5 +422,5 @@ def test_bench_attention_runs(tmp_path):
     data = json.loads((tmp_path / "bench_attention.json").read_text())
     timed = [r for r in data["rows"] if r["ms"] is not None]
     assert {r["impl"] for r in timed} >= {"sdpa", "reference"} and all(r["ms"] > 0 for r in timed)
-    assert (tmp_path / "bench_attention.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "bench_attention_speedup.png").stat().st_size > 0
     assert (tmp_path / "bench_attention.csv").read_text().startswith("dtype,D,causal,padding,B,L,pass,impl")

@@ -1,8 +1,10 @@
-"""The command line and the benchmarks run (tiny sizes; benchmarks are never timed in tests)."""
+"""The command line and the benchmark suite (tiny sizes on the CPU; benchmarks are never timed in tests)."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_layer_norm, results_readme, suite  # noqa: E402
+
+REPORTS = {  # benchmark -> the reports it writes
+    "layer_norm": ["bench_layer_norm"],
+    "attention": ["bench_attention"],
+    "ffn": ["bench_ffn"],
+    "cross_entropy": ["bench_cross_entropy", "bench_linear_cross_entropy"],
+    "layers": ["bench_layers", "bench_decoding"],
+    "training": ["bench_training"],
+}
 
 
 def test_info_reports_versions_and_backends():
@@ -19,34 +34,133 @@ def test_info_reports_versions_and_backends():
         assert needle in out
 
 
-def _run_bench(name, tmp_path, *args):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"bench_{name}.py"), "--quick", "--out", str(tmp_path),
-                    *args], check=True, capture_output=True, text=True)
-
-
-def _timed_rows(json_path):
+def _timed_rows(json_path: Path) -> list[dict]:
     data = json.loads(json_path.read_text())
-    assert data["environment"]["torch"] and data["unit"] and data["counts"]
+    assert data["environment"]["torch"] and data["environment"]["card"] and data["unit"] and data["counts"]
     timed = [r for r in data["rows"] if r["ms"] is not None]
     assert timed and all(r["ms"] > 0 and r["rate"] > 0 for r in timed)
     return timed
 
 
-def test_bench_layer_norm_runs(tmp_path):
-    _run_bench("layer_norm", tmp_path, "--hidden", "64", "--dtype", "fp32")
-    assert {r["impl"] for r in _timed_rows(tmp_path / "bench_layer_norm.json")} >= {"eager"}
-    assert (tmp_path / "bench_layer_norm.png").stat().st_size > 0
+@pytest.fixture(scope="module")
+def suite_out(tmp_path_factory):
+    """The whole suite, quick, on the CPU: (exit status, results folder)."""
+    out = tmp_path_factory.mktemp("suite")
+    return suite.main(["--quick", "--device", "cpu", "--out", str(out)]), out
+
+
+def test_suite_writes_every_table(suite_out):
+    rc, out = suite_out
+    assert rc == 0
+    status = json.loads((out / "suite.json").read_text())
+    assert {op: s["status"] for op, s in status.items()} == {op: "ok" for op in REPORTS}
+    summary = (out / "summary.md").read_text()
+    for op, reports in REPORTS.items():
+        assert f"| {op} | ok |" in summary
+        for name in reports:
+            _timed_rows(out / f"{name}.json")
+            assert (out / f"{name}.md").read_text().startswith(f"# {name}")
+            assert (out / f"{name}.csv").read_text().splitlines()[0].split(",")[-5:] == [
+                "ms", json.loads((out / f"{name}.json").read_text())["unit"], "speedup", "peak_mib", "note"]
+            assert f"## {name}" in summary
+
+
+def test_suite_draws_plots(suite_out):
+    pytest.importorskip("matplotlib")
+    _, out = suite_out
+    plots = {p.name for p in (out / "plots").glob("*.png") if p.stat().st_size > 0}
+    assert {"bench_layer_norm_speedup.png", "bench_layer_norm_roofline.png", "bench_cross_entropy_roofline.png",
+            "bench_attention_speedup.png", "bench_training.png"} <= plots
+    for name in plots:
+        assert f"plots/{name}" in (out / "summary.md").read_text()
+    from benchmarks import plots as plots_module
+
+    shutil.rmtree(out / "plots")
+    assert plots_module.main([str(out)]) == 0  # re-rendered from the JSON files alone
+    assert {p.name for p in (out / "plots").glob("*.png")} == plots
+
+
+def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert suite.draw_plots(tmp_path) == (True, "plots skipped: pip install matplotlib")
+
+
+def test_training_rows_are_finite(suite_out):
+    _, out = suite_out
+    rows = {r["impl"]: r for r in json.loads((out / "bench_training.json").read_text())["rows"]}
+    for impl in ("nn_eager", "reference"):  # what runs on a CPU
+        assert math.isfinite(rows[impl]["rate"]) and rows[impl]["rate"] > 0
+        assert "matmuls in" in rows[impl]["note"] and "fp32" in rows[impl]["note"]
+    assert rows["nn_compile"]["ms"] is None and "CUDA" in rows["nn_compile"]["note"]
+
+
+def test_a_failing_benchmark_is_reported_and_the_rest_run(monkeypatch, tmp_path):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom: the kernel fell over")
+
+    monkeypatch.setattr(bench_layer_norm, "run", boom)
+    assert suite.main(["layer_norm", "ffn", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| layer_norm | failed |" in summary and "boom: the kernel fell over" in summary
+    assert "| ffn | ok |" in summary
+    _timed_rows(tmp_path / "bench_ffn.json")
+
+
+def test_unknown_benchmark_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        suite.main(["layer_nrom"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'layer_nrom'" in err and ", ".join(REPORTS) in err
+
+
+def test_bench_script_runs_on_its_own(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layer_norm.py"), "--quick", "--hidden", "64",
+                    "--dtype", "fp32", "--no-plot", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    assert {r["impl"] for r in _timed_rows(tmp_path / "bench_layer_norm.json")} >= {"eager", "reference"}
     assert (tmp_path / "bench_layer_norm.csv").read_text().startswith("dtype,M,N,pass,impl,ms,GB/s")
 
 
-@pytest.mark.parametrize("name, reports", [
-    ("attention", ["bench_attention"]),
-    ("cross_entropy", ["bench_cross_entropy"]),
-    ("ffn", ["bench_ffn"]),
-    ("layers", ["bench_layers", "bench_decoding"]),
+@pytest.mark.parametrize("module, args", [
+    ("bench_attention", ["--seqlen", "32"]),
+    ("bench_cross_entropy", []),
+    ("bench_ffn", ["--tokens", "64"]),
+    ("bench_training", ["--batch", "2", "--max-len", "8"]),
 ])
-def test_other_benchmarks_run(name, reports, tmp_path):
-    _run_bench(name, tmp_path)
-    for report in reports:
-        _timed_rows(tmp_path / f"{report}.json")
-        assert (tmp_path / f"{report}.md").read_text().startswith(f"# {report}")
+def test_bench_command_lines(module, args, tmp_path):
+    main = __import__(f"benchmarks.{module}", fromlist=["main"]).main
+    assert main(["--quick", "--no-plot", "--out", str(tmp_path), *args]) == 0
+    assert list(tmp_path.glob("*.json"))
+
+
+def test_results_readme_says_when_there_are_no_gpu_results(suite_out, tmp_path):
+    _, out = suite_out
+    readme = tmp_path / "README.md"
+    assert results_readme.main([str(out), "--output", str(readme)]) == 0
+    text = readme.read_text()
+    assert "No GPU results yet" in text and "come from a CPU" in text and "gpu_check.sh" in text
+    assert text.count("| pending | — |") == len(results_readme.TARGETS)
+    assert results_readme.render(None).count("| pending |") == len(results_readme.TARGETS)
+
+
+def test_results_readme_renders_gpu_results(suite_out, tmp_path):
+    """The GPU rendering, from the CPU results relabelled as a GPU run (their numbers mean nothing)."""
+    _, out = suite_out
+    results = tmp_path / "h100-2030-01-01"
+    shutil.copytree(out, results)
+    for path in results.glob("*.json"):
+        data = json.loads(path.read_text())
+        if "rows" not in data:
+            continue
+        data["device"] = "cuda"
+        data["environment"].update(card="NVIDIA H100 80GB HBM3", peak_dram_gbps=3350.0)
+        for r in data["rows"]:  # the reference rows stand in for the kernels' and auto's
+            r["impl"] = {"reference": {"bench_training": "auto"}.get(data["name"], "triton")}.get(r["impl"], r["impl"])
+        path.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    assert results_readme.main([str(results), "--output", str(readme)]) == 0
+    text = readme.read_text()
+    assert "No GPU results yet" not in text and "NVIDIA H100 80GB HBM3" in text
+    assert "% of copy bandwidth" in text and "tokens/s" in text and "## bench_training" in text
+    if (results / "plots").is_dir():
+        assert "](h100-2030-01-01/plots/bench_training.png)" in text

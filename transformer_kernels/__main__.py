@@ -1,26 +1,69 @@
-"""Command line: ``python -m transformer_kernels info | train | translate | evaluate``."""
+"""Command line: ``python -m transformer_kernels info | train | translate | evaluate | bench``.
+
+Each subcommand imports only what it needs: ``info`` stays light (no tokenizers, no safetensors),
+and ``bench`` hands its arguments to the benchmark suite in the source tree's ``benchmarks/``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+COMMANDS = {
+    "info": "versions, GPU, extension and backends: what a bug report needs",
+    "train": "train the paper's model (no data given: a synthetic task)",
+    "translate": "translate sentences with a trained model (beam search)",
+    "evaluate": "BLEU (sacreBLEU) and loss of a trained model on a test set",
+    "bench": "the benchmark suite: ops, layers and training throughput against PyTorch (see bench -h)",
+}
+
+
+def benchmarks_dir() -> Path:
+    """The source tree's ``benchmarks/``: the suite is not part of an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "benchmarks"
+    if not (bench / "suite.py").is_file():
+        raise SystemExit(
+            f"bench: the benchmark suite lives in the repository's benchmarks/ directory, and this "
+            f"installation ({root}) has none; clone the repository and install it with "
+            f"`pip install --no-build-isolation -e .`, then run `python -m transformer_kernels bench`")
+    return bench
+
+
+def run_bench(argv: list[str]) -> int:
+    bench = benchmarks_dir()
+    if str(bench.parent) not in sys.path:
+        sys.path.insert(0, str(bench.parent))
+    from benchmarks import suite
+
+    return suite.main(argv)
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "bench":  # the suite parses its own arguments (ops, --quick, --dtype, --out)
+        i = argv.index("bench")
+        if any(a not in ("-h", "--help") for a in argv[:i]):
+            raise SystemExit("bench: put the suite's options after `bench`")
+        return run_bench(argv[i + 1:])
     parser = argparse.ArgumentParser(prog="python -m transformer_kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, GPU, extension and backends: what a bug report needs")
-    from .train import cli
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
+    if command in ("train", "translate", "evaluate"):  # the training CLI only when it is asked for
+        from .train import cli
 
-    cli.add_train(sub.add_parser("train", help="train the paper's model (no data given: a synthetic task)"))
-    cli.add_translate(sub.add_parser("translate", help="translate sentences with a trained model (beam search)"))
-    cli.add_evaluate(sub.add_parser("evaluate", help="BLEU (sacreBLEU) and loss of a trained model on a test set"))
+        {"train": cli.add_train, "translate": cli.add_translate, "evaluate": cli.add_evaluate}[command](
+            parsers[command])
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import info
 
         print(info())
         return 0
+    from .train import cli
+
     return {"train": cli.run_train, "translate": cli.run_translate, "evaluate": cli.run_evaluate}[args.command](args)
 
 
