@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import autocast as amp
 from ..reference.attention import attention_ref
 from .seed import draw_seed, seed_value
 
@@ -63,7 +64,8 @@ def _fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
-    return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
+    with amp.disabled(q.device):
+        return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
 
 
 @_fwd.register_fake
@@ -88,7 +90,8 @@ def _bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
+    with amp.disabled(q.device):
+        return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
 
 
 @_bwd.register_fake
@@ -184,13 +187,16 @@ def attention(
         ``out`` ``[B, Lq, Hq, D]`` in q's dtype (zeros on rows that see no key), or
         ``(out, lse)`` with ``return_lse=True``.
     """
+    if isinstance(q, Tensor):  # under autocast: SDPA's policy, q, k, v in the autocast dtype
+        q, k, v = amp.cast(amp.lower_dtype(q.device), q, k, v)
     _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     d = q.shape[-1]
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     name = backends.resolve(OP, backend, q.device, q.dtype, head_dim=d)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
-        return attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                             softmax_scale=scale, return_lse=return_lse, seed=seed)
+        with amp.disabled(q.device):
+            return attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                 softmax_scale=scale, return_lse=return_lse, seed=seed)
     out, lse2 = _fwd(q, k, v, key_padding_mask, bool(causal), float(dropout_p), scale, seed, name)
     return (out, lse2 * math.log(2.0)) if return_lse else out

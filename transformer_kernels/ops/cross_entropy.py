@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import autocast as amp
 from ..reference.cross_entropy import REDUCTIONS, cross_entropy_ref, linear_cross_entropy_ref
 
 CE_OP = "cross_entropy"
@@ -92,8 +93,9 @@ def _scale_by(grad: Tensor, dloss: Tensor) -> Tensor:
 def _ce_fwd(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, reduction: str) -> Tensor:
     _check_targets(CE_OP, target, logits.shape[1], ignore_index)
     n_valid, scale = _grad_scale(target, ignore_index, reduction)
-    loss, _ = _triton().cross_entropy_fwd(logits, target, scale, label_smoothing, ignore_index, False)
-    return _reduce(loss, n_valid, reduction)
+    with amp.disabled(logits.device):
+        loss, _ = _triton().cross_entropy_fwd(logits, target, scale, label_smoothing, ignore_index, False)
+        return _reduce(loss, n_valid, reduction)
 
 
 @_ce_fwd.register_fake
@@ -106,8 +108,9 @@ def _ce_bwd(dloss: Tensor, logits: Tensor, target: Tensor, label_smoothing: floa
             reduction: str) -> Tensor:
     """The gradient of ``<dloss, loss>`` w.r.t. the logits, rounded once to their dtype."""
     _, scale = _grad_scale(target, ignore_index, reduction)
-    _, grad = _triton().cross_entropy_fwd(logits, target, (dloss.float() * scale).contiguous(), label_smoothing,
-                                          ignore_index, True)
+    with amp.disabled(logits.device):
+        _, grad = _triton().cross_entropy_fwd(logits, target, (dloss.float() * scale).contiguous(),
+                                              label_smoothing, ignore_index, True)
     return grad
 
 
@@ -148,9 +151,10 @@ def _lce_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_targets(LCE_OP, target, weight.shape[0], ignore_index)
     n_valid, scale = _grad_scale(target, ignore_index, reduction)
-    loss, dh, dw, db = _triton().linear_cross_entropy_fwd(
-        hidden, weight, target, bias, scale, label_smoothing, ignore_index, compute_grad, chunk_size)
-    return _reduce(loss, n_valid, reduction), dh, dw, db
+    with amp.disabled(hidden.device):
+        loss, dh, dw, db = _triton().linear_cross_entropy_fwd(
+            hidden, weight, target, bias, scale, label_smoothing, ignore_index, compute_grad, chunk_size)
+        return _reduce(loss, n_valid, reduction), dh, dw, db
 
 
 @_lce_fwd.register_fake
@@ -175,8 +179,10 @@ def _lce_bwd(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``Σ dloss · loss`` for ``reduction="none"``: the chunks recomputed."""
-    _, dh, dw, db = _triton().linear_cross_entropy_fwd(
-        hidden, weight, target, bias, dloss.float().contiguous(), label_smoothing, ignore_index, True, chunk_size)
+    with amp.disabled(hidden.device):
+        _, dh, dw, db = _triton().linear_cross_entropy_fwd(
+            hidden, weight, target, bias, dloss.float().contiguous(), label_smoothing, ignore_index, True,
+            chunk_size)
     return dh, dw, db
 
 
@@ -270,10 +276,11 @@ def cross_entropy(
     _check_options(CE_OP, label_smoothing, ignore_index, reduction)
     name = backends.resolve(CE_OP, backend, logits.device, logits.dtype, vocab=v)
     kw = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
-    if name == "reference":
+    if name == "reference":  # no cast under autocast: computed in fp32 from any dtype, as torch's upcast
         if not torch.compiler.is_compiling():
             _check_targets(CE_OP, target, v, ignore_index)
-        return cross_entropy_ref(logits, target, **kw)
+        with amp.disabled(logits.device):
+            return cross_entropy_ref(logits, target, **kw)
     return _ce_fwd(logits.contiguous(), target.contiguous(), float(label_smoothing), ignore_index, reduction)
 
 
@@ -301,6 +308,8 @@ def linear_cross_entropy(
     Returns:
         The loss, as :func:`cross_entropy`; gradients come in the input dtype.
     """
+    if isinstance(hidden, Tensor):  # under autocast: the projection follows F.linear's policy
+        hidden, weight, bias = amp.cast(amp.lower_dtype(hidden.device), hidden, weight, bias)
     _check_matrix(LCE_OP, "hidden", hidden, "[N, d]")
     _check_matrix(LCE_OP, "weight", weight, "[V, d]")
     n, d = hidden.shape
@@ -324,7 +333,8 @@ def linear_cross_entropy(
     if name == "reference":
         if not torch.compiler.is_compiling():
             _check_targets(LCE_OP, target, v, ignore_index)
-        return linear_cross_entropy_ref(hidden, weight, target, bias, **kw)
+        with amp.disabled(hidden.device):
+            return linear_cross_entropy_ref(hidden, weight, target, bias, **kw)
     compute_grad = reduction != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, _, _, _ = _lce_fwd(

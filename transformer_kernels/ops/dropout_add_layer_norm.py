@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import autocast as amp
 from .._extension import loaded as _extension_loaded
 from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
 from .seed import draw_seed, seed_value
@@ -71,7 +72,8 @@ def _fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fwd, _ = _kernels(backend)
-    return fwd(x, residual, weight, bias, dropout_p, eps, seed_value(seed), rms_norm, store_s)
+    with amp.disabled(x.device):
+        return fwd(x, residual, weight, bias, dropout_p, eps, seed_value(seed), rms_norm, store_s)
 
 
 @_fwd.register_fake
@@ -100,7 +102,8 @@ def _bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_value(seed), rms_norm, has_bias)
+    with amp.disabled(dout.device):
+        return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_value(seed), rms_norm, has_bias)
 
 
 @_bwd.register_fake
@@ -211,6 +214,12 @@ def dropout_add_layer_norm(
     Returns:
         The normalised tensor in x's dtype, or ``(normed, s)`` with ``prenorm=True``.
     """
+    if isinstance(x, Tensor) and isinstance(residual, (Tensor, type(None))):
+        # under autocast: as torch's F.layer_norm(residual + x) (fp32 on CUDA; the add's promotion on the CPU)
+        dtype = amp.norm_dtype(x, residual)
+        x, residual = amp.cast(dtype, x, residual)
+        weight, bias = (amp.cast(dtype, t)[0] if isinstance(t, Tensor) and t.dtype not in (dtype, torch.float32)
+                        else t for t in (weight, bias))
     _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm)
     if not training:
         dropout_p = 0.0
@@ -218,9 +227,10 @@ def dropout_add_layer_norm(
     name = backends.resolve(OP, backend, x.device, x.dtype, hidden=n)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
-        return dropout_add_layer_norm_ref(
-            x, residual, weight, bias, dropout_p, eps, prenorm=prenorm, rms_norm=rms_norm, seed=seed
-        )
+        with amp.disabled(x.device):
+            return dropout_add_layer_norm_ref(
+                x, residual, weight, bias, dropout_p, eps, prenorm=prenorm, rms_norm=rms_norm, seed=seed
+            )
     x2 = x.reshape(-1, n).contiguous()
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     weight = None if weight is None else weight.contiguous()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import autocast as amp
 from .._extension import loaded as _extension_loaded
 from ..reference.ffn import ACTIVATIONS, ffn_ref, fused_linear_ref
 from .seed import draw_seed, seed_value
@@ -53,7 +54,8 @@ def _kernels(backend: str):
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
          seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
-    return fwd(x, weight, bias, activation, dropout_p, seed_value(seed))
+    with amp.disabled(x.device):
+        return fwd(x, weight, bias, activation, dropout_p, seed_value(seed))
 
 
 @_fwd.register_fake
@@ -66,7 +68,8 @@ def _fwd_fake(x, weight, bias, activation, dropout_p, seed, backend):
 def _bwd(dout: Tensor, x: Tensor, weight: Tensor, out: Tensor, preact: Tensor, has_bias: bool,
          activation: str, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_value(seed))
+    with amp.disabled(x.device):
+        return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_value(seed))
 
 
 @_bwd.register_fake
@@ -162,13 +165,16 @@ def fused_linear(
         ``[..., out_features]`` in x's dtype. fp32 GEMMs stay fp32-accurate unless
         ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
+    if isinstance(x, Tensor):  # under autocast: F.linear's policy, everything in the autocast dtype
+        x, weight, bias = amp.cast(amp.lower_dtype(x.device), x, weight, bias)
     _check_inputs(OP, x, [("weight", weight, "bias", bias)], activation, dropout_p)
     if not training:
         dropout_p = 0.0
     name = backends.resolve(OP, backend, x.device, x.dtype)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
-        return fused_linear_ref(x, weight, bias, activation, dropout_p, seed=seed)
+        with amp.disabled(x.device):
+            return fused_linear_ref(x, weight, bias, activation, dropout_p, seed=seed)
     out = _linear(_rows(x), weight, bias, activation, dropout_p, seed, name)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -198,13 +204,16 @@ def ffn(
     Returns:
         ``[..., d_out]`` in x's dtype.
     """
+    if isinstance(x, Tensor):  # under autocast: F.linear's policy, everything in the autocast dtype
+        x, w1, b1, w2, b2 = amp.cast(amp.lower_dtype(x.device), x, w1, b1, w2, b2)
     _check_inputs(FFN_OP, x, [("w1", w1, "b1", b1), ("w2", w2, "b2", b2)], activation, dropout_p)
     if not training:
         dropout_p = 0.0
     name = backends.resolve(FFN_OP, backend, x.device, x.dtype)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
-        return ffn_ref(x, w1, b1, w2, b2, activation, dropout_p, seed=seed)
+        with amp.disabled(x.device):
+            return ffn_ref(x, w1, b1, w2, b2, activation, dropout_p, seed=seed)
     h = _linear(_rows(x), w1, b1, activation, dropout_p, seed, name)
     out = _linear(h, w2, b2, None, 0.0, None, name)
     return out.view(*x.shape[:-1], w2.shape[0])
