@@ -23,7 +23,7 @@ def tiny_config(out_dir, **kw) -> TrainConfig:
     base = dict(out_dir=str(out_dir), synthetic_train=160, synthetic_val=8, val_bleu_sentences=0, vocab_size=120,
                 preset="tiny", d_model=32, dim_feedforward=64, layers=1, batch_tokens=160, warmup=20, lr_scale=2.0,
                 max_steps=4, log_interval=1000, eval_interval=1000, save_interval=2, seed=7,
-                dropout=0.0)  # the CPU reference dropout (Philox in PyTorch) is slow: only where it matters
+                dropout=0.0)  # dropout only where a test is about it
     return TrainConfig(**{**base, **kw})
 
 
@@ -215,6 +215,14 @@ def test_resume_warns_of_options_the_run_fixes(tmp_path):
         "which --resume continues unchanged",
     ], "named in the order of the options; not given (batch_tokens) or unchanged (d_model): no warning"
     assert (resumed.cfg.dropout, resumed.cfg.batch_tokens, resumed.cfg.max_steps) == (0.0, 160, 3)
+
+
+def test_resume_keeps_the_saved_schedule_options_not_given(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, max_steps=2, eval_interval=7, log_interval=3), log=quiet).train()
+    cfg = tiny_config(out, max_steps=4, eval_interval=1000, log_interval=100)  # the defaults, not typed
+    resumed = Trainer(cfg, resume=True, log=quiet, given={"out_dir", "max_steps"})
+    assert (resumed.cfg.max_steps, resumed.cfg.eval_interval, resumed.cfg.log_interval) == (4, 7, 3)
 
 
 def test_activation_checkpointing_takes_the_same_steps(tmp_path):

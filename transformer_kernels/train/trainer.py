@@ -90,8 +90,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# What a resumed run takes from its command line: how, where and for how long it trains. The other
-# options fix what the run is (data, tokenizer, model, recipe, seed); it keeps those it was started with.
+# What a resumed run may take from its command line (when given; else it keeps the saved run's): how, where
+# and for how long it trains. The other options fix what the run is (data, tokenizer, model, recipe, seed);
+# it keeps those it was started with.
 RESUME_OPTIONS = ("out_dir", "max_steps", "epochs", "time_limit", "log_interval", "eval_interval", "save_interval",
                   "keep_last", "val_bleu_sentences", "tensorboard", "device", "precision", "activation_checkpointing",
                   "fsdp")
@@ -327,8 +328,9 @@ class Trainer:
     def _load_run(self):
         run = ckpt.read_run(self.out)
         saved = TrainConfig.from_dict(run["train"])
-        for name in RESUME_OPTIONS:
-            setattr(saved, name, getattr(self.cfg, name))
+        for name in RESUME_OPTIONS:  # those not given keep the saved run's values (its --eval-interval, ...)
+            if name == "out_dir" or name in self.given:
+                setattr(saved, name, getattr(self.cfg, name))
         ignored = [f.name for f in fields(TrainConfig) if f.name in self.given and f.name not in RESUME_OPTIONS
                    and getattr(self.cfg, f.name) != getattr(saved, f.name)]
         if self.rank == 0:
