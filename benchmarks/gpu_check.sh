@@ -7,7 +7,8 @@
 # The whole script keeps to TK_GPU_CHECK_BUDGET seconds (default 540, under the device tool's
 # 10-minute command limit): each step's timeout is cut to what is left, and steps that no longer
 # fit are recorded as skipped, so the summary always comes back. Steps run in priority order.
-# Tests use pytest-xdist (-n 8) when it is installed: most of their time is Triton compiling.
+# Tests use pytest-xdist (-n 8) when it is installed: most of their time is Triton compiling. The
+# kernel tests run before the benchmarks, the other tests after them.
 # The suite (benchmarks/suite.py) runs one benchmark per process, so that a crash, a poisoned CUDA
 # context or a timeout costs that benchmark only; each run adds its tables to OUT_DIR/bench/
 # (md, csv, json, summary.md, plots/) as soon as it ends.
@@ -66,12 +67,22 @@ step info 60 $PY -m transformer_kernels info
 timeout -k 5 60 $PY -m transformer_kernels info >"$OUT_DIR/info.txt" 2>&1
 xdist=()
 $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
-step tests 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests -q -rs "${xdist[@]}" \
-  --junitxml="$OUT_DIR/tests.xml"
+# Kernel tests first (what only a GPU can check), then the benchmarks, then the rest of the suite
+# (training, CLI, models: on the GPU they take the CUDA/bf16 paths) with whatever time is left.
+# -v streams each test's result into the log, so a step cut by its timeout still says what ran.
+KERNEL_TESTS=(tests/test_extension.py tests/test_dropout_add_layer_norm.py tests/test_attention.py
+  tests/test_ffn.py tests/test_cross_entropy.py tests/test_autocast.py tests/test_compile.py
+  tests/test_nn_layer_norm.py tests/test_nn_transformer.py tests/test_backends.py)
+deselect=()
+for t in "${KERNEL_TESTS[@]}"; do deselect+=(--ignore="$t"); done
+step "tests (kernels)" 240 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest "${KERNEL_TESTS[@]}" -v -rs \
+  "${xdist[@]}" --junitxml="$OUT_DIR/tests_kernels.xml"
 BENCH_DIR="$OUT_DIR/bench"
 for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120; do
   step "bench ${spec%%:*}" "${spec##*:}" $PY benchmarks/suite.py "${spec%%:*}" --quick --out "$BENCH_DIR"
 done
+step "tests (the rest)" 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests "${deselect[@]}" -v -rs \
+  "${xdist[@]}" --junitxml="$OUT_DIR/tests_rest.xml"
 if ls "$BENCH_DIR"/*.json >/dev/null 2>&1; then
   timeout -k 2 12 $PY benchmarks/results_readme.py "$OUT_DIR" --output "$OUT_DIR/README.md" >>"$LOG" 2>&1 ||
     echo "results_readme.py failed: see gpu_check.log" >"$OUT_DIR/README.md"

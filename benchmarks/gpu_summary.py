@@ -15,6 +15,7 @@ from transformer_kernels.info import environment  # noqa: E402
 
 
 def test_counts(junit: Path) -> str:
+    """'N passed, ...' of a junit report, then the failing tests, one a line (30 at most)."""
     try:
         root = ET.parse(junit).getroot()
     except (OSError, ET.ParseError) as e:
@@ -22,7 +23,13 @@ def test_counts(junit: Path) -> str:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
-    return f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped"
+    failing = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+               if case.find("failure") is not None or case.find("error") is not None]
+    lines = [f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped"]
+    lines += [f"  - FAILED {name}" for name in failing[:30]]
+    if len(failing) > 30:
+        lines.append(f"  - ... and {len(failing) - 30} more (see the xml)")
+    return "\n".join(lines)
 
 
 def main(out_dir: str) -> None:
@@ -31,8 +38,9 @@ def main(out_dir: str) -> None:
     print(f"- card: {env['gpu']}\n- driver: {env['driver']}\n"
           f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}\n"
           f"- extension: {env['extension']} ({env['extension_archs']})\n"
-          f"- commit: {git_commit()}\n- date: {now}\n"
-          f"- tests: {test_counts(Path(out_dir) / 'tests.xml')}")
+          f"- commit: {git_commit()}\n- date: {now}")
+    for part, name in (("kernels", "tests_kernels.xml"), ("the rest", "tests_rest.xml")):
+        print(f"- tests ({part}): {test_counts(Path(out_dir) / name)}")
 
 
 if __name__ == "__main__":
