@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -236,3 +237,29 @@ def test_activation_checkpointing_takes_the_same_steps(tmp_path):
 def test_fsdp_needs_several_processes(tmp_path):
     with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
         Trainer(tiny_config(tmp_path / "run", fsdp=True), log=quiet)
+
+
+def test_validation_at_the_end_of_each_epoch(tmp_path):
+    """--eval-interval 0: one validation per epoch, at the step that used the epoch's last batch."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out, max_steps=1000, epochs=2, eval_interval=0, save_interval=1000), log=quiet)
+    per_epoch = len(trainer.batcher.epoch_batches(0))
+    trainer.train()
+    import csv
+
+    with open(out / "log.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r["val_loss"]]
+    assert val_steps == [per_epoch, per_epoch + len(trainer.batcher.epoch_batches(1))]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("log_interval", 0, "--log-interval 0: must be an integer >= 1"),
+    ("eval_interval", -1, "--eval-interval -1: must be an integer >= 0"),
+    ("batch_tokens", 0, "--batch-tokens 0: must be an integer >= 1"),
+    ("dropout", 1.0, "--dropout 1.0: must be in [0, 1)"),
+    ("lr_scale", 0.0, "--lr-scale 0.0: must be > 0"),
+])
+def test_options_out_of_range_are_named(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(tiny_config(tmp_path / "run", **{option: value}), log=quiet)
+    assert not (tmp_path / "run").exists(), "nothing written"

@@ -76,7 +76,8 @@ def add_train(parser: argparse.ArgumentParser) -> None:
                    help="continue the run in --out-dir from its latest checkpoint (its data, model and recipe)")
     g.add_argument("--log-interval", type=int)
     g.add_argument("--eval-interval", type=int,
-                   help="steps between validations (loss, greedy BLEU) and checkpoints kept as best")
+                   help="steps between validations (loss, greedy BLEU) and checkpoints kept as best; "
+                        "0: at the end of each epoch")
     g.add_argument("--val-bleu-sentences", type=int, help="validation sentences translated for BLEU (0: loss only)")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int)

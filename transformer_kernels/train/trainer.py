@@ -78,7 +78,7 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (else DDP)
     # bookkeeping
     log_interval: int = 100
-    eval_interval: int = 1000
+    eval_interval: int = 1000  # 0: at the end of each epoch
     save_interval: int = 1000
     keep_last: int = 5
     val_bleu_sentences: int = 200
@@ -232,6 +232,25 @@ def _pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def _check_config(cfg: TrainConfig) -> None:
+    """Options out of range, named as the command line spells them (before anything is written)."""
+    at_least = {"batch_tokens": 1, "accum_steps": 1, "max_steps": 1, "log_interval": 1, "save_interval": 1,
+                "keep_last": 1, "warmup": 1, "eval_interval": 0, "val_bleu_sentences": 0, "max_len": 1,
+                "vocab_size": 1}
+    for name, low in at_least.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{_flag(name, value)}: must be an integer >= {low}")
+    for name in ("dropout", "label_smoothing"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"{_flag(name, getattr(cfg, name))}: must be in [0, 1)")
+    for name in ("lr_scale", "time_limit"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            raise ValueError(f"{_flag(name, getattr(cfg, name))}: must be > 0")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise ValueError(f"{_flag('epochs', cfg.epochs)}: must be >= 1")
+
+
 def _check_fsdp(world_size: int, precision: str) -> None:
     if world_size == 1:
         raise ValueError("--fsdp shards the model over several processes, and this is one: launch it with "
@@ -257,6 +276,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, given: Optional[Iterable[str]] = None):
         """``given`` names the options the user set (default: all of ``cfg``'s); resuming, it warns of those
         that differ from the saved run's fixed ones (data, model, recipe, seed), which it keeps."""
+        _check_config(cfg)
         self.cfg, self.log = cfg, log
         self.given = {f.name for f in fields(TrainConfig)} if given is None else set(given)
         self.out = Path(cfg.out_dir)
@@ -489,7 +509,9 @@ class Trainer:
         start, window_tokens, window_start, window_loss = time.time(), 0, time.time(), []
         self.model.train()
         try:
+            validated_at = None
             while self.step < cfg.max_steps and (cfg.epochs is None or self.batcher.epoch < cfg.epochs):
+                epoch = self.batcher.epoch
                 micro = [collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
                          for _ in range(cfg.accum_steps)]
                 num_tokens = torch.tensor(sum(int((b.tgt_out != PAD_ID).sum()) for b in micro), device=self.device)
@@ -528,13 +550,15 @@ class Trainer:
                     records.write(self.step, self.batcher.epoch, loss=mean, lr=lr, grad_norm=grad_norm,
                                   tokens_per_s=tps)
                     window_tokens, window_start, window_loss = 0, time.time(), []
-                if self.step % cfg.eval_interval == 0:
+                # eval_interval 0: at the end of each epoch (the batcher has moved on to the next one)
+                if (self.batcher.epoch > epoch if cfg.eval_interval == 0 else self.step % cfg.eval_interval == 0):
                     self._validate(records)
+                    validated_at = self.step
                 elif self.step % cfg.save_interval == 0:
                     self.save()
                 if self._stop_requested(start):
                     break
-            if self._stop_signal is None and self.step % cfg.eval_interval != 0:
+            if self._stop_signal is None and validated_at != self.step:
                 self._validate(records)
             elif self._stop_signal is not None:
                 path = self.save()
