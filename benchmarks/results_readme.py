@@ -225,6 +225,19 @@ def _targets_table(reports: Reports) -> list[str]:
     return lines
 
 
+def training_runs(readme_dir: Path = RESULTS) -> list[str]:
+    """Lines linking the committed training runs (``training/<run>/README.md``: translation quality
+    of the train command, each with its command, logs and scores), or none."""
+    runs = sorted(readme_dir.glob("training/*/README.md"))
+    if not runs:
+        return []
+    lines = ["## Training runs", ""]
+    for readme in runs:
+        title = readme.read_text().splitlines()[0].lstrip("# ").strip()
+        lines.append(f"- [{title}]({readme.relative_to(readme_dir).as_posix()})")
+    return lines + [""]
+
+
 def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
     """The README's text for the reports in ``results`` (None: no results)."""
     loaded = load_reports(results) if results else []
@@ -237,7 +250,7 @@ def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
             env = loaded[0].environment
             lines += ["", f"The results in `{results}` ({env.get('date', '?')[:10]}, commit {env.get('commit', '?')}) "
                       "come from a CPU: smoke runs that show the benchmarks work, not measurements of the kernels."]
-        lines += ["", *_targets_table({}), "", PENDING, "", HOW_TO, ""]
+        lines += ["", *_targets_table({}), "", PENDING, "", HOW_TO, "", *training_runs(readme_dir)]
         return "\n".join(lines)
     env = loaded[0].environment
     rel = Path(os.path.relpath(results, readme_dir))
@@ -254,7 +267,7 @@ def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
         lines += [f"## {r.name}", "", f"{r.unit} from: {r.counts}", "", r.markdown(), ""]
         for png in sorted((results / "plots").glob(f"{r.name}*.png")):
             lines += [f"![{png.stem}]({(rel / 'plots' / png.name).as_posix()})", ""]
-    lines += ["## Reproduce", "", HOW_TO, ""]
+    lines += ["## Reproduce", "", HOW_TO, "", *training_runs(readme_dir)]
     return "\n".join(lines)
 
 
