@@ -31,8 +31,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, PASSES, Report, autotune, default_device, input_sets, label,  # noqa: E402
-                               peak_mib, time_passes)
+from benchmarks.common import (PASSES, Report, autotune, chosen_dtypes, default_device, input_sets,  # noqa: E402
+                               label, peak_mib, standalone_parser, time_passes)
 
 TOKENS = 16384  # B · L, constant over the sweep
 HEADS = 16
@@ -186,18 +186,13 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few sizes and repeats")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
+    parser = standalone_parser(__doc__, "a few sizes and repeats")
     parser.add_argument("--seqlen", nargs="+", type=int, default=None)
     parser.add_argument("--head-dim", nargs="+", type=int, default=None)
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None,
                         help="autotune the Triton tiles (default: on, off with --quick)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
-    reports = run(args.quick, dtypes, seqlens=args.seqlen, head_dims=args.head_dim, tune=args.autotune)
+    reports = run(args.quick, chosen_dtypes(args), seqlens=args.seqlen, head_dims=args.head_dim, tune=args.autotune)
     return publish(reports, args.out, plot=args.plot)
 
 

@@ -19,7 +19,6 @@ before it (the inputs); on a CPU it is not measured.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,8 +30,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, PASSES, Report, default_device, input_sets, label, peak_mib,  # noqa: E402
-                               time_ms, time_passes)
+from benchmarks.common import (PASSES, Report, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
+                               mark_not_run, peak_mib, standalone_parser, time_ms, time_passes)
 
 SMOOTHING = 0.1
 CE_BYTE_COUNTS = ("the least traffic of the op: fwd reads the logits, N*V*elt; bwd and fwd+bwd read the "
@@ -86,9 +85,7 @@ def ce_case(n, v, dtype, device, impls, quick):
     notes = {}
     for name, fn in impls.items():
         if isinstance(fn, str) and fn != "compile":
-            notes[name] = fn
-            for p in PASSES:
-                timings[p][name] = None
+            mark_not_run(timings, notes, name, fn)
             continue
         fn = _compiled(ce_eager) if fn == "compile" else fn
         with torch.no_grad():
@@ -178,14 +175,9 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    parser = standalone_parser(__doc__)
     args = parser.parse_args(argv)
-    return publish(run(args.quick, [DTYPES[d] for d in args.dtype] if args.dtype else None), args.out,
-                   plot=args.plot)
+    return publish(run(args.quick, chosen_dtypes(args)), args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

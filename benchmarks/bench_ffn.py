@@ -30,8 +30,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, PASSES, Report, autotune, default_device, input_sets, label,  # noqa: E402
-                               time_ms, time_passes)
+from benchmarks.common import (PASSES, Report, autotune, chosen_dtypes, default_device, input_sets,  # noqa: E402
+                               label, mark_not_run, standalone_parser, time_ms, time_passes)
 
 FLOP_COUNTS = (
     "fwd = 2 GEMMs = 4*T*d_model*d_ff; bwd = 4 GEMMs = 2 x fwd; fwd+bwd = 3 x fwd "
@@ -126,9 +126,7 @@ def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
                                             inputs=[(c[i],) for c in calls])
             continue
         if isinstance(fn, str) and fn != "compile":
-            notes[name] = fn
-            for ps in PASSES:
-                timings[ps][name] = None
+            mark_not_run(timings, notes, name, fn)
             continue
         if fn == "compile":
             torch._dynamo.reset()
@@ -182,19 +180,14 @@ def _note_fraction_of_gemm(report: Report) -> None:
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no autotuning")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
+    parser = standalone_parser(__doc__, "fewer sizes and repeats, no autotuning")
     parser.add_argument("--d-model", nargs="+", type=int, default=None)
     parser.add_argument("--tokens", nargs="+", type=int, default=None)
     parser.add_argument("--activation", choices=["none", "relu", "gelu", "gelu_tanh"], default="relu")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
-    reports = run(args.quick, dtypes, d_models=args.d_model, tokens=args.tokens, activation=args.activation,
+    reports = run(args.quick, chosen_dtypes(args), d_models=args.d_model, tokens=args.tokens, activation=args.activation,
                   dropout=args.dropout, tune=args.autotune)
     return publish(reports, args.out, plot=args.plot)
 

@@ -12,7 +12,6 @@ On a CPU only the eager baseline and the package's reference backend run (smoke 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,8 +23,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, PASSES, Report, default_device, input_sets, label, time_ms,  # noqa: E402
-                               time_passes)
+from benchmarks.common import (DTYPES, PASSES, Report, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
+                               mark_not_run, standalone_parser, time_ms, time_passes)
 
 DROPOUT_P = 0.1
 EPS = 1e-5
@@ -91,9 +90,7 @@ def run_case(n: int, m: int, dtype: torch.dtype, device: torch.device, impls: di
     notes = {}
     for name, fn in impls.items():
         if isinstance(fn, str) and fn != "compile":
-            notes[name] = fn
-            for p in PASSES:
-                timings[p][name] = None
+            mark_not_run(timings, notes, name, fn)
             continue
         if fn == "compile":
             torch._dynamo.reset()
@@ -141,15 +138,10 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
+    parser = standalone_parser(__doc__)
     parser.add_argument("--hidden", nargs="+", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
-    return publish(run(args.quick, dtypes, hidden=args.hidden), args.out, plot=args.plot)
+    return publish(run(args.quick, chosen_dtypes(args), hidden=args.hidden), args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ on the package's model (random weights; EOS disabled so every run makes the same
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,8 +26,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, Report, autotune, default_device, input_sets, label, peak_mib,  # noqa: E402
-                               time_ms)
+from benchmarks.common import (Report, autotune, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
+                               peak_mib, standalone_parser, time_ms)
 from transformer_kernels.models import build_model, greedy_decode  # noqa: E402
 
 COUNTS = "tokens per call: B*L for the layers (B*L target tokens for the decoder layer), B*steps for decoding"
@@ -134,14 +133,9 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    parser = standalone_parser(__doc__, None)
     args = parser.parse_args(argv)
-    return publish(run(args.quick, [DTYPES[d] for d in args.dtype] if args.dtype else None), args.out,
-                   plot=args.plot)
+    return publish(run(args.quick, chosen_dtypes(args)), args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ need a GPU; auto is the reference backend there).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import copy
@@ -47,7 +46,8 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import DTYPES, Report, autotune, default_device, label, peak_mib, time_steps_ms  # noqa: E402
+from benchmarks.common import (Report, autotune, chosen_dtypes, default_device, label, peak_mib,  # noqa: E402
+                               standalone_parser, time_steps_ms)
 from transformer_kernels.models import EncoderDecoder, TransformerConfig  # noqa: E402
 
 LABEL_SMOOTHING = 0.1
@@ -295,17 +295,14 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
 def main(argv=None) -> int:
     from benchmarks.suite import publish
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller batch, fewer steps")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
-                        help="bf16/fp16: autocast and weights in that dtype; fp32: neither (default bf16 on a GPU)")
+    parser = standalone_parser(
+        __doc__, "a smaller batch, fewer steps",
+        dtype_help="bf16/fp16: autocast and weights in that dtype; fp32: neither (default bf16 on a GPU)")
     parser.add_argument("--batch", type=int, default=None, help="sentence pairs per batch")
     parser.add_argument("--max-len", type=int, default=None, help="longest sentence, in tokens")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
-    return publish(run(args.quick, dtypes, batch_size=args.batch, max_len=args.max_len), args.out, plot=args.plot)
+    reports = run(args.quick, chosen_dtypes(args), batch_size=args.batch, max_len=args.max_len)
+    return publish(reports, args.out, plot=args.plot)
 
 
 if __name__ == "__main__":

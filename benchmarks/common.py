@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -55,6 +56,30 @@ PEAK_DRAM_GBPS = (
 CPU_REPEATS = {True: 5, False: 15}  # quick -> repeats
 CPU_CACHE_BYTES = 32 * 2**20  # enough input sets to exceed a last-level cache of this size...
 CPU_MAX_SETS = 8  # ...but no more than this many
+
+
+def standalone_parser(doc: str, quick_help: Optional[str] = "fewer sizes and repeats",
+                      dtype_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line every ``bench_<op>.py`` shares (--quick, --dtype, --out, --plot); each
+    benchmark adds its own options to it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None, help=dtype_help)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def chosen_dtypes(args: argparse.Namespace) -> Optional[list[torch.dtype]]:
+    """The dtypes of a :func:`standalone_parser` command line; None: the benchmark's default."""
+    return [DTYPES[d] for d in args.dtype] if args.dtype else None
+
+
+def mark_not_run(timings: dict[str, dict], notes: dict[str, str], impl: str, reason: str) -> None:
+    """Record ``impl`` as not run, in every pass of ``timings`` (pass -> impl -> ms), and why."""
+    notes[impl] = reason
+    for per_pass in timings.values():
+        per_pass[impl] = None
 
 
 def label(dtype: torch.dtype) -> str:

@@ -71,12 +71,17 @@ def draw_plots(out: Path, names: Optional[list[str]] = None) -> tuple[bool, str]
     return True, f"plots: {len(paths)} in {out / 'plots'}/"
 
 
+def write_reports(reports: list[Report], out: Path) -> None:
+    """Each report's md/csv/json into ``out``, and its table on the terminal."""
+    for r in reports:
+        r.write(out)
+        print(f"\n## {r.name}\n\n{r.markdown()}", flush=True)
+
+
 def publish(reports: list[Report], out: Path, plot: bool = True) -> int:
     """Write each report into ``out``, print its table, draw its plots: what each benchmark's own
     command line ends with. Returns the exit status: 1 if a measurement or the plots failed."""
-    for r in reports:
-        r.write(out)
-        print(f"\n## {r.name}\n\n{r.markdown()}")
+    write_reports(reports, out)
     ok, message = draw_plots(out, [r.name for r in reports]) if plot else (True, "")
     print(f"\n{message}\nresults in {out}/")
     return 0 if ok and not any(r.errors for r in reports) else 1
@@ -94,9 +99,7 @@ def run_benchmark(op: str, quick: bool, dtype: torch.dtype, device: torch.device
     try:
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[op]}")
         reports = module.run(quick, [dtype], device)
-        for r in reports:
-            r.write(out)
-            print(f"\n## {r.name}\n\n{r.markdown()}", flush=True)
+        write_reports(reports, out)
         errors = [e for r in reports for e in r.errors]
         entry.update(status="failed" if errors else "ok", reports=[r.name for r in reports], error="; ".join(errors))
     except Exception as e:  # noqa: BLE001 -- one failing benchmark must not stop the others
