@@ -217,9 +217,10 @@ def dropout_add_layer_norm(
     if isinstance(x, Tensor) and isinstance(residual, (Tensor, type(None))):
         # under autocast: as torch's F.layer_norm(residual + x) (fp32 on CUDA; the add's promotion on the CPU)
         dtype = amp.norm_dtype(x, residual)
-        x, residual = amp.cast(dtype, x, residual)
-        weight, bias = (amp.cast(dtype, t)[0] if isinstance(t, Tensor) and t.dtype not in (dtype, torch.float32)
-                        else t for t in (weight, bias))
+        if dtype is not None:  # the weights may stay fp32 beside any x; else they follow it
+            x, residual = amp.cast(dtype, x, residual)
+            weight, bias = (amp.cast(dtype, t)[0] if isinstance(t, Tensor) and t.dtype != torch.float32 else t
+                            for t in (weight, bias))
     _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm)
     if not training:
         dropout_p = 0.0
