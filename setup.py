@@ -33,8 +33,7 @@ def log(message: str) -> None:
 
 
 def is_cuda_toolkit(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, *parts))
-               for parts in (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+    return all(os.path.isfile(os.path.join(path, *parts)) for parts in (("bin", "nvcc"), ("include", "cuda_runtime.h")))
 
 
 def locate_cuda_home() -> None:
@@ -79,8 +78,7 @@ def want_cuda_extension() -> bool:
     if reason is None:
         return True
     if mode == "1":
-        sys.exit(f"transformer-kernels: TK_BUILD_CUDA=1 but the CUDA extension cannot be built: "
-                 f"{reason}")
+        sys.exit(f"transformer-kernels: TK_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     log(f"installing without the CUDA extension transformer_kernels._C: {reason}")
     return False
 
@@ -109,8 +107,17 @@ def nvidia_wheel_include_dirs(cuda_major: str) -> list[str]:
 
     roots = [os.path.dirname(os.path.dirname(torch.__file__))]  # the site-packages holding torch
     roots += getattr(site, "getsitepackages", list)() + [sysconfig.get_path("purelib")]
-    names = [f"cu{cuda_major}", "cuda_runtime", "cublas", "cusparse", "cusolver", "curand",
-             "cufft", "cuda_nvrtc", "nvtx"]
+    names = [
+        f"cu{cuda_major}",
+        "cuda_runtime",
+        "cublas",
+        "cusparse",
+        "cusolver",
+        "curand",
+        "cufft",
+        "cuda_nvrtc",
+        "nvtx",
+    ]
     found = []
     for root in roots:
         for name in names:

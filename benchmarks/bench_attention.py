@@ -31,8 +31,18 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (PASSES, Report, autotune, chosen_dtypes, default_device, input_sets,  # noqa: E402
-                               label, peak_mib, standalone_parser, time_passes)
+from benchmarks.common import (
+    PASSES,
+    Report,
+    autotune,
+    chosen_dtypes,
+    default_device,
+    input_sets,  # noqa: E402
+    label,
+    peak_mib,
+    standalone_parser,
+    time_passes,
+)
 
 TOKENS = 16384  # B · L, constant over the sweep
 HEADS = 16
@@ -61,8 +71,13 @@ def _sdpa_impl(backend=None):
 
             ctx = sdpa_kernel([getattr(SDPBackend, backend)])
         with ctx:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, is_causal=causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=causal and mask is None,
+            )
         return out.transpose(1, 2)
 
     return run
@@ -80,8 +95,12 @@ def implementations(device: torch.device) -> dict:
         for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton"):
             impls[name] = "needs a CUDA device"
         return impls
-    for name, backend in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
-                          ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH")):
+    for name, backend in (
+        ("sdpa_flash", "FLASH_ATTENTION"),
+        ("sdpa_efficient", "EFFICIENT_ATTENTION"),
+        ("sdpa_cudnn", "CUDNN_ATTENTION"),
+        ("sdpa_math", "MATH"),
+    ):
         impls[name] = _sdpa_impl(backend)
     reason = tk.backends.why_not("attention", "triton", device, torch.float16, head_dim=128)
     impls["triton"] = package("triton") if reason is None else reason
@@ -104,14 +123,16 @@ def make_inputs(b, seqlen, heads, d, dtype, device, causal, padding, seed):
 def check(out, expected, name):
     """A sanity check of the forward (tests/ holds the rigorous ones)."""
     tol = 1e-4 if out.dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol,
-                               msg=lambda m: f"{name} is wrong: {m}")
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol, msg=lambda m: f"{name} is wrong: {m}")
 
 
 def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
     elt = torch.tensor([], dtype=dtype).element_size()
-    sets = input_sets(lambda seed: make_inputs(b, seqlen, HEADS, d, dtype, device, causal, padding, seed), device,
-                      4 * b * seqlen * HEADS * d * elt)
+    sets = input_sets(
+        lambda seed: make_inputs(b, seqlen, HEADS, d, dtype, device, causal, padding, seed),
+        device,
+        4 * b * seqlen * HEADS * d * elt,
+    )
     inputs, g = sets[0]
     timings = {p: {} for p in PASSES}
     notes, peaks = {}, {}
@@ -139,9 +160,14 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
     return timings, notes, peaks
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
-        seqlens: Optional[list[int]] = None, head_dims: Optional[list[int]] = None,
-        tune: Optional[bool] = None) -> list[Report]:
+def run(
+    quick: bool = False,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    seqlens: Optional[list[int]] = None,
+    head_dims: Optional[list[int]] = None,
+    tune: Optional[bool] = None,
+) -> list[Report]:
     """The sweep over sequence lengths at B*L constant; ``tune`` None: autotune unless ``quick``."""
     device = device or default_device()
     tune = (not quick) if tune is None else tune
@@ -157,9 +183,16 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
         tokens = 2 * max(seqlens)
     impls = implementations(device)
 
-    report = Report("bench_attention", FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
-                    f"autotune {'on' if tune and device.type == 'cuda' else 'off'}", str(device), unit="TFLOP/s",
-                    baseline="sdpa", x="L", panels=["dtype", "D", "causal", "padding", "pass"])
+    report = Report(
+        "bench_attention",
+        FLOP_COUNTS + f"; B*L = {tokens} tokens, H = {HEADS}, "
+        f"autotune {'on' if tune and device.type == 'cuda' else 'off'}",
+        str(device),
+        unit="TFLOP/s",
+        baseline="sdpa",
+        x="L",
+        panels=["dtype", "D", "causal", "padding", "pass"],
+    )
     with autotune(tune):
         for dt in dtypes:
             for d in head_dims:
@@ -171,15 +204,27 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
                             if quick and padding and seqlen != max(seqlens):
                                 continue
                             b = max(tokens // seqlen, 1)
-                            timings, notes, peaks = run_case(b, seqlen, d, dt, causal, padding, device, impls,
-                                                             quick)
+                            timings, notes, peaks = run_case(b, seqlen, d, dt, causal, padding, device, impls, quick)
                             fwd_flops = 4 * b * HEADS * seqlen * seqlen * d * (0.5 if causal else 1.0)
                             flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
                             for p in PASSES:
-                                case = {"dtype": label(dt), "D": d, "causal": causal, "padding": padding, "B": b,
-                                        "L": seqlen, "pass": p}
-                                report.add_case(case, timings[p], int(flops[p]), baseline="sdpa", notes=notes,
-                                                peaks=peaks if p == "fwd+bwd" else None)
+                                case = {
+                                    "dtype": label(dt),
+                                    "D": d,
+                                    "causal": causal,
+                                    "padding": padding,
+                                    "B": b,
+                                    "L": seqlen,
+                                    "pass": p,
+                                }
+                                report.add_case(
+                                    case,
+                                    timings[p],
+                                    int(flops[p]),
+                                    baseline="sdpa",
+                                    notes=notes,
+                                    peaks=peaks if p == "fwd+bwd" else None,
+                                )
     return [report]
 
 
@@ -189,8 +234,12 @@ def main(argv=None) -> int:
     parser = standalone_parser(__doc__, "a few sizes and repeats")
     parser.add_argument("--seqlen", nargs="+", type=int, default=None)
     parser.add_argument("--head-dim", nargs="+", type=int, default=None)
-    parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None,
-                        help="autotune the Triton tiles (default: on, off with --quick)")
+    parser.add_argument(
+        "--autotune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="autotune the Triton tiles (default: on, off with --quick)",
+    )
     args = parser.parse_args(argv)
     reports = run(args.quick, chosen_dtypes(args), seqlens=args.seqlen, head_dims=args.head_dim, tune=args.autotune)
     return publish(reports, args.out, plot=args.plot)

@@ -30,14 +30,29 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (PASSES, Report, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
-                               mark_not_run, peak_mib, standalone_parser, time_ms, time_passes)
+from benchmarks.common import (
+    PASSES,
+    Report,
+    chosen_dtypes,
+    default_device,
+    input_sets,
+    label,  # noqa: E402
+    mark_not_run,
+    peak_mib,
+    standalone_parser,
+    time_ms,
+    time_passes,
+)
 
 SMOOTHING = 0.1
-CE_BYTE_COUNTS = ("the least traffic of the op: fwd reads the logits, N*V*elt; bwd and fwd+bwd read the "
-                  "logits and write their gradient, 2*N*V*elt (targets and the loss not counted)")
-LCE_FLOP_COUNTS = ("the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
-                   "dweight = dlogitsᵀ hidden: 3 x 2*N*V*d (the softmax and loss are not counted)")
+CE_BYTE_COUNTS = (
+    "the least traffic of the op: fwd reads the logits, N*V*elt; bwd and fwd+bwd read the "
+    "logits and write their gradient, 2*N*V*elt (targets and the loss not counted)"
+)
+LCE_FLOP_COUNTS = (
+    "the three GEMMs of loss + backward: logits = hidden weightᵀ, dhidden = dlogits weight, "
+    "dweight = dlogitsᵀ hidden: 3 x 2*N*V*d (the softmax and loss are not counted)"
+)
 
 
 def ce_eager(logits, t):
@@ -136,39 +151,64 @@ def lce_case(n, v, d, dtype, device, impls, quick):
     return timings, peaks, notes
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
-        device: Optional[torch.device] = None) -> list[Report]:
+def run(
+    quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None
+) -> list[Report]:
     device = device or default_device()
     if device.type == "cuda":
         dtypes = dtypes or [torch.bfloat16]
         d = 1024
-        ce_cases = [(8192, 32768), (8192, 131072)] if quick else [(n, v) for n in (4096, 16384)
-                                                                   for v in (8192, 32768, 131072)]
-        lce_cases = [(8192, 131072)] if quick else [(n, v) for n in (8192, 32768)
-                                                                      for v in (32768, 131072)]
+        ce_cases = (
+            [(8192, 32768), (8192, 131072)] if quick else [(n, v) for n in (4096, 16384) for v in (8192, 32768, 131072)]
+        )
+        lce_cases = [(8192, 131072)] if quick else [(n, v) for n in (8192, 32768) for v in (32768, 131072)]
     else:
         dtypes = dtypes or [torch.float32]
         d, ce_cases, lce_cases = 64, [(64, 512)] if quick else [(256, 1000), (256, 4000)], [(256, 1000)]
 
-    ce = Report("bench_cross_entropy", CE_BYTE_COUNTS + f"; label smoothing {SMOOTHING}", str(device),
-                baseline="eager", x="V", panels=["dtype", "N", "pass"])
+    ce = Report(
+        "bench_cross_entropy",
+        CE_BYTE_COUNTS + f"; label smoothing {SMOOTHING}",
+        str(device),
+        baseline="eager",
+        x="V",
+        panels=["dtype", "N", "pass"],
+    )
     impls = implementations("cross_entropy", device)
     for dt in dtypes:
         elt = torch.tensor([], dtype=dt).element_size()
         for n, v in ce_cases:
             timings, notes = ce_case(n, v, dt, device, impls, quick)
             for p in PASSES:
-                ce.add_case({"dtype": label(dt), "N": n, "V": v, "pass": p}, timings[p],
-                            (1 if p == "fwd" else 2) * n * v * elt, baseline="eager", notes=notes)
+                ce.add_case(
+                    {"dtype": label(dt), "N": n, "V": v, "pass": p},
+                    timings[p],
+                    (1 if p == "fwd" else 2) * n * v * elt,
+                    baseline="eager",
+                    notes=notes,
+                )
 
-    lce = Report("bench_linear_cross_entropy", LCE_FLOP_COUNTS, str(device), unit="TFLOP/s", baseline="eager",
-                 x="V", panels=["dtype", "N"])
+    lce = Report(
+        "bench_linear_cross_entropy",
+        LCE_FLOP_COUNTS,
+        str(device),
+        unit="TFLOP/s",
+        baseline="eager",
+        x="V",
+        panels=["dtype", "N"],
+    )
     impls = implementations("linear_cross_entropy", device)
     for dt in dtypes:
         for n, v in lce_cases:
             timings, peaks, notes = lce_case(n, v, d, dt, device, impls, quick)
-            lce.add_case({"dtype": label(dt), "N": n, "V": v, "d": d}, timings, 6 * n * v * d, baseline="eager",
-                         notes=notes, peaks=peaks)
+            lce.add_case(
+                {"dtype": label(dt), "N": n, "V": v, "d": d},
+                timings,
+                6 * n * v * d,
+                baseline="eager",
+                notes=notes,
+                peaks=peaks,
+            )
     return [ce, lce]
 
 

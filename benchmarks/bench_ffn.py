@@ -30,8 +30,19 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (PASSES, Report, autotune, chosen_dtypes, default_device, input_sets,  # noqa: E402
-                               label, mark_not_run, standalone_parser, time_ms, time_passes)
+from benchmarks.common import (
+    PASSES,
+    Report,
+    autotune,
+    chosen_dtypes,
+    default_device,
+    input_sets,  # noqa: E402
+    label,
+    mark_not_run,
+    standalone_parser,
+    time_ms,
+    time_passes,
+)
 
 FLOP_COUNTS = (
     "fwd = 2 GEMMs = 4*T*d_model*d_ff; bwd = 4 GEMMs = 2 x fwd; fwd+bwd = 3 x fwd "
@@ -122,8 +133,7 @@ def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
         if fn == "gemm":
             calls = [bare_gemms(*(t.detach() for t in (ins[0], ins[1], ins[3])), g) for ins, g in sets]
             for i, ps in enumerate(PASSES):
-                timings[ps][name] = time_ms(lambda call: call(), device, quick=quick,
-                                            inputs=[(c[i],) for c in calls])
+                timings[ps][name] = time_ms(lambda call: call(), device, quick=quick, inputs=[(c[i],) for c in calls])
             continue
         if isinstance(fn, str) and fn != "compile":
             mark_not_run(timings, notes, name, fn)
@@ -138,9 +148,16 @@ def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
     return timings, notes
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
-        d_models: Optional[list[int]] = None, tokens: Optional[list[int]] = None, activation: str = "relu",
-        dropout: float = 0.1, tune: Optional[bool] = None) -> list[Report]:
+def run(
+    quick: bool = False,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    d_models: Optional[list[int]] = None,
+    tokens: Optional[list[int]] = None,
+    activation: str = "relu",
+    dropout: float = 0.1,
+    tune: Optional[bool] = None,
+) -> list[Report]:
     """The sweep over d_model and tokens; ``tune`` None: autotune unless ``quick``."""
     device = device or default_device()
     tune = (not quick) if tune is None else tune
@@ -153,8 +170,15 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
     impls = implementations(device)
     act = None if activation == "none" else activation
 
-    report = Report("bench_ffn", FLOP_COUNTS + f"; activation {activation}, dropout {dropout}", str(device),
-                    unit="TFLOP/s", baseline="eager", x="tokens", panels=["dtype", "d_model", "pass"])
+    report = Report(
+        "bench_ffn",
+        FLOP_COUNTS + f"; activation {activation}, dropout {dropout}",
+        str(device),
+        unit="TFLOP/s",
+        baseline="eager",
+        x="tokens",
+        panels=["dtype", "d_model", "pass"],
+    )
     with autotune(tune):
         for dt in dtypes:
             for d in d_models:
@@ -187,8 +211,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args(argv)
-    reports = run(args.quick, chosen_dtypes(args), d_models=args.d_model, tokens=args.tokens, activation=args.activation,
-                  dropout=args.dropout, tune=args.autotune)
+    reports = run(
+        args.quick,
+        chosen_dtypes(args),
+        d_models=args.d_model,
+        tokens=args.tokens,
+        activation=args.activation,
+        dropout=args.dropout,
+        tune=args.autotune,
+    )
     return publish(reports, args.out, plot=args.plot)
 
 

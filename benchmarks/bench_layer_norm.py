@@ -23,8 +23,19 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (DTYPES, PASSES, Report, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
-                               mark_not_run, standalone_parser, time_ms, time_passes)
+from benchmarks.common import (
+    DTYPES,
+    PASSES,
+    Report,
+    chosen_dtypes,
+    default_device,
+    input_sets,
+    label,  # noqa: E402
+    mark_not_run,
+    standalone_parser,
+    time_ms,
+    time_passes,
+)
 
 DROPOUT_P = 0.1
 EPS = 1e-5
@@ -103,29 +114,48 @@ def run_case(n: int, m: int, dtype: torch.dtype, device: torch.device, impls: di
     return timings, notes
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
-        hidden: Optional[list[int]] = None) -> list[Report]:
+def run(
+    quick: bool = False,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    hidden: Optional[list[int]] = None,
+) -> list[Report]:
     """The sweep over hidden sizes; ``dtypes`` None: all three on a GPU, fp32 on a CPU."""
     device = device or default_device()
     on_gpu = device.type == "cuda"
     dtypes = dtypes or (list(DTYPES.values()) if on_gpu else [torch.float32])
     if hidden is None:
-        hidden = (([1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 12288, 16384]) if on_gpu
-                  else [256] if quick else [256, 1024])
+        hidden = (
+            ([1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 12288, 16384])
+            if on_gpu
+            else [256]
+            if quick
+            else [256, 1024]
+        )
     # Rows such that each [M, N] tensor is 64 MiB of fp16 on the GPU (L2 is 50 MiB): data >> L2.
     elements = (2**25 if quick else 2**26) if on_gpu else 2**14 if quick else 2**16
     impls = implementations(device)
     copy_gbps = copy_bandwidth_gbps(device, quick)
 
-    report = Report("bench_layer_norm", BYTE_COUNTS + f"; measured copy bandwidth: {copy_gbps:.0f} GB/s",
-                    str(device), baseline="eager", x="N", panels=["dtype", "pass"], meta={"copy_gbps": copy_gbps})
+    report = Report(
+        "bench_layer_norm",
+        BYTE_COUNTS + f"; measured copy bandwidth: {copy_gbps:.0f} GB/s",
+        str(device),
+        baseline="eager",
+        x="N",
+        panels=["dtype", "pass"],
+        meta={"copy_gbps": copy_gbps},
+    )
     for dt in dtypes:
         elt = torch.tensor([], dtype=dt).element_size()
         for n in hidden:
             m = max(elements // n, 1)
             timings, notes = run_case(n, m, dt, device, impls, quick)
-            per_pass_bytes = {"fwd": 3 * m * n * elt + 2 * n * elt, "bwd": 4 * m * n * elt + 4 * n * elt,
-                              "fwd+bwd": 6 * m * n * elt + 6 * n * elt}
+            per_pass_bytes = {
+                "fwd": 3 * m * n * elt + 2 * n * elt,
+                "bwd": 4 * m * n * elt + 4 * n * elt,
+                "fwd+bwd": 6 * m * n * elt + 6 * n * elt,
+            }
             for p in PASSES:
                 case = {"dtype": label(dt), "M": m, "N": n, "pass": p}
                 report.add_case(case, timings[p], per_pass_bytes[p], baseline="eager", notes=notes)

@@ -26,8 +26,17 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (Report, autotune, chosen_dtypes, default_device, input_sets, label,  # noqa: E402
-                               peak_mib, standalone_parser, time_ms)
+from benchmarks.common import (
+    Report,
+    autotune,
+    chosen_dtypes,
+    default_device,
+    input_sets,
+    label,  # noqa: E402
+    peak_mib,
+    standalone_parser,
+    time_ms,
+)
 from transformer_kernels.models import build_model, greedy_decode  # noqa: E402
 
 COUNTS = "tokens per call: B*L for the layers (B*L target tokens for the decoder layer), B*steps for decoding"
@@ -36,8 +45,9 @@ COUNTS = "tokens per call: B*L for the layers (B*L target tokens for the decoder
 def make_layers(kind: str, d: int, device, dtype):
     """(eager torch layer, ours) with the same weights."""
     cls = "TransformerEncoderLayer" if kind == "encoder" else "TransformerDecoderLayer"
-    kw = dict(d_model=d, nhead=d // 64, dim_feedforward=4 * d, dropout=0.1, batch_first=True, device=device,
-              dtype=dtype)
+    kw = dict(
+        d_model=d, nhead=d // 64, dim_feedforward=4 * d, dropout=0.1, batch_first=True, device=device, dtype=dtype
+    )
     theirs = getattr(torch.nn, cls)(**kw)
     ours = getattr(tk.nn, cls)(**kw)
     ours.load_state_dict(theirs.state_dict())
@@ -61,7 +71,7 @@ def layer_case(kind, d, length, tokens, dtype, device, quick):
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(lambda seed: make_inputs(b, length, d, dtype, device, seed), device, 3 * b * length * d * elt)
     kpm = torch.zeros(b, length, dtype=torch.bool, device=device)  # 10% of the keys padded
-    kpm[:, int(length * 0.9):] = True
+    kpm[:, int(length * 0.9) :] = True
     causal = torch.nn.Transformer.generate_square_subsequent_mask(length, device=device, dtype=dtype)
 
     def call(m, x, memory):
@@ -81,8 +91,9 @@ def layer_case(kind, d, length, tokens, dtype, device, quick):
         peaks["train"][name] = peak_mib(lambda: step(*sets[0]), device)
         m.eval()
         with torch.no_grad():
-            timings["infer"][name] = time_ms(lambda x, memory, g, m=m: call(m, x, memory), device, quick=quick,
-                                             inputs=sets)
+            timings["infer"][name] = time_ms(
+                lambda x, memory, g, m=m: call(m, x, memory), device, quick=quick, inputs=sets
+            )
             peaks["infer"][name] = peak_mib(lambda m=m: call(m, *sets[0][:2]), device)
     return b, timings, peaks
 
@@ -90,18 +101,21 @@ def layer_case(kind, d, length, tokens, dtype, device, quick):
 def decode_case(preset, batch, src_len, steps, device, dtype, quick):
     torch.manual_seed(0)
     model = build_model(preset, 1000, 1000, device=device, dtype=dtype, eos_id=-1, max_positions=src_len + steps + 1)
-    sets = input_sets(lambda seed: (torch.randint(3, 1000, (batch, src_len), device=device),), device,
-                      batch * src_len * 8)
+    sets = input_sets(
+        lambda seed: (torch.randint(3, 1000, (batch, src_len), device=device),), device, batch * src_len * 8
+    )
     timings = {
-        "recompute": time_ms(lambda src: greedy_decode(model, src, max_len=steps, use_cache=False), device,
-                             quick=quick, inputs=sets),
+        "recompute": time_ms(
+            lambda src: greedy_decode(model, src, max_len=steps, use_cache=False), device, quick=quick, inputs=sets
+        ),
         "kv_cache": time_ms(lambda src: greedy_decode(model, src, max_len=steps), device, quick=quick, inputs=sets),
     }
     return timings
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
-        device: Optional[torch.device] = None) -> list[Report]:
+def run(
+    quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None
+) -> list[Report]:
     device = device or default_device()
     if device.type == "cuda":
         dtypes, tokens = dtypes or [torch.bfloat16], (8192 if quick else 16384)
@@ -111,10 +125,23 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
         dtypes, tokens, shapes = dtypes or [torch.float32], 64, [(64, 16)]
         decode = ("tiny", 2, 8, 4) if quick else ("tiny", 4, 8, 8)
 
-    layers = Report("bench_layers", COUNTS, str(device), unit="tokens/s", baseline="eager", x="L",
-                    panels=["layer", "dtype", "d", "pass"])
-    decoding = Report("bench_decoding", COUNTS, str(device), unit="tokens/s", baseline="recompute",
-                      panels=["model", "dtype", "B", "steps"])
+    layers = Report(
+        "bench_layers",
+        COUNTS,
+        str(device),
+        unit="tokens/s",
+        baseline="eager",
+        x="L",
+        panels=["layer", "dtype", "d", "pass"],
+    )
+    decoding = Report(
+        "bench_decoding",
+        COUNTS,
+        str(device),
+        unit="tokens/s",
+        baseline="recompute",
+        panels=["model", "dtype", "B", "steps"],
+    )
     with autotune(not quick):
         for dt in dtypes:
             for kind in ("encoder", "decoder"):
@@ -124,9 +151,12 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
                         case = {"layer": kind, "dtype": label(dt), "d": d, "L": length, "B": b, "pass": p}
                         layers.add_case(case, timings[p], b * length, baseline="eager", peaks=peaks[p])
             preset, batch, src_len, steps = decode
-            decoding.add_case({"model": preset, "dtype": label(dt), "B": batch, "src_len": src_len, "steps": steps},
-                              decode_case(preset, batch, src_len, steps, device, dt, quick), batch * steps,
-                              baseline="recompute")
+            decoding.add_case(
+                {"model": preset, "dtype": label(dt), "B": batch, "src_len": src_len, "steps": steps},
+                decode_case(preset, batch, src_len, steps, device, dt, quick),
+                batch * steps,
+                baseline="recompute",
+            )
     return [layers, decoding]
 
 

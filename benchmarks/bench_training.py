@@ -46,8 +46,16 @@ if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (Report, autotune, chosen_dtypes, default_device, label, peak_mib,  # noqa: E402
-                               standalone_parser, time_steps_ms)
+from benchmarks.common import (
+    Report,
+    autotune,
+    chosen_dtypes,
+    default_device,
+    label,
+    peak_mib,  # noqa: E402
+    standalone_parser,
+    time_steps_ms,
+)
 from transformer_kernels.models import EncoderDecoder, TransformerConfig  # noqa: E402
 
 LABEL_SMOOTHING = 0.1
@@ -60,10 +68,24 @@ BASE = dict(d_model=512, nhead=8, dim_feedforward=2048, num_encoder_layers=6, nu
 SETTINGS = {
     ("cuda", False): ("base", BASE, 37000, 512, 64, 5, 20),
     ("cuda", True): ("base", BASE, 37000, 256, 64, 3, 10),
-    ("cpu", False): ("cpu-small", dict(d_model=128, nhead=4, dim_feedforward=512, num_encoder_layers=2,
-                                       num_decoder_layers=2), 1000, 16, 24, 2, 5),
-    ("cpu", True): ("cpu-tiny", dict(d_model=64, nhead=4, dim_feedforward=256, num_encoder_layers=1,
-                                     num_decoder_layers=1), 500, 8, 16, 1, 3),
+    ("cpu", False): (
+        "cpu-small",
+        dict(d_model=128, nhead=4, dim_feedforward=512, num_encoder_layers=2, num_decoder_layers=2),
+        1000,
+        16,
+        24,
+        2,
+        5,
+    ),
+    ("cpu", True): (
+        "cpu-tiny",
+        dict(d_model=64, nhead=4, dim_feedforward=256, num_encoder_layers=1, num_decoder_layers=1),
+        500,
+        8,
+        16,
+        1,
+        3,
+    ),
 }
 
 
@@ -98,13 +120,30 @@ class TorchTransformer(torch.nn.Module):
         super().__init__()
         c = self.config = ours.config
         p = next(ours.parameters())
-        kw = dict(d_model=c.d_model, nhead=c.nhead, dim_feedforward=c.dim_feedforward, dropout=c.dropout,
-                  activation=c.activation, batch_first=True, norm_first=c.norm_first, device=p.device, dtype=p.dtype)
-        encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**kw), c.num_encoder_layers,
-                                              enable_nested_tensor=False)
+        kw = dict(
+            d_model=c.d_model,
+            nhead=c.nhead,
+            dim_feedforward=c.dim_feedforward,
+            dropout=c.dropout,
+            activation=c.activation,
+            batch_first=True,
+            norm_first=c.norm_first,
+            device=p.device,
+            dtype=p.dtype,
+        )
+        encoder = torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(**kw), c.num_encoder_layers, enable_nested_tensor=False
+        )
         decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(**kw), c.num_decoder_layers)
-        self.transformer = torch.nn.Transformer(c.d_model, c.nhead, custom_encoder=encoder, custom_decoder=decoder,
-                                                batch_first=True, device=p.device, dtype=p.dtype)
+        self.transformer = torch.nn.Transformer(
+            c.d_model,
+            c.nhead,
+            custom_encoder=encoder,
+            custom_decoder=decoder,
+            batch_first=True,
+            device=p.device,
+            dtype=p.dtype,
+        )
         encoder.load_state_dict(ours.encoder.state_dict())
         decoder.load_state_dict(ours.decoder.state_dict())
         self.src_embed, self.tgt_embed = copy.deepcopy((ours.src_embed, ours.tgt_embed))  # keeps a shared table shared
@@ -119,13 +158,22 @@ class TorchTransformer(torch.nn.Module):
         c = self.config
         length = tgt_in.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=tgt_in.device).triu(1)
-        hidden = self.transformer(self.embed(src, self.src_embed), self.embed(tgt_in, self.tgt_embed),
-                                  tgt_mask=causal, src_key_padding_mask=src == c.pad_id,
-                                  tgt_key_padding_mask=tgt_in == c.pad_id, memory_key_padding_mask=src == c.pad_id,
-                                  tgt_is_causal=True)
+        hidden = self.transformer(
+            self.embed(src, self.src_embed),
+            self.embed(tgt_in, self.tgt_embed),
+            tgt_mask=causal,
+            src_key_padding_mask=src == c.pad_id,
+            tgt_key_padding_mask=tgt_in == c.pad_id,
+            memory_key_padding_mask=src == c.pad_id,
+            tgt_is_causal=True,
+        )
         logits = F.linear(hidden, self.tgt_embed.weight)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=c.pad_id,
-                               label_smoothing=LABEL_SMOOTHING)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            tgt_out.reshape(-1),
+            ignore_index=c.pad_id,
+            label_smoothing=LABEL_SMOOTHING,
+        )
 
 
 class _MatmulDtypes(TorchDispatchMode):
@@ -183,8 +231,9 @@ def _row(impl: str, init: EncoderDecoder, param_dtype: torch.dtype, device: torc
     return module, loss, lambda: tk.use_backend(impl)
 
 
-def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats,
-                base: Optional[Measured]) -> Measured:
+def measure_row(
+    impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats, base: Optional[Measured]
+) -> Measured:
     """One row: the checks against ``base`` (nn_eager's row, if measured), then the timing."""
     module, loss_fn, scope = _row(impl, init, param_dtype, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -204,8 +253,9 @@ def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repea
         notes.append(probe.summary())
         compute_dtype = probe.dominant()
         if base and abs(eval_loss - base.eval_loss) > tol * abs(base.eval_loss):
-            raise AssertionError(f"eval loss {eval_loss:.4f} differs from nn_eager's {base.eval_loss:.4f} "
-                                 f"by more than {tol:.0%}")
+            raise AssertionError(
+                f"eval loss {eval_loss:.4f} differs from nn_eager's {base.eval_loss:.4f} by more than {tol:.0%}"
+            )
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -223,8 +273,9 @@ def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repea
     if not math.isfinite(first):
         raise AssertionError(f"first training step gave loss {first}")
     if base and abs(first - base.first_loss) > 0.1 * abs(base.first_loss):
-        raise AssertionError(f"first training step loss {first:.4f} is not within 10% of nn_eager's "
-                             f"{base.first_loss:.4f}")
+        raise AssertionError(
+            f"first training step loss {first:.4f} is not within 10% of nn_eager's {base.first_loss:.4f}"
+        )
     ms = time_steps_ms(step, device, warmup=warmup, repeats=repeats)
     opt.zero_grad(set_to_none=True)
     peak = peak_mib(step, device)
@@ -236,13 +287,21 @@ def _precision_notes(precision: str, rows: dict[str, Measured]) -> list[str]:
     base = rows.get("nn_eager")
     if base is None:
         return [f"{precision}: nn_eager failed, so the other rows were not checked against it"]
-    return [f"{precision}: {impl} computed its matmuls mostly in {m.compute_dtype}, nn_eager in {base.compute_dtype} "
-            "(see each row's note)" for impl, m in rows.items()
-            if m.compute_dtype and base.compute_dtype and m.compute_dtype != base.compute_dtype]
+    return [
+        f"{precision}: {impl} computed its matmuls mostly in {m.compute_dtype}, nn_eager in {base.compute_dtype} "
+        "(see each row's note)"
+        for impl, m in rows.items()
+        if m.compute_dtype and base.compute_dtype and m.compute_dtype != base.compute_dtype
+    ]
 
 
-def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
-        batch_size: Optional[int] = None, max_len: Optional[int] = None) -> list[Report]:
+def run(
+    quick: bool = False,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    batch_size: Optional[int] = None,
+    max_len: Optional[int] = None,
+) -> list[Report]:
     device = device or default_device()
     on_gpu = device.type == "cuda"
     dtypes = dtypes or [torch.bfloat16 if on_gpu else torch.float32]
@@ -251,16 +310,20 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
     config = TransformerConfig(vocab, vocab, **sizes, share_all_embeddings=True, max_positions=length + 1)
     batch = make_batch(b, length, vocab, config, device)
 
-    counts = (f"tokens/s = non-padding source + target tokens ({batch.tokens}) per training step (forward, backward, "
-              f"AdamW step); model {model_name}: d_model {config.d_model}, {config.num_encoder_layers}+"
-              f"{config.num_decoder_layers} layers, {config.nhead} heads, d_ff {config.dim_feedforward}, shared "
-              f"vocabulary {vocab}, dropout {config.dropout}, label smoothing {LABEL_SMOOTHING}; batch {b} "
-              f"sentence pairs of lengths uniform in [{length // 2}, {length}]; median of {repeats} steps after "
-              f"{warmup} warm-up steps; peak memory above the parameters and optimizer state")
+    counts = (
+        f"tokens/s = non-padding source + target tokens ({batch.tokens}) per training step (forward, backward, "
+        f"AdamW step); model {model_name}: d_model {config.d_model}, {config.num_encoder_layers}+"
+        f"{config.num_decoder_layers} layers, {config.nhead} heads, d_ff {config.dim_feedforward}, shared "
+        f"vocabulary {vocab}, dropout {config.dropout}, label smoothing {LABEL_SMOOTHING}; batch {b} "
+        f"sentence pairs of lengths uniform in [{length // 2}, {length}]; median of {repeats} steps after "
+        f"{warmup} warm-up steps; peak memory above the parameters and optimizer state"
+    )
     report = Report("bench_training", counts, str(device), unit="tokens/s", baseline="nn_eager", panels=["precision"])
     if not on_gpu:
-        report.notes.append("CPU: a small model stands in for the paper's base model, which needs a GPU; "
-                            "nn_compile and the fused kernels (auto) need one too")
+        report.notes.append(
+            "CPU: a small model stands in for the paper's base model, which needs a GPU; "
+            "nn_compile and the fused kernels (auto) need one too"
+        )
     for dt in dtypes:
         for precision, amp_dtype, param_dtype in _precisions(dt, quick):
             torch.manual_seed(0)
@@ -270,13 +333,17 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
             for impl in IMPLS:
                 timings[impl] = peaks[impl] = None
                 if not on_gpu and impl in ("nn_compile", "auto"):
-                    notes[impl] = ("needs a CUDA device (on a CPU, compiling takes minutes)" if impl == "nn_compile"
-                                   else "is the reference backend on a CPU")
+                    notes[impl] = (
+                        "needs a CUDA device (on a CPU, compiling takes minutes)"
+                        if impl == "nn_compile"
+                        else "is the reference backend on a CPU"
+                    )
                     continue
                 try:
                     with autotune(not quick):
-                        rows[impl] = measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats,
-                                                 rows.get("nn_eager"))
+                        rows[impl] = measure_row(
+                            impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats, rows.get("nn_eager")
+                        )
                 except Exception as e:  # noqa: BLE001 -- a failing row is reported, the others still run
                     notes[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     report.errors.append(f"{precision} {impl}: {notes[impl]}")
@@ -286,8 +353,14 @@ def run(quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, dev
                     torch._dynamo.reset()
                     torch.cuda.empty_cache()
             report.notes += _precision_notes(precision, rows)
-            report.add_case({"model": model_name, "precision": precision, "B": b, "tokens": batch.tokens},
-                            timings, batch.tokens, baseline="nn_eager", notes=notes, peaks=peaks)
+            report.add_case(
+                {"model": model_name, "precision": precision, "B": b, "tokens": batch.tokens},
+                timings,
+                batch.tokens,
+                baseline="nn_eager",
+                notes=notes,
+                peaks=peaks,
+            )
             del init
     return [report]
 
@@ -296,8 +369,10 @@ def main(argv=None) -> int:
     from benchmarks.suite import publish
 
     parser = standalone_parser(
-        __doc__, "a smaller batch, fewer steps",
-        dtype_help="bf16/fp16: autocast and weights in that dtype; fp32: neither (default bf16 on a GPU)")
+        __doc__,
+        "a smaller batch, fewer steps",
+        dtype_help="bf16/fp16: autocast and weights in that dtype; fp32: neither (default bf16 on a GPU)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="sentence pairs per batch")
     parser.add_argument("--max-len", type=int, default=None, help="longest sentence, in tokens")
     args = parser.parse_args(argv)

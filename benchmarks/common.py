@@ -58,8 +58,9 @@ CPU_CACHE_BYTES = 32 * 2**20  # enough input sets to exceed a last-level cache o
 CPU_MAX_SETS = 8  # ...but no more than this many
 
 
-def standalone_parser(doc: str, quick_help: Optional[str] = "fewer sizes and repeats",
-                      dtype_help: Optional[str] = None) -> argparse.ArgumentParser:
+def standalone_parser(
+    doc: str, quick_help: Optional[str] = "fewer sizes and repeats", dtype_help: Optional[str] = None
+) -> argparse.ArgumentParser:
     """The command line every ``bench_<op>.py`` shares (--quick, --dtype, --out, --plot); each
     benchmark adds its own options to it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,10 +107,20 @@ def peak_dram_gbps(card_name: str) -> Optional[float]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -139,15 +150,19 @@ def input_sets(make: Callable[[int], tuple], device: torch.device, nbytes: int) 
     return [make(seed) for seed in range(min(max(2, math.ceil(CPU_CACHE_BYTES / max(nbytes, 1))), CPU_MAX_SETS))]
 
 
-def time_ms(fn: Callable[..., object], device: torch.device, *, quick: bool = False,
-            inputs: Sequence[tuple] = ((),)) -> float:
+def time_ms(
+    fn: Callable[..., object], device: torch.device, *, quick: bool = False, inputs: Sequence[tuple] = ((),)
+) -> float:
     """Median milliseconds of one call ``fn(*args)``, ``args`` cycling through ``inputs``."""
     if device.type == "cuda":
         import triton.testing
 
         args = inputs[0]
-        return float(triton.testing.do_bench(lambda: fn(*args), warmup=10 if quick else 25,
-                                             rep=40 if quick else 100, return_mode="median"))
+        return float(
+            triton.testing.do_bench(
+                lambda: fn(*args), warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"
+            )
+        )
     for args in inputs:  # warm-up: first-call allocations and lazy initialisation, per set
         fn(*args)
     times = []
@@ -180,8 +195,9 @@ def time_steps_ms(step: Callable[[], object], device: torch.device, *, warmup: i
     return statistics.median(times)
 
 
-def time_passes(fn: Callable[..., torch.Tensor], sets: Sequence[tuple], device: torch.device,
-                quick: bool) -> dict[str, float]:
+def time_passes(
+    fn: Callable[..., torch.Tensor], sets: Sequence[tuple], device: torch.device, quick: bool
+) -> dict[str, float]:
     """Milliseconds of the forward, the backward and forward + backward of ``fn``.
 
     Each set is ``(inputs, grad)``: ``fn(*inputs)`` returns one tensor, ``grad`` is its incoming
@@ -193,11 +209,14 @@ def time_passes(fn: Callable[..., torch.Tensor], sets: Sequence[tuple], device: 
     with torch.no_grad():
         fwd = time_ms(lambda inputs, g: fn(*inputs), device, quick=quick, inputs=sets)
     outs = [(fn(*inputs), inputs, g) for inputs, g in sets]
-    bwd = time_ms(lambda out, inputs, g: torch.autograd.grad(out, wrt(inputs), g, retain_graph=True), device,
-                  quick=quick, inputs=outs)
+    bwd = time_ms(
+        lambda out, inputs, g: torch.autograd.grad(out, wrt(inputs), g, retain_graph=True),
+        device,
+        quick=quick,
+        inputs=outs,
+    )
     del outs
-    both = time_ms(lambda inputs, g: torch.autograd.grad(fn(*inputs), wrt(inputs), g), device, quick=quick,
-                   inputs=sets)
+    both = time_ms(lambda inputs, g: torch.autograd.grad(fn(*inputs), wrt(inputs), g), device, quick=quick, inputs=sets)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
@@ -253,18 +272,29 @@ class Report:
         fields.setdefault("device", "cpu" if data.get("environment", {}).get("card", "cpu") == "cpu" else "cuda")
         return cls(**fields, rows=[Row(**r) for r in data["rows"]])
 
-    def add_case(self, case: dict, timings: dict[str, Optional[float]], work: float, baseline: str,
-                 notes: Optional[dict[str, str]] = None, peaks: Optional[dict[str, Optional[float]]] = None) -> None:
+    def add_case(
+        self,
+        case: dict,
+        timings: dict[str, Optional[float]],
+        work: float,
+        baseline: str,
+        notes: Optional[dict[str, str]] = None,
+        peaks: Optional[dict[str, Optional[float]]] = None,
+    ) -> None:
         """Rows for one case: ``work`` bytes or FLOPs per call, speed-ups over ``timings[baseline]``."""
         base = timings.get(baseline)
         for impl, ms in timings.items():
-            self.rows.append(Row(
-                case=case, impl=impl, ms=ms,
-                rate=None if ms is None else work / (ms * 1e-3) / UNITS[self.unit],
-                speedup=None if ms is None or base is None else base / ms,
-                note=(notes or {}).get(impl, ""),
-                peak_mib=(peaks or {}).get(impl),
-            ))
+            self.rows.append(
+                Row(
+                    case=case,
+                    impl=impl,
+                    ms=ms,
+                    rate=None if ms is None else work / (ms * 1e-3) / UNITS[self.unit],
+                    speedup=None if ms is None or base is None else base / ms,
+                    note=(notes or {}).get(impl, ""),
+                    peak_mib=(peaks or {}).get(impl),
+                )
+            )
 
     def _by_case(self) -> tuple[list[str], list[str], dict[tuple, dict[str, Row]]]:
         keys = list(self.rows[0].case)
@@ -312,8 +342,11 @@ class Report:
         """``<name>.md``, ``.csv`` and ``.json`` in ``out_dir``; returns the environment recorded."""
         out_dir.mkdir(parents=True, exist_ok=True)
         env = self.environment = run_environment(torch.device(self.device))
-        header = (f"# {self.name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items())
-                  + f"\n- {self.unit} from: {self.counts}\n\n")
+        header = (
+            f"# {self.name}\n\n"
+            + "\n".join(f"- {k}: {v}" for k, v in env.items())
+            + f"\n- {self.unit} from: {self.counts}\n\n"
+        )
         (out_dir / f"{self.name}.md").write_text(header + self.markdown() + "\n")
         with open(out_dir / f"{self.name}.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -330,8 +363,12 @@ def run_environment(device: torch.device) -> dict:
     that ran (``"cpu"``), the commit and the date: what every result file carries."""
     env = environment()
     name = card(device)
-    env.update(card=name, peak_dram_gbps=peak_dram_gbps(name), commit=git_commit(),
-               date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    env.update(
+        card=name,
+        peak_dram_gbps=peak_dram_gbps(name),
+        commit=git_commit(),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
     return env
 
 

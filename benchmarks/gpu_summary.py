@@ -23,8 +23,11 @@ def test_counts(junit: Path) -> str:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
-    failing = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-               if case.find("failure") is not None or case.find("error") is not None]
+    failing = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
     lines = [f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped"]
     lines += [f"  - FAILED {name}" for name in failing[:30]]
     if len(failing) > 30:
@@ -35,10 +38,12 @@ def test_counts(junit: Path) -> str:
 def main(out_dir: str) -> None:
     env = environment()
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(f"- card: {env['gpu']}\n- driver: {env['driver']}\n"
-          f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}\n"
-          f"- extension: {env['extension']} ({env['extension_archs']})\n"
-          f"- commit: {git_commit()}\n- date: {now}")
+    print(
+        f"- card: {env['gpu']}\n- driver: {env['driver']}\n"
+        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}\n"
+        f"- extension: {env['extension']} ({env['extension_archs']})\n"
+        f"- commit: {git_commit()}\n- date: {now}"
+    )
     for part, name in (("kernels", "tests_kernels.xml"), ("the rest", "tests_rest.xml")):
         print(f"- tests ({part}): {test_counts(Path(out_dir) / name)}")
 

@@ -67,8 +67,10 @@ def _lines(ax, rows: list[Row], x: str, y, skip: tuple = ()) -> bool:
 
 def _finish(fig, report: Report, what: str, path: Path) -> Path:
     env = report.environment
-    fig.suptitle(f"{report.name}: {what}\n{env.get('card', '?')}, {env.get('date', '?')[:10]}, "
-                 f"commit {env.get('commit', '?')}", fontsize=10)
+    fig.suptitle(
+        f"{report.name}: {what}\n{env.get('card', '?')}, {env.get('date', '?')[:10]}, commit {env.get('commit', '?')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -87,8 +89,9 @@ def speedup(report: Report, path: Path) -> Path:
         ax.set_ylabel(f"speed-up over {report.baseline}")
         ax.set_title(_title(report, key), fontsize=9)
     dtypes = sorted({str(r.case.get("dtype")) for r in report.rows if "dtype" in r.case})
-    return _finish(fig, report, f"speed-up over {report.baseline}" + (f" ({', '.join(dtypes)})" if dtypes else ""),
-                   path)
+    return _finish(
+        fig, report, f"speed-up over {report.baseline}" + (f" ({', '.join(dtypes)})" if dtypes else ""), path
+    )
 
 
 def roofline(report: Report, path: Path) -> Path:
@@ -111,8 +114,11 @@ def roofline(report: Report, path: Path) -> Path:
         ax.set_ylabel("fraction of peak DRAM bandwidth" if peak else "achieved GB/s")
         ax.set_title(_title(report, key), fontsize=9)
         ax.legend(fontsize=7)
-    what = ("achieved bandwidth / peak DRAM bandwidth" if peak else
-            f"achieved GB/s (no peak DRAM bandwidth known for '{card}': no roof)")
+    what = (
+        "achieved bandwidth / peak DRAM bandwidth"
+        if peak
+        else f"achieved GB/s (no peak DRAM bandwidth known for '{card}': no roof)"
+    )
     return _finish(fig, report, what, path)
 
 
@@ -125,8 +131,9 @@ def bars(report: Report, path: Path) -> Path:
     width = 0.8 / len(impls)
     keys = report.panels or list(report.rows[0].case)
     labels = ["\n".join(f"{k}={dict(c)[k]}" for k in keys) for c in cases]
-    for ax, value, ylabel in zip(axes[0], (lambda r: r.rate, lambda r: r.peak_mib),
-                                 (report.unit, "peak MiB above the inputs")):
+    for ax, value, ylabel in zip(
+        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs")
+    ):
         for j, impl in enumerate(impls):
             xs = [i + j * width for i in range(len(cases))]
             rows = [by.get((c, impl)) for c in cases]

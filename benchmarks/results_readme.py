@@ -43,8 +43,11 @@ def _rows(reports: Reports, name: str, impl: Optional[str] = None, **case) -> li
     report = reports.get(name)
     if report is None:
         return []
-    return [r for r in report.rows if r.ms is not None and (impl is None or r.impl == impl)
-            and all(r.case.get(k) == v for k, v in case.items())]
+    return [
+        r
+        for r in report.rows
+        if r.ms is not None and (impl is None or r.impl == impl) and all(r.case.get(k) == v for k, v in case.items())
+    ]
 
 
 def _same_case(reports: Reports, name: str, row: Row, impl: str) -> Optional[Row]:
@@ -76,9 +79,14 @@ def layer_norm(reports: Reports) -> Optional[Measured]:
         eager = [r.speedup for r in rows]
         comp = [c.ms / r.ms for r in rows if (c := _same_case(reports, "bench_layer_norm", r, "compile"))]
         met = min(frac) >= 0.85 and min(eager) >= 2.0 and bool(comp) and min(comp) >= 1.2
-        parts.append((f"{impl}: {_span([100 * f for f in frac], '{:.0f}')}% of copy bandwidth, "
-                      f"{_span(eager, '{:.2f}')}x eager, "
-                      + (f"{_span(comp, '{:.2f}')}x compile" if comp else "compile not measured"), met))
+        parts.append(
+            (
+                f"{impl}: {_span([100 * f for f in frac], '{:.0f}')}% of copy bandwidth, "
+                f"{_span(eager, '{:.2f}')}x eager, "
+                + (f"{_span(comp, '{:.2f}')}x compile" if comp else "compile not measured"),
+                met,
+            )
+        )
     return _join(parts)
 
 
@@ -93,8 +101,16 @@ def attention(reports: Reports) -> Optional[Measured]:
         return min(times) if times else None
 
     parts, met = [], []
-    key = [r for r in rows if r.case.get("pass") == "fwd" and r.case.get("D") == 128 and r.case.get("L") == 8192
-           and r.case.get("dtype") == "bf16" and not r.case.get("causal") and not r.case.get("padding")]
+    key = [
+        r
+        for r in rows
+        if r.case.get("pass") == "fwd"
+        and r.case.get("D") == 128
+        and r.case.get("L") == 8192
+        and r.case.get("dtype") == "bf16"
+        and not r.case.get("causal")
+        and not r.case.get("padding")
+    ]
     if key and best_sdpa(key[0]):
         ratio = best_sdpa(key[0]) / key[0].ms
         parts.append(f"fwd D=128 L=8k: {ratio:.2f}x SDPA's best")
@@ -118,8 +134,12 @@ def linear_cross_entropy(reports: Reports) -> Optional[Measured]:
         if eager is None or not row.peak_mib or not eager.peak_mib:
             continue
         less = eager.peak_mib / row.peak_mib
-        parts.append((f"N={row.case['N']}: {less:.1f}x less peak memory, {row.speedup:.2f}x eager's speed",
-                      less >= 3.0 and row.speedup >= 1.0))
+        parts.append(
+            (
+                f"N={row.case['N']}: {less:.1f}x less peak memory, {row.speedup:.2f}x eager's speed",
+                less >= 3.0 and row.speedup >= 1.0,
+            )
+        )
     if not parts:
         return None
     return "triton at V=128k: " + "; ".join(t for t, _ in parts), all(m for _, m in parts)
@@ -134,9 +154,13 @@ def ffn(reports: Reports) -> Optional[Measured]:
             continue
         eager = [r.speedup for r in rows]
         frac = [r.rate / g.rate for r, g in gemm]
-        parts.append((f"{impl}: {_span(eager, '{:.2f}')}x eager, "
-                      + (f"{_span([100 * f for f in frac], '{:.0f}')}% of bare GEMMs" if frac else "no GEMM rate"),
-                      min(eager) >= 1.15 and bool(frac) and min(frac) >= 0.95))
+        parts.append(
+            (
+                f"{impl}: {_span(eager, '{:.2f}')}x eager, "
+                + (f"{_span([100 * f for f in frac], '{:.0f}')}% of bare GEMMs" if frac else "no GEMM rate"),
+                min(eager) >= 1.15 and bool(frac) and min(frac) >= 0.95,
+            )
+        )
     return _join(parts)
 
 
@@ -149,10 +173,15 @@ def layers(reports: Reports) -> Optional[Measured]:
     if rows:
         eager = [r.speedup for r in rows]
         comp = [c.ms / r.ms for r in rows if (c := _same_case(reports, "bench_layers", r, "compile"))]
-        mem = [r.peak_mib / e.peak_mib for r in rows
-               if (e := _same_case(reports, "bench_layers", r, "eager")) and r.peak_mib and e.peak_mib]
-        parts.append(f"training step {_span(eager, '{:.2f}')}x eager, "
-                     + (f"{_span(comp, '{:.2f}')}x compiled" if comp else "compiled not measured"))
+        mem = [
+            r.peak_mib / e.peak_mib
+            for r in rows
+            if (e := _same_case(reports, "bench_layers", r, "eager")) and r.peak_mib and e.peak_mib
+        ]
+        parts.append(
+            f"training step {_span(eager, '{:.2f}')}x eager, "
+            + (f"{_span(comp, '{:.2f}')}x compiled" if comp else "compiled not measured")
+        )
         met += [min(eager) >= 1.5, bool(comp) and min(comp) >= 1.15]
         if mem:
             parts.append(f"memory {_span(mem, '{:.2f}')}x eager's")
@@ -167,23 +196,32 @@ def training(reports: Reports) -> Optional[Measured]:
     parts = []
     for row in _rows(reports, "bench_training", "auto"):
         comp = _same_case(reports, "bench_training", row, "nn_compile")
-        parts.append(f"{row.case['precision']}: {row.rate:.3g} tokens/s, {row.speedup:.2f}x torch.nn"
-                     + (f", {comp.ms / row.ms:.2f}x torch.nn compiled" if comp else ""))
+        parts.append(
+            f"{row.case['precision']}: {row.rate:.3g} tokens/s, {row.speedup:.2f}x torch.nn"
+            + (f", {comp.ms / row.ms:.2f}x torch.nn compiled" if comp else "")
+        )
     return ("; ".join(parts), None) if parts else None
 
 
 TARGETS = (
-    Target("`dropout_add_layer_norm` fwd+bwd ≥ 85% of copy bandwidth, ≥ 2× eager, ≥ 1.2× `torch.compile`",
-           layer_norm),
-    Target("`attention` fwd ≥ 1.1× SDPA's best at D=128, L=8k, bf16; fwd+bwd ≥ 1.0× across the sweep; "
-           "≥ 2× SDPA with a padding mask", attention),
-    Target("`linear_cross_entropy` ≥ 3× less peak memory than eager at V = 128k, and not slower",
-           linear_cross_entropy),
+    Target("`dropout_add_layer_norm` fwd+bwd ≥ 85% of copy bandwidth, ≥ 2× eager, ≥ 1.2× `torch.compile`", layer_norm),
+    Target(
+        "`attention` fwd ≥ 1.1× SDPA's best at D=128, L=8k, bf16; fwd+bwd ≥ 1.0× across the sweep; "
+        "≥ 2× SDPA with a padding mask",
+        attention,
+    ),
+    Target("`linear_cross_entropy` ≥ 3× less peak memory than eager at V = 128k, and not slower", linear_cross_entropy),
     Target("`ffn` fwd+bwd ≥ 1.15× eager and ≥ 95% of the bare-GEMM rate", ffn),
-    Target("layer training step ≥ 1.5× eager and ≥ 1.15× compiled; activation memory ≤ 0.6× eager; "
-           "cached decoding ≥ 3× recompute", layers),
-    Target("training throughput of the base model (issue #8): no target; the package (`auto`) against "
-           "`torch.nn.Transformer` eager and compiled", training),
+    Target(
+        "layer training step ≥ 1.5× eager and ≥ 1.15× compiled; activation memory ≤ 0.6× eager; "
+        "cached decoding ≥ 3× recompute",
+        layers,
+    ),
+    Target(
+        "training throughput of the base model (issue #8): no target; the package (`auto`) against "
+        "`torch.nn.Transformer` eager and compiled",
+        training,
+    ),
 )
 
 PENDING = """Once GPU results exist, this file holds the card, driver, versions, date and commit, each
@@ -244,25 +282,39 @@ def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
     gpu = is_gpu(loaded)
     lines = ["# Benchmark results", ""]
     if not gpu:
-        lines += ["**No GPU results yet.** No GPU has been lent to the issues that built these kernels, so every "
-                  "rate, speed-up and performance target below is still unmeasured."]
+        lines += [
+            "**No GPU results yet.** No GPU has been lent to the issues that built these kernels, so every "
+            "rate, speed-up and performance target below is still unmeasured."
+        ]
         if loaded:
             env = loaded[0].environment
-            lines += ["", f"The results in `{results}` ({env.get('date', '?')[:10]}, commit {env.get('commit', '?')}) "
-                      "come from a CPU: smoke runs that show the benchmarks work, not measurements of the kernels."]
+            lines += [
+                "",
+                f"The results in `{results}` ({env.get('date', '?')[:10]}, commit {env.get('commit', '?')}) "
+                "come from a CPU: smoke runs that show the benchmarks work, not measurements of the kernels.",
+            ]
         lines += ["", *_targets_table({}), "", PENDING, "", HOW_TO, "", *training_runs(readme_dir)]
         return "\n".join(lines)
     env = loaded[0].environment
     rel = Path(os.path.relpath(results, readme_dir))
-    lines += [f"The latest GPU results, from `{rel}` (rendered by `benchmarks/results_readme.py`).", "",
-              f"- card: {env.get('card')} (driver {env.get('driver')}; peak DRAM bandwidth "
-              f"{env.get('peak_dram_gbps') or 'not in the table'} GB/s)",
-              f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
-              f"extension {env.get('extension')}",
-              f"- date: {env.get('date')}", f"- commit: {env.get('commit')}", "",
-              "## Targets", "", *_targets_table({r.name: r for r in loaded}), "",
-              "Speed-ups are against the baseline measured in the same run (each table names it). "
-              "The methodology is in `benchmarks/common.py`.", ""]
+    lines += [
+        f"The latest GPU results, from `{rel}` (rendered by `benchmarks/results_readme.py`).",
+        "",
+        f"- card: {env.get('card')} (driver {env.get('driver')}; peak DRAM bandwidth "
+        f"{env.get('peak_dram_gbps') or 'not in the table'} GB/s)",
+        f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
+        f"extension {env.get('extension')}",
+        f"- date: {env.get('date')}",
+        f"- commit: {env.get('commit')}",
+        "",
+        "## Targets",
+        "",
+        *_targets_table({r.name: r for r in loaded}),
+        "",
+        "Speed-ups are against the baseline measured in the same run (each table names it). "
+        "The methodology is in `benchmarks/common.py`.",
+        "",
+    ]
     for r in loaded:
         lines += [f"## {r.name}", "", f"{r.unit} from: {r.counts}", "", r.markdown(), ""]
         for png in sorted((results / "plots").glob(f"{r.name}*.png")):
@@ -273,8 +325,13 @@ def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", type=Path, default=None,
-                        help="results folder (default: the newest GPU results under benchmarks/results/)")
+    parser.add_argument(
+        "results",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="results folder (default: the newest GPU results under benchmarks/results/)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "README.md")
     args = parser.parse_args(argv)
     if args.results is not None and not args.results.is_dir():

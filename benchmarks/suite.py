@@ -116,12 +116,17 @@ def write_summary(out: Path, status: dict, device: torch.device, plots_line: str
     """``out/summary.md``: the environment, each benchmark's status, every report's table, the plots."""
     env = run_environment(device)
     lines = ["# Benchmark suite", ""]
-    lines += [f"- {k}: {env[k]}" for k in ("card", "driver", "torch", "torch_cuda", "triton", "extension", "commit",
-                                            "date") if k in env]
+    lines += [
+        f"- {k}: {env[k]}"
+        for k in ("card", "driver", "torch", "torch_cuda", "triton", "extension", "commit", "date")
+        if k in env
+    ]
     lines += ["", "| benchmark | result | time | reports | error |", "|---|---|---|---|---|"]
     for op, s in status.items():
-        lines.append(f"| {op} | {s['status']} | {s['seconds']} s | {', '.join(s['reports'])} | "
-                     f"{s.get('error', '').replace('|', '/')} |")
+        lines.append(
+            f"| {op} | {s['status']} | {s['seconds']} s | {', '.join(s['reports'])} | "
+            f"{s.get('error', '').replace('|', '/')} |"
+        )
     order = [name for s in status.values() for name in s["reports"]]
     reports = sorted(load_reports(out), key=lambda r: (order.index(r.name) if r.name in order else len(order), r.name))
     for r in reports:
@@ -134,14 +139,19 @@ def write_summary(out: Path, status: dict, device: torch.device, plots_line: str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transformer_kernels bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m transformer_kernels bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("ops", nargs="*", metavar="op", help=f"any of: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (what gpu_check.sh runs)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="default: bfloat16 on a GPU, float32 on a CPU")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: benchmarks/results/<card or cpu>-<date>)")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on a GPU, float32 on a CPU"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: benchmarks/results/<card or cpu>-<date>)"
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
     unknown = [op for op in args.ops if op not in BENCHMARKS]

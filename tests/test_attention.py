@@ -20,8 +20,9 @@ from transformer_kernels.reference import attention_ref, dropout_keep_mask
 from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
-                                   "(needs a CUDA device, or TRITON_INTERPRET=1 for Triton)")
+needs_kernels = pytest.mark.skipif(
+    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +64,23 @@ def _assert_lse_close(fast, same_dtype, exact):
     assert_close_to_reference("lse", fast[~empty], same_dtype[~empty], exact[~empty].float())
 
 
-def _compare(backend, dtype, b, lq, lk, hq, hkv, d, *, causal=False, padding=None, dropout_p=0.0,
-             softmax_scale=None, keep_mask=None, op_rng_seed=0):
+def _compare(
+    backend,
+    dtype,
+    b,
+    lq,
+    lk,
+    hq,
+    hkv,
+    d,
+    *,
+    causal=False,
+    padding=None,
+    dropout_p=0.0,
+    softmax_scale=None,
+    keep_mask=None,
+    op_rng_seed=0,
+):
     """Forward, lse and dq/dk/dv of ``backend`` against the float64 reference, with the error rule.
 
     The op draws its dropout seed after ``torch.manual_seed(op_rng_seed)``; the reference applies
@@ -74,8 +90,7 @@ def _compare(backend, dtype, b, lq, lk, hq, hkv, d, *, causal=False, padding=Non
     q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype)
     kpm = _padding(b, lk, padding)
     dout = torch.randn(b, lq, hq, d, device=device())
-    kw = dict(causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, softmax_scale=softmax_scale,
-              return_lse=True)
+    kw = dict(causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, softmax_scale=softmax_scale, return_lse=True)
 
     torch.manual_seed(op_rng_seed)
     fast = _run(lambda *t: tk.attention(*t, backend=backend, **kw), [q, k, v], dout)
@@ -83,11 +98,13 @@ def _compare(backend, dtype, b, lq, lk, hq, hkv, d, *, causal=False, padding=Non
     seed = int(draw_seed()) if dropout_p > 0 and keep_mask is None else None
     kw.update(seed=seed, keep_mask=keep_mask)
     same_dtype = _run(lambda *t: attention_ref(*t, upcast=False, **kw), [q, k, v], dout)
-    exact = _run(lambda *t: attention_ref(*t, **kw), [t.detach().double().requires_grad_() for t in (q, k, v)],
-                 dout.double())
+    exact = _run(
+        lambda *t: attention_ref(*t, **kw), [t.detach().double().requires_grad_() for t in (q, k, v)], dout.double()
+    )
 
-    for name, a, s, e in zip(["out", "dq", "dk", "dv"], [fast[0]] + fast[2], [same_dtype[0]] + same_dtype[2],
-                             [exact[0]] + exact[2]):
+    for name, a, s, e in zip(
+        ["out", "dq", "dk", "dv"], [fast[0]] + fast[2], [same_dtype[0]] + same_dtype[2], [exact[0]] + exact[2]
+    ):
         assert_close_to_reference(f"{backend} {name}", a, s, e)
     assert fast[1].dtype == torch.float32 and fast[1].shape == (b, hq, lq)
     _assert_lse_close(fast[1], same_dtype[1], exact[1])
@@ -99,8 +116,13 @@ def _compare(backend, dtype, b, lq, lk, hq, hkv, d, *, causal=False, padding=Non
 
 @pytest.mark.parametrize(
     "lq, lk, hq, hkv, causal, padding",
-    [(17, 17, 2, 2, False, False), (17, 17, 2, 2, True, False), (5, 17, 4, 2, True, True),
-     (17, 9, 4, 1, True, False), (1, 9, 2, 1, False, True)],
+    [
+        (17, 17, 2, 2, False, False),
+        (17, 17, 2, 2, True, False),
+        (5, 17, 4, 2, True, True),
+        (17, 9, 4, 1, True, False),
+        (1, 9, 2, 1, False, True),
+    ],
     ids=["mha", "causal", "causal_bottom_right_gqa_padding", "causal_lq_gt_lk_mqa", "decode_padding"],
 )
 def test_reference_matches_sdpa(lq, lk, hq, hkv, causal, padding):
@@ -132,14 +154,19 @@ def test_reference_matches_sdpa(lq, lk, hq, hkv, causal, padding):
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1).float())
 
 
-@pytest.mark.parametrize("variant", [dict(causal=True, padding=True), dict(dropout_p=0.4)],
-                         ids=["causal_padding_empty_rows", "dropout_gqa"])
+@pytest.mark.parametrize(
+    "variant", [dict(causal=True, padding=True), dict(dropout_p=0.4)], ids=["causal_padding_empty_rows", "dropout_gqa"]
+)
 def test_reference_gradcheck(variant):
     torch.manual_seed(0)
     q, k, v = _qkv(2, 4, 3, 2, 1, 4, torch.float64)
     kpm = torch.tensor([[False, True, False], [True, True, True]], device=device())
-    kw = dict(causal=variant.get("causal", False), key_padding_mask=kpm if variant.get("padding") else None,
-              dropout_p=variant.get("dropout_p", 0.0), seed=1234)
+    kw = dict(
+        causal=variant.get("causal", False),
+        key_padding_mask=kpm if variant.get("padding") else None,
+        dropout_p=variant.get("dropout_p", 0.0),
+        seed=1234,
+    )
     assert torch.autograd.gradcheck(lambda q, k, v: attention_ref(q, k, v, **kw), (q, k, v))
 
 
@@ -164,8 +191,16 @@ CASES = {
     "fp16_padding_full_row": (torch.float16, 2, 113, 113, 2, 2, 64, dict(padding="full_row")),
     "bf16_causal_padding_gqa": (torch.bfloat16, 2, 17, 113, 4, 2, 32, dict(causal=True, padding="random")),
     "fp32_dropout": (torch.float32, 2, 17, 113, 2, 2, 32, dict(dropout_p=0.3)),
-    "fp16_dropout_causal_padding_gqa": (torch.float16, 2, 113, 113, 4, 2, 64,
-                                        dict(dropout_p=0.2, causal=True, padding="full_row")),
+    "fp16_dropout_causal_padding_gqa": (
+        torch.float16,
+        2,
+        113,
+        113,
+        4,
+        2,
+        64,
+        dict(dropout_p=0.2, causal=True, padding="full_row"),
+    ),
     "bf16_dropout_mqa_113x17_d80": (torch.bfloat16, 1, 113, 17, 4, 1, 80, dict(dropout_p=0.5)),
     "fp16_d256": (torch.float16, 1, 17, 17, 2, 2, 256, {}),
 }
@@ -192,8 +227,9 @@ def test_huge_logits_stay_finite(backend, dtype):
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     for name, t in zip(["out", "lse", "dq", "dk", "dv"], (out, lse) + grads):
         assert torch.isfinite(t).all(), f"{name} is not finite"
-    expected, expected_lse = attention_ref(q.double(), k.double(), v.double(), causal=True, softmax_scale=1e3,
-                                           return_lse=True)
+    expected, expected_lse = attention_ref(
+        q.double(), k.double(), v.double(), causal=True, softmax_scale=1e3, return_lse=True
+    )
     torch.testing.assert_close(out, expected.to(dtype))
     torch.testing.assert_close(lse, expected_lse)
 
@@ -248,8 +284,9 @@ def _recover_keep_mask(backend, b, h, lq, lk, p, rng_seed, dtype=torch.float32):
     torch.manual_seed(rng_seed)
     out = tk.attention(q, k, v, dropout_p=p, backend=backend)  # [B, Lq, H, Lk]
     kept = out.transpose(1, 2) != 0  # [B, H, Lq, Lk]
-    torch.testing.assert_close(out.transpose(1, 2)[kept].float(),
-                               torch.full((int(kept.sum()),), 1 / (1 - p) / lk, device=device()))
+    torch.testing.assert_close(
+        out.transpose(1, 2)[kept].float(), torch.full((int(kept.sum()),), 1 / (1 - p) / lk, device=device())
+    )
     return kept
 
 
@@ -294,8 +331,21 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
     (independently of reference/philox.py): the backward regenerates the forward's mask."""
     b, lq, lk, hq, hkv, d = 2, 33, 40, 2, 1, 32
     keep = _recover_keep_mask(backend, b, hq, lq, lk, 0.3, rng_seed=5)
-    _compare(backend, dtype, b, lq, lk, hq, hkv, d, causal=True, padding="random", dropout_p=0.3,
-             op_rng_seed=5, keep_mask=keep)
+    _compare(
+        backend,
+        dtype,
+        b,
+        lq,
+        lk,
+        hq,
+        hkv,
+        d,
+        causal=True,
+        padding="random",
+        dropout_p=0.3,
+        op_rng_seed=5,
+        keep_mask=keep,
+    )
 
 
 # --- torch.compile and the custom ops --------------------------------------------------------
@@ -338,12 +388,33 @@ def test_opcheck_custom_ops(backend):
     kpm = _padding(1, 17, "random")
     seed = torch.tensor(7)
     for p, mask in ((0.0, None), (0.25, kpm)):
-        fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, True, p, 0.25,
-                    seed if p else None, backend)
+        fwd_args = (
+            q.requires_grad_(),
+            k.requires_grad_(),
+            v.requires_grad_(),
+            mask,
+            True,
+            p,
+            0.25,
+            seed if p else None,
+            backend,
+        )
         torch.library.opcheck(_fwd, fwd_args)
         out, lse = _fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args])
-        bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, True, p, 0.25,
-                    seed if p else None, backend)
+        bwd_args = (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out,
+            lse,
+            mask,
+            True,
+            p,
+            0.25,
+            seed if p else None,
+            backend,
+        )
         torch.library.opcheck(_bwd, bwd_args)
 
 
@@ -363,18 +434,35 @@ def _bad(**kwargs):
         (_bad(k=torch.randn(3, 7, 2, 8), v=torch.randn(3, 7, 2, 8)), ValueError, r"batch size of k/v \(3\)"),
         (_bad(k=torch.randn(2, 7, 2, 16), v=torch.randn(2, 7, 2, 16)), ValueError, r"head dim of k/v \(16\)"),
         (_bad(v=torch.randn(2, 6, 2, 8)), ValueError, r"k shape \[2, 7, 2, 8\] and v shape \[2, 6, 2, 8\]"),
-        (_bad(k=torch.randn(2, 7, 3, 8), v=torch.randn(2, 7, 3, 8)), ValueError,
-         r"query heads \(4\) must be a multiple of the number of key/value heads \(3\)"),
+        (
+            _bad(k=torch.randn(2, 7, 3, 8), v=torch.randn(2, 7, 3, 8)),
+            ValueError,
+            r"query heads \(4\) must be a multiple of the number of key/value heads \(3\)",
+        ),
         (_bad(k=torch.randn(2, 7, 2, 8, dtype=torch.float64)), TypeError, "k dtype torch.float64 does not match"),
         (_bad(key_padding_mask=torch.zeros(2, 7)), TypeError, "key_padding_mask must be a bool tensor"),
-        (_bad(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError,
-         r"key_padding_mask shape \[2, 5\] does not match \[B, Lk\] = \[2, 7\]"),
+        (
+            _bad(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask shape \[2, 5\] does not match \[B, Lk\] = \[2, 7\]",
+        ),
         (_bad(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\]"),
         (_bad(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
         (_bad(backend="fast"), ValueError, "unknown backend 'fast'"),
     ],
-    ids=["rank", "batch", "head_dim", "kv_shape", "heads", "dtype", "mask_dtype", "mask_shape", "dropout_neg",
-         "dropout_big", "backend"],
+    ids=[
+        "rank",
+        "batch",
+        "head_dim",
+        "kv_shape",
+        "heads",
+        "dtype",
+        "mask_dtype",
+        "mask_shape",
+        "dropout_neg",
+        "dropout_big",
+        "backend",
+    ],
 )
 def test_bad_inputs(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -384,8 +472,11 @@ def test_bad_inputs(kwargs, error, match):
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
 def test_triton_head_dim_limit():
     q = torch.randn(1, 3, 1, 300, device=device())
-    with pytest.raises(backends.BackendError, match=r"attention: the triton backend cannot run these inputs: "
-                                                    r"head_dim 300 is not supported \(max 256\)"):
+    with pytest.raises(
+        backends.BackendError,
+        match=r"attention: the triton backend cannot run these inputs: "
+        r"head_dim 300 is not supported \(max 256\)",
+    ):
         tk.attention(q, q, q, backend="triton")
     # auto falls back to a backend that can (the reference)
     assert tk.attention(q, q, q).shape == q.shape
@@ -398,9 +489,11 @@ def test_triton_head_dim_limit():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [64, 80, 256])
 @pytest.mark.parametrize("lq, lk", [(1023, 1023), (1, 1023), (513, 1023)], ids=str)
-@pytest.mark.parametrize("dtype, options", [(torch.bfloat16, dict(causal=True)),
-                                            (torch.float16, dict(padding="full_row", dropout_p=0.1))],
-                         ids=["bf16_causal", "fp16_padding_dropout"])
+@pytest.mark.parametrize(
+    "dtype, options",
+    [(torch.bfloat16, dict(causal=True)), (torch.float16, dict(padding="full_row", dropout_p=0.1))],
+    ids=["bf16_causal", "fp16_padding_dropout"],
+)
 def test_matches_reference_large(backend, d, lq, lk, dtype, options):
     _compare(backend, dtype, 2, lq, lk, 4, 2, d, **options)
 
@@ -417,8 +510,12 @@ def test_fp32_is_not_tf32(backend):
 
 def test_bench_attention_runs(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--seqlen", "64", "--out", str(tmp_path)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--seqlen", "64", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     data = json.loads((tmp_path / "bench_attention.json").read_text())
     timed = [r for r in data["rows"] if r["ms"] is not None]
     assert {r["impl"] for r in timed} >= {"sdpa", "reference"} and all(r["ms"] > 0 for r in timed)

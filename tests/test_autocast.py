@@ -43,8 +43,9 @@ def _assert_same(fn_amp, fn_manual, leaves, amp_dtype, out_dtype):
 
 
 def _cases(op):
-    return [pytest.param(b, dt, id=f"{b}-{str(dt)[6:]}") for b in ["reference"] + kernel_backends(op)
-            for dt in AMP_DTYPES]
+    return [
+        pytest.param(b, dt, id=f"{b}-{str(dt)[6:]}") for b in ["reference"] + kernel_backends(op) for dt in AMP_DTYPES
+    ]
 
 
 @pytest.mark.parametrize("backend, amp_dtype", _cases("ffn"))
@@ -155,8 +156,11 @@ def test_model_trains_under_autocast(amp_dtype):
         loss = model.loss(src, tgt[:, :-1], tgt[:, 1:], label_smoothing=0.1)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-               for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad
+    )
 
 
 def test_autocast_compiles_fullgraph():

@@ -41,7 +41,9 @@ def test_call_keyword_wins_over_scope():
 
 
 def test_auto_on_cpu_is_reference():
-    assert backends.resolve("dropout_add_layer_norm", "auto", torch.device("cpu"), torch.float32, hidden=8) == "reference"
+    assert (
+        backends.resolve("dropout_add_layer_norm", "auto", torch.device("cpu"), torch.float32, hidden=8) == "reference"
+    )
 
 
 def test_auto_on_cuda_follows_the_preference_order(monkeypatch):
@@ -57,6 +59,9 @@ def test_auto_on_cuda_follows_the_preference_order(monkeypatch):
     assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=20000) == "triton"
     assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=100000) == "reference"
     assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float64, hidden=1024) == "reference"
-    with pytest.raises(backends.BackendError, match=r"the cuda backend cannot run these inputs: hidden size 20000 "
-                                                    r"is not supported \(max 16384\)"):
+    with pytest.raises(
+        backends.BackendError,
+        match=r"the cuda backend cannot run these inputs: hidden size 20000 "
+        r"is not supported \(max 16384\)",
+    ):
         backends.resolve("dropout_add_layer_norm", "cuda", cuda, torch.float16, hidden=20000)

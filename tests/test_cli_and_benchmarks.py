@@ -29,8 +29,9 @@ REPORTS = {  # benchmark -> the reports it writes
 
 
 def test_info_reports_versions_and_backends():
-    out = subprocess.run([sys.executable, "-m", "transformer_kernels", "info"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "transformer_kernels", "info"], capture_output=True, text=True, check=True
+    ).stdout
     for needle in ("torch", "triton", "extension", "dropout_add_layer_norm", "reference"):
         assert needle in out
 
@@ -62,7 +63,12 @@ def test_suite_writes_every_table(suite_out):
             _timed_rows(out / f"{name}.json")
             assert (out / f"{name}.md").read_text().startswith(f"# {name}")
             assert (out / f"{name}.csv").read_text().splitlines()[0].split(",")[-5:] == [
-                "ms", json.loads((out / f"{name}.json").read_text())["unit"], "speedup", "peak_mib", "note"]
+                "ms",
+                json.loads((out / f"{name}.json").read_text())["unit"],
+                "speedup",
+                "peak_mib",
+                "note",
+            ]
             assert f"## {name}" in summary
 
 
@@ -70,8 +76,13 @@ def test_suite_draws_plots(suite_out):
     pytest.importorskip("matplotlib")
     _, out = suite_out
     plots = {p.name for p in (out / "plots").glob("*.png") if p.stat().st_size > 0}
-    assert {"bench_layer_norm_speedup.png", "bench_layer_norm_roofline.png", "bench_cross_entropy_roofline.png",
-            "bench_attention_speedup.png", "bench_training.png"} <= plots
+    assert {
+        "bench_layer_norm_speedup.png",
+        "bench_layer_norm_roofline.png",
+        "bench_cross_entropy_roofline.png",
+        "bench_attention_speedup.png",
+        "bench_training.png",
+    } <= plots
     for name in plots:
         assert f"plots/{name}" in (out / "summary.md").read_text()
     from benchmarks import plots as plots_module
@@ -116,18 +127,36 @@ def test_unknown_benchmark_lists_the_valid_ones(capsys):
 
 
 def test_bench_script_runs_on_its_own(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layer_norm.py"), "--quick", "--hidden", "64",
-                    "--dtype", "fp32", "--no-plot", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_layer_norm.py"),
+            "--quick",
+            "--hidden",
+            "64",
+            "--dtype",
+            "fp32",
+            "--no-plot",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert {r["impl"] for r in _timed_rows(tmp_path / "bench_layer_norm.json")} >= {"eager", "reference"}
     assert (tmp_path / "bench_layer_norm.csv").read_text().startswith("dtype,M,N,pass,impl,ms,GB/s")
 
 
-@pytest.mark.parametrize("module, args", [
-    ("bench_attention", ["--seqlen", "32"]),
-    ("bench_cross_entropy", []),
-    ("bench_ffn", ["--tokens", "64"]),
-    ("bench_training", ["--batch", "2", "--max-len", "8"]),
-])
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("bench_attention", ["--seqlen", "32"]),
+        ("bench_cross_entropy", []),
+        ("bench_ffn", ["--tokens", "64"]),
+        ("bench_training", ["--batch", "2", "--max-len", "8"]),
+    ],
+)
 def test_bench_command_lines(module, args, tmp_path):
     main = __import__(f"benchmarks.{module}", fromlist=["main"]).main
     assert main(["--quick", "--no-plot", "--out", str(tmp_path), *args]) == 0

@@ -60,12 +60,33 @@ def test_opcheck_custom_ops(backend):
     seed = torch.tensor(7)
     for rms_norm, bias in ((False, b), (True, None)):
         for p in (0.0, 0.25):
-            fwd_args = (x.requires_grad_(), r.requires_grad_(), w.requires_grad_(), bias, p, 1e-5,
-                        seed if p else None, rms_norm, True, backend)
+            fwd_args = (
+                x.requires_grad_(),
+                r.requires_grad_(),
+                w.requires_grad_(),
+                bias,
+                p,
+                1e-5,
+                seed if p else None,
+                rms_norm,
+                True,
+                backend,
+            )
             torch.library.opcheck(_fwd, fwd_args)
             out, s, mean, rstd = _fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args])
-            bwd_args = (torch.randn_like(out), torch.randn_like(s), s, w.detach(), mean, rstd, p,
-                        seed if p else None, rms_norm, bias is not None, backend)
+            bwd_args = (
+                torch.randn_like(out),
+                torch.randn_like(s),
+                s,
+                w.detach(),
+                mean,
+                rstd,
+                p,
+                seed if p else None,
+                rms_norm,
+                bias is not None,
+                backend,
+            )
             torch.library.opcheck(_bwd, bwd_args)
 
 

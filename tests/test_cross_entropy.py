@@ -18,8 +18,9 @@ KERNEL_BACKENDS = kernel_backends(CE_OP)
 BACKENDS = ["reference"] + KERNEL_BACKENDS
 REDUCTIONS = ["mean", "sum", "none"]
 IGNORE = -100
-needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
-                                   "(needs a CUDA device, or TRITON_INTERPRET=1 for Triton)")
+needs_kernels = pytest.mark.skipif(
+    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
+)
 
 
 def _targets(n: int, v: int, *, ignore_every: int = 3, ignore_index: int = IGNORE) -> torch.Tensor:
@@ -129,11 +130,12 @@ def _compare_lce(backend, n, d, v, dtype, reduction, *, bias=True, label_smoothi
     # as checked here, else with a second rounding (test_linear_cross_entropy_scaled_upstream).
     fast, dfast, g = _loss_and_grads(
         lambda h, w, b=None: tk.linear_cross_entropy(h, w, t, b, chunk_size=chunk_size, backend=backend, **kw),
-        inputs, scalar=1.0)
+        inputs,
+        scalar=1.0,
+    )
     same, dsame, _ = _loss_and_grads(lambda h, w, b=None: _torch_ce(F.linear(h, w, b), t, **kw), inputs, g)
     exact_inputs = [None if a is None else a.detach().double().requires_grad_() for a in inputs]
-    exact, dexact, _ = _loss_and_grads(lambda h, w, b=None: linear_cross_entropy_ref(h, w, t, b, **kw),
-                                       exact_inputs, g)
+    exact, dexact, _ = _loss_and_grads(lambda h, w, b=None: linear_cross_entropy_ref(h, w, t, b, **kw), exact_inputs, g)
     _assert_loss_close(f"{backend} loss", fast, same, exact)
     for name, a, s, e in zip(["dhidden", "dweight", "dbias"], dfast, dsame, dexact):
         assert_close_to_reference(f"{backend} {name}", a, s, e)
@@ -227,9 +229,10 @@ def test_all_rows_ignored(backend, reduction):
     w = torch.randn(9, 4, device=device(), requires_grad=True)
     t = torch.full((5,), IGNORE, device=device())
     expected = F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
-    for loss, leaves in ((tk.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, backend=backend), [x]),
-                         (tk.linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1,
-                                                  backend=backend), [h, w])):
+    for loss, leaves in (
+        (tk.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1, backend=backend), [x]),
+        (tk.linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1, backend=backend), [h, w]),
+    ):
         torch.testing.assert_close(loss, expected, equal_nan=True)
         if reduction != "mean":  # mean is nan (0 / 0), as torch's; its gradient too
             assert torch.all(loss == 0)
@@ -240,8 +243,9 @@ def test_all_rows_ignored(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e5)],
-                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype, scale", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e5)], ids=["fp32", "fp16", "bf16"]
+)
 def test_huge_logits_stay_finite(backend, dtype, scale):
     torch.manual_seed(0)
     x = (torch.rand(6, 40, device=device()) * 2 - 1).mul(scale).to(dtype)
@@ -256,9 +260,17 @@ def test_huge_logits_stay_finite(backend, dtype, scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad, match", [(40000, "target contains 40000, out of range for 32003 classes"),
-                                        (-5, r"target contains -5, which is neither a class index in "
-                                             r"\[0, 32003\) nor ignore_index \(-100\)")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (40000, "target contains 40000, out of range for 32003 classes"),
+        (
+            -5,
+            r"target contains -5, which is neither a class index in "
+            r"\[0, 32003\) nor ignore_index \(-100\)",
+        ),
+    ],
+)
 def test_target_out_of_range_is_a_clear_error(backend, bad, match):
     x = torch.randn(3, 32003, device=device())
     t = torch.tensor([0, bad, IGNORE], device=device())
@@ -294,14 +306,27 @@ def test_non_contiguous_logits(backend):
         (dict(logits=torch.zeros(4, 5, dtype=torch.int64)), ValueError, "logits must be a 2-D floating-point"),
         (dict(logits=torch.randn(4, 0)), ValueError, "logits must have at least one class"),
         (dict(target=torch.zeros(3, dtype=torch.int64)), ValueError, r"target shape \[3\] does not match the 4 rows"),
-        (dict(target=torch.zeros(4, 5)), TypeError, "target must be an int64 tensor of class indices, got torch.float32"),
+        (
+            dict(target=torch.zeros(4, 5)),
+            TypeError,
+            "target must be an int64 tensor of class indices, got torch.float32",
+        ),
         (dict(target=torch.zeros(4, dtype=torch.int32)), TypeError, "target must be an int64 tensor"),
         (dict(reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(backend="fast"), ValueError, "unknown backend 'fast'"),
     ],
-    ids=["logits_3d", "logits_int", "no_classes", "target_shape", "target_float", "target_int32", "reduction",
-         "smoothing", "backend"],
+    ids=[
+        "logits_3d",
+        "logits_int",
+        "no_classes",
+        "target_shape",
+        "target_float",
+        "target_int32",
+        "reduction",
+        "smoothing",
+        "backend",
+    ],
 )
 def test_cross_entropy_bad_inputs(kwargs, error, match):
     args = dict(logits=torch.randn(4, 5), target=torch.zeros(4, dtype=torch.int64))
@@ -338,10 +363,16 @@ def test_triton_backend_unavailable_is_a_clear_error():
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
 def test_triton_rejects_float64():
-    with pytest.raises(backends.BackendError, match="linear_cross_entropy: the triton backend cannot run these "
-                                                    "inputs: dtype float64 is not supported"):
-        tk.linear_cross_entropy(torch.randn(2, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64),
-                                torch.zeros(2, dtype=torch.int64), backend="triton")
+    with pytest.raises(
+        backends.BackendError,
+        match="linear_cross_entropy: the triton backend cannot run these inputs: dtype float64 is not supported",
+    ):
+        tk.linear_cross_entropy(
+            torch.randn(2, 3, dtype=torch.float64),
+            torch.randn(5, 3, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.int64),
+            backend="triton",
+        )
 
 
 # --- torch.compile and the custom ops ----------------------------------------------------------

@@ -15,8 +15,9 @@ from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_ke
 from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
-                                   "(needs a CUDA device, or TRITON_INTERPRET=1 for Triton)")
+needs_kernels = pytest.mark.skipif(
+    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
+)
 
 
 # --- the reference is the specification: check it against torch itself ----------------------
@@ -94,8 +95,19 @@ def _run(fn, tensors, grads, prenorm):
     return [o.detach() for o in outs], list(dtensors)
 
 
-def _compare(backend, shape, dtype, *, dropout_p=0.0, prenorm=False, rms_norm=False, residual=True,
-             weight=True, bias=True, weight_dtype=None):
+def _compare(
+    backend,
+    shape,
+    dtype,
+    *,
+    dropout_p=0.0,
+    prenorm=False,
+    rms_norm=False,
+    residual=True,
+    weight=True,
+    bias=True,
+    weight_dtype=None,
+):
     torch.manual_seed(seed_for(shape, dtype, dropout_p, prenorm, rms_norm))
     bias = bias and not rms_norm
     tensors = _make_inputs(shape, dtype, residual=residual, weight=weight, bias=bias, weight_dtype=weight_dtype)
@@ -103,19 +115,25 @@ def _compare(backend, shape, dtype, *, dropout_p=0.0, prenorm=False, rms_norm=Fa
     grads = [torch.randn(shape, device=tensors[0].device).to(dtype) for _ in range(1 + prenorm)]
 
     seed_state = torch.get_rng_state()
-    fast = _run(lambda *t: tk.dropout_add_layer_norm(*t, dropout_p, 1e-5, prenorm=prenorm, rms_norm=rms_norm,
-                                                      backend=backend), tensors, grads, prenorm)
+    fast = _run(
+        lambda *t: tk.dropout_add_layer_norm(*t, dropout_p, 1e-5, prenorm=prenorm, rms_norm=rms_norm, backend=backend),
+        tensors,
+        grads,
+        prenorm,
+    )
     # The seed the op drew, replayed: the reference applies the very same Philox mask.
     torch.set_rng_state(seed_state)
     seed = int(draw_seed()) if dropout_p > 0 else None
     kw = dict(prenorm=prenorm, rms_norm=rms_norm, seed=seed)
-    same_dtype = _run(lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, upcast=False, **kw),
-                      tensors, grads, prenorm)
+    same_dtype = _run(
+        lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, upcast=False, **kw), tensors, grads, prenorm
+    )
     exact_inputs = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     exact = _run(lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, **kw), exact_inputs, grads, prenorm)
 
-    names = ["out", "s"][: 1 + prenorm] + [n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], tensors)
-                                             if t is not None]
+    names = ["out", "s"][: 1 + prenorm] + [
+        n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], tensors) if t is not None
+    ]
     for name, a, b, c in zip(names, fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]):
         assert_close_to_reference(f"{backend} {name}", a, b, c)
 
@@ -235,20 +253,27 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
     x = (torch.randn(shape, device=device()) + 3.0).to(dtype).requires_grad_()  # never zero
     w = torch.randn(shape[-1], device=device(), requires_grad=True)
     grads = [torch.randn(shape, device=device()).to(dtype) for _ in range(2)]
-    fast = _run(lambda x, w: tk.dropout_add_layer_norm(x, None, w, None, 0.4, prenorm=True, backend=backend),
-                [x, w], grads, prenorm=True)
+    fast = _run(
+        lambda x, w: tk.dropout_add_layer_norm(x, None, w, None, 0.4, prenorm=True, backend=backend),
+        [x, w],
+        grads,
+        prenorm=True,
+    )
     keep = fast[0][1] != 0
     assert torch.all(fast[1][0][~keep] == 0), "dropped elements must get zero gradient"
 
     def ref(upcast):
-        return lambda x, w: dropout_add_layer_norm_ref(x, None, w, None, 0.4, prenorm=True, keep_mask=keep,
-                                                       upcast=upcast)
+        return lambda x, w: dropout_add_layer_norm_ref(
+            x, None, w, None, 0.4, prenorm=True, keep_mask=keep, upcast=upcast
+        )
 
     same_dtype = _run(ref(False), [x, w], grads, prenorm=True)
-    exact = _run(ref(True), [x.detach().double().requires_grad_(), w.detach().double().requires_grad_()],
-                 grads, prenorm=True)
-    for name, a, b, c in zip(["out", "s", "dx", "dweight"], fast[0] + fast[1], same_dtype[0] + same_dtype[1],
-                             exact[0] + exact[1]):
+    exact = _run(
+        ref(True), [x.detach().double().requires_grad_(), w.detach().double().requires_grad_()], grads, prenorm=True
+    )
+    for name, a, b, c in zip(
+        ["out", "s", "dx", "dweight"], fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]
+    ):
         assert_close_to_reference(f"{backend} {name}", a, b, c)
 
 

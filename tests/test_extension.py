@@ -14,8 +14,9 @@ from transformer_kernels import _extension
 
 REQUIRED = os.environ.get("TK_REQUIRE_EXTENSION") == "1"
 
-pytestmark = pytest.mark.skipif(not (_extension.loaded() or REQUIRED),
-                                reason=f"extension not built: {_extension.load_error()}")
+pytestmark = pytest.mark.skipif(
+    not (_extension.loaded() or REQUIRED), reason=f"extension not built: {_extension.load_error()}"
+)
 
 
 def test_extension_loads():
@@ -25,10 +26,29 @@ def test_extension_loads():
 def test_ops_registered_with_their_schemas():
     fwd = torch.ops.tk_C.dropout_add_layer_norm_fwd.default._schema
     bwd = torch.ops.tk_C.dropout_add_layer_norm_bwd.default._schema
-    assert [a.name for a in fwd.arguments] == ["x", "residual", "weight", "bias", "dropout_p", "eps", "seed",
-                                               "rms_norm", "store_s"]
-    assert [a.name for a in bwd.arguments] == ["dout", "ds_in", "s", "weight", "mean", "rstd", "dropout_p", "seed",
-                                               "rms_norm", "has_bias"]
+    assert [a.name for a in fwd.arguments] == [
+        "x",
+        "residual",
+        "weight",
+        "bias",
+        "dropout_p",
+        "eps",
+        "seed",
+        "rms_norm",
+        "store_s",
+    ]
+    assert [a.name for a in bwd.arguments] == [
+        "dout",
+        "ds_in",
+        "s",
+        "weight",
+        "mean",
+        "rstd",
+        "dropout_p",
+        "seed",
+        "rms_norm",
+        "has_bias",
+    ]
     assert len(fwd.returns) == 4 and len(bwd.returns) == 4
 
 
@@ -46,8 +66,9 @@ def test_fake_implementations(dtype, rms_norm):
         assert out.shape == s.shape == (6, 40) and out.dtype == s.dtype == dtype
         assert mean.shape == ((0,) if rms_norm else (6,)) and mean.dtype == torch.float32
         assert rstd.shape == (6,) and rstd.dtype == torch.float32
-        ds, dx, dw, db = torch.ops.tk_C.dropout_add_layer_norm_bwd(out, None, s, w, mean, rstd, 0.1, 3, rms_norm,
-                                                                   not rms_norm)
+        ds, dx, dw, db = torch.ops.tk_C.dropout_add_layer_norm_bwd(
+            out, None, s, w, mean, rstd, 0.1, 3, rms_norm, not rms_norm
+        )
         assert ds.shape == dx.shape == (6, 40) and ds.dtype == dx.dtype == dtype
         assert dw.shape == (40,) and dw.dtype == torch.float32
         assert db.shape == ((0,) if rms_norm else (40,))
@@ -72,8 +93,17 @@ def test_cpu_tensors_are_a_clear_error():
 )
 def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
     """The C++ op checks its own inputs too, for callers that reach it without the Python layer."""
-    args = dict(x=torch.randn(4, 8), residual=None, weight=None, bias=None, dropout_p=0.0, eps=1e-5, seed=0,
-                rms_norm=False, store_s=False)
+    args = dict(
+        x=torch.randn(4, 8),
+        residual=None,
+        weight=None,
+        bias=None,
+        dropout_p=0.0,
+        eps=1e-5,
+        seed=0,
+        rms_norm=False,
+        store_s=False,
+    )
     args.update(kwargs)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=match):
@@ -88,9 +118,14 @@ def test_native_philox_matches_the_pytorch_specification():
 
     gen = torch.Generator().manual_seed(7)
     # Counters with non-zero high words, and seeds across the whole int64 range (negative too).
-    idx = torch.cat([torch.arange(4096), torch.randint(0, 2**62, (4096,), generator=gen),
-                     torch.tensor([2**32 - 1, 2**32, 2**63 - 1])])
-    for seed in (0, 1, 2**32 - 1, 2**32, 2**62 + 12345, -1, -2**63):
+    idx = torch.cat(
+        [
+            torch.arange(4096),
+            torch.randint(0, 2**62, (4096,), generator=gen),
+            torch.tensor([2**32 - 1, 2**32, 2**63 - 1]),
+        ]
+    )
+    for seed in (0, 1, 2**32 - 1, 2**32, 2**62 + 12345, -1, -(2**63)):
         s = torch.tensor(seed, dtype=torch.int64)
         assert torch.equal(torch.ops.tk_C.philox_first_word(s, idx), philox(s, idx)), seed
     # Random123's known answer: counter 0, key 0 -> 0x6627e8d5.

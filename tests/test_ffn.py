@@ -21,8 +21,9 @@ from transformer_kernels.reference import dropout_keep_mask, ffn_ref, fused_line
 from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend runs here "
-                                   "(needs a CUDA device, or TRITON_INTERPRET=1 for Triton)")
+needs_kernels = pytest.mark.skipif(
+    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
+)
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh"]
 ACT_IDS = ["none", "relu", "gelu", "gelu_tanh"]
 
@@ -115,8 +116,11 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
     exact_inputs = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     exact = _run(lambda *t: ref_fn(*t, activation, dropout_p, seed=seed), exact_inputs, grad)
 
-    names = ["out", "dx"] + [f"d{name}" for name, t in zip(
-        ["weight", "bias"] if op == "fused_linear" else ["w1", "b1", "w2", "b2"], params) if t is not None]
+    names = ["out", "dx"] + [
+        f"d{name}"
+        for name, t in zip(["weight", "bias"] if op == "fused_linear" else ["w1", "b1", "w2", "b2"], params)
+        if t is not None
+    ]
     assert len(names) == len(fast) == len(exact)
     for name, a, b, c in zip(names, fast, same_dtype, exact):
         assert_close_to_reference(f"{op} {backend} {name}", a, b, c)
@@ -154,8 +158,11 @@ def test_no_bias(backend, dtype):
 @needs_kernels
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation, dropout_p", [("relu", 0.0), ("gelu", 0.25), ("gelu_tanh", 0.1), (None, 0.5)],
-                         ids=["relu", "gelu_dropout", "gelu_tanh_dropout", "none_dropout"])
+@pytest.mark.parametrize(
+    "activation, dropout_p",
+    [("relu", 0.0), ("gelu", 0.25), ("gelu_tanh", 0.1), (None, 0.5)],
+    ids=["relu", "gelu_dropout", "gelu_tanh_dropout", "none_dropout"],
+)
 def test_ffn_matches_reference(backend, dtype, activation, dropout_p):
     _compare("ffn", backend, (2, 3), (20, 44, 20), dtype, activation, dropout_p)
 
@@ -285,12 +292,18 @@ def test_eval_mode_skips_dropout(backend):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(weight=torch.randn(6, 7)), ValueError,
-         r"fused_linear: weight shape \[6, 7\] does not match x's last dim 8 \(expected \[out_features, 8\]\)"),
+        (
+            dict(weight=torch.randn(6, 7)),
+            ValueError,
+            r"fused_linear: weight shape \[6, 7\] does not match x's last dim 8 \(expected \[out_features, 8\]\)",
+        ),
         (dict(weight=torch.randn(6)), ValueError, "weight must be a 2-D tensor"),
         (dict(bias=torch.randn(5)), ValueError, r"bias shape \[5\] does not match weight's out_features 6"),
-        (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError,
-         "weight dtype torch.float64 does not match x dtype torch.float32"),
+        (
+            dict(weight=torch.randn(6, 8, dtype=torch.float64)),
+            TypeError,
+            "weight dtype torch.float64 does not match x dtype torch.float32",
+        ),
         (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias dtype torch.float16 does not match"),
         (dict(weight=torch.randn(6, 8, device="meta")), ValueError, "weight is on meta, x on cpu"),
         (dict(activation="swish"), ValueError, "unknown activation 'swish'; expected one of None, 'relu'"),
@@ -299,8 +312,19 @@ def test_eval_mode_skips_dropout(backend):
         (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must be a floating-point tensor"),
         (dict(backend="fast"), ValueError, "unknown backend 'fast'"),
     ],
-    ids=["weight_shape", "weight_1d", "bias_shape", "weight_dtype", "bias_dtype", "weight_device", "activation",
-         "dropout_high", "dropout_negative", "x_int", "backend"],
+    ids=[
+        "weight_shape",
+        "weight_1d",
+        "bias_shape",
+        "weight_dtype",
+        "bias_dtype",
+        "weight_device",
+        "activation",
+        "dropout_high",
+        "dropout_negative",
+        "x_int",
+        "backend",
+    ],
 )
 def test_bad_inputs(kwargs, error, match):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), bias=torch.randn(6))
@@ -320,8 +344,9 @@ def test_bad_inputs(kwargs, error, match):
     ids=["w1_shape", "w2_shape", "b2_shape", "activation"],
 )
 def test_ffn_bad_inputs(kwargs, match):
-    args = dict(x=torch.randn(4, 8), w1=torch.randn(32, 8), b1=torch.randn(32), w2=torch.randn(8, 32),
-                b2=torch.randn(8))
+    args = dict(
+        x=torch.randn(4, 8), w1=torch.randn(32, 8), b1=torch.randn(32), w2=torch.randn(8, 32), b2=torch.randn(8)
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         tk.ffn(**args)
@@ -342,10 +367,15 @@ def _block(x, w1, b1, w2, b2, backend, dropout_p):
 
 
 def _ffn_params(d_model, d_ff):
-    return [t.requires_grad_() for t in (torch.randn(d_ff, d_model, device=device()) / math.sqrt(d_model),
-                                         torch.randn(d_ff, device=device()),
-                                         torch.randn(d_model, d_ff, device=device()) / math.sqrt(d_ff),
-                                         torch.randn(d_model, device=device()))]
+    return [
+        t.requires_grad_()
+        for t in (
+            torch.randn(d_ff, d_model, device=device()) / math.sqrt(d_model),
+            torch.randn(d_ff, device=device()),
+            torch.randn(d_model, d_ff, device=device()) / math.sqrt(d_ff),
+            torch.randn(d_model, device=device()),
+        )
+    ]
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
@@ -392,8 +422,18 @@ def test_opcheck_custom_ops(backend):
         fwd_args = (x.requires_grad_(), w.requires_grad_(), bias, activation, p, seed if p else None, backend)
         torch.library.opcheck(_fwd, fwd_args)
         out, preact = _fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args])
-        bwd_args = (torch.randn_like(out), x.detach(), w.detach(), out, preact, bias is not None, activation, p,
-                    seed if p else None, backend)
+        bwd_args = (
+            torch.randn_like(out),
+            x.detach(),
+            w.detach(),
+            out,
+            preact,
+            bias is not None,
+            activation,
+            p,
+            seed if p else None,
+            backend,
+        )
         torch.library.opcheck(_bwd, bwd_args)
 
 
@@ -448,8 +488,14 @@ def test_kernels_compile_for_sm90():
         _compile_for_sm90()
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", "import test_ffn; test_ffn._compile_for_sm90()"],
-                          cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", "import test_ffn; test_ffn._compile_for_sm90()"],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -461,24 +507,68 @@ def _compile_for_sm90() -> None:
     from transformer_kernels.triton import ffn as tri
 
     target = GPUTarget("cuda", 90, 32)
-    gemm_args = ["A", "B", "C", "Z", "BIAS", "ROWSUM_OUT", "M", "N", "K", "stride_am", "stride_ak", "stride_bk",
-                 "stride_bn", "stride_cm", "stride_cn", "m_bucket", "layout", "seed", "threshold", "scale"]
+    gemm_args = [
+        "A",
+        "B",
+        "C",
+        "Z",
+        "BIAS",
+        "ROWSUM_OUT",
+        "M",
+        "N",
+        "K",
+        "stride_am",
+        "stride_ak",
+        "stride_bk",
+        "stride_bn",
+        "stride_cm",
+        "stride_cn",
+        "m_bucket",
+        "layout",
+        "seed",
+        "threshold",
+        "scale",
+    ]
     for dtype in ("fp16", "fp32"):
         ptr, elt = f"*{dtype}", 4 if dtype == "fp32" else 2
         gemm_types = [ptr] * 5 + ["*fp32"] + ["i32"] * 11 + ["i64", "i32", "fp32"]
         config = tri._first_config(elt)
         options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
         # the forward of each activation (with its epilogue options), and the dW GEMM with the row sum
-        for act, bias, drop, store_z, rowsum in [(0, True, False, False, False), (1, True, True, False, False),
-                                                 (2, True, True, True, False), (3, False, True, True, False),
-                                                 (0, False, False, False, True)]:
-            const = dict(ACTIVATION=act, HAS_BIAS=bias, HAS_DROPOUT=drop, STORE_Z=store_z, ROWSUM=rowsum,
-                         DOT_PRECISION="ieee" if dtype == "fp32" else None, **config)
+        for act, bias, drop, store_z, rowsum in [
+            (0, True, False, False, False),
+            (1, True, True, False, False),
+            (2, True, True, True, False),
+            (3, False, True, True, False),
+            (0, False, False, False, True),
+        ]:
+            const = dict(
+                ACTIVATION=act,
+                HAS_BIAS=bias,
+                HAS_DROPOUT=drop,
+                STORE_Z=store_z,
+                ROWSUM=rowsum,
+                DOT_PRECISION="ieee" if dtype == "fp32" else None,
+                **config,
+            )
             sig = dict(zip(gemm_args, gemm_types), **{k: "constexpr" for k in const})
             triton.compile(ASTSource(tri._gemm_kernel, sig, const), target=target, options=options)
-        dz_sig = dict(DOUT=ptr, OUT=ptr, Z=ptr, DZ=ptr, DB_PARTIAL="*fp32", M="i32", N="i32", seed="i64",
-                      threshold="i32", scale="fp32")
+        dz_sig = dict(
+            DOUT=ptr,
+            OUT=ptr,
+            Z=ptr,
+            DZ=ptr,
+            DB_PARTIAL="*fp32",
+            M="i32",
+            N="i32",
+            seed="i64",
+            threshold="i32",
+            scale="fp32",
+        )
         for act in range(4):
             const = dict(ACTIVATION=act, HAS_DROPOUT=True, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64)
-            triton.compile(ASTSource(tri._dz_kernel, dict(dz_sig, **{k: "constexpr" for k in const}), const),
-                           target=target, options=dict(num_warps=4))
+            triton.compile(
+                ASTSource(tri._dz_kernel, dict(dz_sig, **{k: "constexpr" for k in const}), const),
+                target=target,
+                options=dict(num_warps=4),
+            )

@@ -28,7 +28,7 @@ def copy_batch(n: int, generator: torch.Generator):
     tgt_in, tgt_out = torch.full((n, 9), PAD), torch.full((n, 9), PAD)
     for i, length in enumerate(lengths.tolist()):
         src[i, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
-        tgt_in[i, 0], tgt_in[i, 1: length + 1] = BOS, src[i, :length]
+        tgt_in[i, 0], tgt_in[i, 1 : length + 1] = BOS, src[i, :length]
         tgt_out[i, :length], tgt_out[i, length] = src[i, :length], EOS
     return src, tgt_in, tgt_out
 
@@ -52,8 +52,20 @@ def copy_model():
 def test_presets_have_the_papers_sizes():
     base = config_from_preset("base", 100, 100)
     big = config_from_preset("big", 100, 100)
-    assert (base.d_model, base.nhead, base.dim_feedforward, base.num_encoder_layers, base.dropout) == (512, 8, 2048, 6, 0.1)
-    assert (big.d_model, big.nhead, big.dim_feedforward, big.num_decoder_layers, big.dropout) == (1024, 16, 4096, 6, 0.3)
+    assert (base.d_model, base.nhead, base.dim_feedforward, base.num_encoder_layers, base.dropout) == (
+        512,
+        8,
+        2048,
+        6,
+        0.1,
+    )
+    assert (big.d_model, big.nhead, big.dim_feedforward, big.num_decoder_layers, big.dropout) == (
+        1024,
+        16,
+        4096,
+        6,
+        0.3,
+    )
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         config_from_preset("huge", 100, 100)
     with pytest.raises(ValueError, match="share_all_embeddings needs one vocabulary"):
@@ -144,8 +156,9 @@ def test_cached_decoding_runs_on_the_kernels(copy_model):
 def test_activation_checkpointing_changes_nothing_but_memory(norm_first):
     """Recomputed layers replay the RNG state, so they draw the same dropout seeds: with dropout on, the
     loss and every gradient equal those of the stored-activation run, and less is saved for backward."""
-    model = build_model("tiny", VOCAB, VOCAB, d_model=32, nhead=4, dim_feedforward=64, dropout=0.1,
-                        norm_first=norm_first)
+    model = build_model(
+        "tiny", VOCAB, VOCAB, d_model=32, nhead=4, dim_feedforward=64, dropout=0.1, norm_first=norm_first
+    )
     src, tgt_in, tgt_out = copy_batch(4, torch.Generator().manual_seed(8))
 
     def run(checkpointing: bool):

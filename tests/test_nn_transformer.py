@@ -34,7 +34,7 @@ def _masks(kind, b, length):
     """(key_padding_mask, attn_mask, is_causal) for a mask kind."""
     if kind == "padding":
         kpm = torch.zeros(b, length, dtype=torch.bool, device=device())
-        kpm[0, length // 2:] = True  # never a fully padded row: torch gives NaN there
+        kpm[0, length // 2 :] = True  # never a fully padded row: torch gives NaN there
         return kpm, None, False
     if kind == "causal":
         return None, torch.nn.Transformer.generate_square_subsequent_mask(length, device=device()), True
@@ -62,33 +62,51 @@ def _check_same(ours, theirs, run, inputs):
 
 # Every axis covered on every backend; the full product on the (cheap) reference backend.
 FULL = list(itertools.product([False, True], [False, True], ["relu", "gelu"], ["none", "padding", "causal"]))
-FEW = [(False, False, "relu", "padding"), (True, True, "gelu", "causal"), (True, False, "relu", "none"),
-       (False, True, "gelu", "padding")]
+FEW = [
+    (False, False, "relu", "padding"),
+    (True, True, "gelu", "causal"),
+    (True, False, "relu", "none"),
+    (False, True, "gelu", "padding"),
+]
 CASES = [("reference", *c) for c in FULL] + [(b, *c) for b in BACKENDS[1:] for c in FEW]
 IDS = ["-".join(map(str, c)) for c in CASES]
 
 
 @pytest.mark.parametrize("backend, batch_first, norm_first, activation, mask", CASES, ids=IDS)
 def test_encoder_layer_matches_torch(backend, batch_first, norm_first, activation, mask):
-    ours, theirs = _pair("TransformerEncoderLayer", seed_for(batch_first, norm_first, activation), d_model=D_MODEL,
-                         nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, activation=activation,
-                         batch_first=batch_first, norm_first=norm_first)
+    ours, theirs = _pair(
+        "TransformerEncoderLayer",
+        seed_for(batch_first, norm_first, activation),
+        d_model=D_MODEL,
+        nhead=NHEAD,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        activation=activation,
+        batch_first=batch_first,
+        norm_first=norm_first,
+    )
     b, length = 2, 13
-    x = torch.randn((b, length, D_MODEL) if batch_first else (length, b, D_MODEL), device=device(),
-                    requires_grad=True)
+    x = torch.randn((b, length, D_MODEL) if batch_first else (length, b, D_MODEL), device=device(), requires_grad=True)
     kpm, attn_mask, causal = _masks(mask, b, length)
     tk.nn.reset_fallback_counts()
     with tk.use_backend(backend):
-        _check_same(ours, theirs, lambda m: m(x, src_mask=attn_mask, src_key_padding_mask=kpm, is_causal=causal),
-                    [x])
+        _check_same(ours, theirs, lambda m: m(x, src_mask=attn_mask, src_key_padding_mask=kpm, is_causal=causal), [x])
     assert tk.nn.fallback_counts() == {}, "these inputs must run fused"
 
 
 @pytest.mark.parametrize("backend, batch_first, norm_first, activation, mask", CASES, ids=IDS)
 def test_decoder_layer_matches_torch(backend, batch_first, norm_first, activation, mask):
-    ours, theirs = _pair("TransformerDecoderLayer", seed_for(batch_first, norm_first, activation), d_model=D_MODEL,
-                         nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, activation=activation,
-                         batch_first=batch_first, norm_first=norm_first)
+    ours, theirs = _pair(
+        "TransformerDecoderLayer",
+        seed_for(batch_first, norm_first, activation),
+        d_model=D_MODEL,
+        nhead=NHEAD,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        activation=activation,
+        batch_first=batch_first,
+        norm_first=norm_first,
+    )
     b, lt, ls = 2, 11, 17
     shape = (lambda n: (b, n, D_MODEL)) if batch_first else (lambda n: (n, b, D_MODEL))
     tgt = torch.randn(shape(lt), device=device(), requires_grad=True)
@@ -97,9 +115,19 @@ def test_decoder_layer_matches_torch(backend, batch_first, norm_first, activatio
     mem_kpm = _masks("padding", b, ls)[0] if mask == "padding" else None
     tk.nn.reset_fallback_counts()
     with tk.use_backend(backend):
-        _check_same(ours, theirs, lambda m: m(tgt, memory, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_kpm,
-                                              memory_key_padding_mask=mem_kpm, tgt_is_causal=causal),
-                    [tgt, memory])
+        _check_same(
+            ours,
+            theirs,
+            lambda m: m(
+                tgt,
+                memory,
+                tgt_mask=tgt_mask,
+                tgt_key_padding_mask=tgt_kpm,
+                memory_key_padding_mask=mem_kpm,
+                tgt_is_causal=causal,
+            ),
+            [tgt, memory],
+        )
     assert tk.nn.fallback_counts() == {}, "these inputs must run fused"
 
 
@@ -116,8 +144,9 @@ def test_multihead_attention_matches_torch(backend, kind):
 
 
 def test_unsupported_inputs_fall_back_visibly_and_correctly():
-    ours, theirs = _pair("TransformerEncoderLayer", 0, d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF,
-                         dropout=0.0, batch_first=True)
+    ours, theirs = _pair(
+        "TransformerEncoderLayer", 0, d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True
+    )
     x = torch.randn(2, 6, D_MODEL, device=device())
     additive = torch.randn(6, 6, device=device())  # an arbitrary additive mask
     tk.nn.reset_fallback_counts()
@@ -140,8 +169,16 @@ def test_unsupported_constructor_arguments_are_clear_errors():
 
 def test_transformer_matches_torch_and_convert():
     torch.manual_seed(0)
-    kwargs = dict(d_model=D_MODEL, nhead=NHEAD, num_encoder_layers=2, num_decoder_layers=2,
-                  dim_feedforward=D_FF, dropout=0.0, batch_first=True, device=device())
+    kwargs = dict(
+        d_model=D_MODEL,
+        nhead=NHEAD,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        batch_first=True,
+        device=device(),
+    )
     theirs = torch.nn.Transformer(**kwargs)
     ours = tk.nn.Transformer(**kwargs)
     ours.load_state_dict(theirs.state_dict())

@@ -8,14 +8,34 @@ import sys
 
 from transformer_kernels.__main__ import main
 
-TINY = ["--synthetic-train", "160", "--vocab-size", "120", "--d-model", "32", "--dim-feedforward", "64",
-        "--layers", "1", "--dropout", "0", "--batch-tokens", "160", "--warmup", "20", "--log-interval", "2",
-        "--eval-interval", "4"]
+TINY = [
+    "--synthetic-train",
+    "160",
+    "--vocab-size",
+    "120",
+    "--d-model",
+    "32",
+    "--dim-feedforward",
+    "64",
+    "--layers",
+    "1",
+    "--dropout",
+    "0",
+    "--batch-tokens",
+    "160",
+    "--warmup",
+    "20",
+    "--log-interval",
+    "2",
+    "--eval-interval",
+    "4",
+]
 
 
 def cli(*args, input=None):
-    return subprocess.run([sys.executable, "-m", "transformer_kernels", *args], capture_output=True, text=True,
-                          input=input)
+    return subprocess.run(
+        [sys.executable, "-m", "transformer_kernels", *args], capture_output=True, text=True, input=input
+    )
 
 
 def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
@@ -51,7 +71,8 @@ def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
     assert "resumed from" in stdout
     assert [line for line in stdout.splitlines() if "warning" in line] == [
         f"warning: --dropout 0.2 is ignored: {out} holds a run started with --dropout 0.0, which --resume continues "
-        "unchanged"]
+        "unchanged"
+    ]
     assert (out / "checkpoints" / "step_00000006").is_dir()
     assert main(["train", "--out-dir", str(out), "--max-steps", "2", *TINY]) == 2
     assert "already holds a run" in capsys.readouterr().err
@@ -60,8 +81,20 @@ def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
 def test_bad_input_is_a_clear_message(tmp_path, capsys):
     (tmp_path / "a.de").write_text("eins\nzwei\n")
     (tmp_path / "a.en").write_text("one\n")
-    assert main(["train", "--out-dir", str(tmp_path / "r"), "--train-src", str(tmp_path / "a.de"),
-                 "--train-tgt", str(tmp_path / "a.en")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--out-dir",
+                str(tmp_path / "r"),
+                "--train-src",
+                str(tmp_path / "a.de"),
+                "--train-tgt",
+                str(tmp_path / "a.en"),
+            ]
+        )
+        == 2
+    )
     assert "misaligned" in capsys.readouterr().err
     assert not (tmp_path / "r").exists(), "nothing written"
     assert main(["train", "--out-dir", str(tmp_path / "r"), "--preset", "huge", *TINY]) == 2

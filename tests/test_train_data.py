@@ -12,9 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from transformer_kernels.train.data import (DataError, PairStream, SyntheticTask, TokenBatcher, TokenCache, collate,
-                                            multi30k_paths, parallel_files, read_lines, read_parallel,
-                                            stream_parallel, tokenize_pairs)
+from transformer_kernels.train.data import (
+    DataError,
+    PairStream,
+    SyntheticTask,
+    TokenBatcher,
+    TokenCache,
+    collate,
+    multi30k_paths,
+    parallel_files,
+    read_lines,
+    read_parallel,
+    stream_parallel,
+    tokenize_pairs,
+)
 from transformer_kernels.train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer
 from transformer_kernels.models import TransformerConfig
 
@@ -138,6 +149,7 @@ def test_long_sentences_are_dropped_and_counted(tmp_path):
 
 # ----------------------------------------------------------------------------------- token cache
 
+
 def list_stream(pairs, name="test") -> PairStream:
     return PairStream(lambda: iter(pairs), lambda: {"list": name, "pairs": len(pairs)})
 
@@ -146,8 +158,10 @@ def corpus(tmp_path, n=300, seed=0):
     """``n`` sentence pairs of made-up but varied text (punctuation, capitals, umlauts) in two files, one gzipped."""
     rng = random.Random(seed)
     words = ["Hund", "läuft", "Mann", "Straße", "Frau", "liest", "Buch", "zwei", "rot", "grünen", "Äpfel"]
-    src = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) + rng.choice([".", "!", "?", ""])
-           for _ in range(n)]
+    src = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) + rng.choice([".", "!", "?", ""])
+        for _ in range(n)
+    ]
     tgt = [s.lower().replace("ä", "a") for s in src]
     return parallel_files(write(tmp_path / "c.de", src), write(tmp_path / "c.en.gz", tgt, gz=True))
 
@@ -170,8 +184,9 @@ def test_cache_holds_exactly_the_tokenised_ids(tmp_path, joint):
     assert_same_ids(cache, files, tok, 12)
     synthetic = SyntheticTask(seed=5).stream("train", 400)
     tok = Tokenizer.train(synthetic, 120, joint=joint)
-    assert_same_ids(TokenCache.load_or_build(tmp_path / "syn", synthetic, tok, max_len=128, chunk_pairs=100),
-                    synthetic, tok, 128)
+    assert_same_ids(
+        TokenCache.load_or_build(tmp_path / "syn", synthetic, tok, max_len=128, chunk_pairs=100), synthetic, tok, 128
+    )
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")], "no temporary files left"
 
 
@@ -200,8 +215,10 @@ def test_collate_reads_the_cache(tmp_path):
     pairs = list(zip(SRC, TGT))
     tok = Tokenizer.train(pairs, vocab_size=80)
     cache = TokenCache.load_or_build(tmp_path / "c", list_stream(pairs), tok, max_len=None)
-    a, b = collate(cache, [2, 0], PAD_ID, BOS_ID, EOS_ID), collate(tokenize_pairs(pairs, tok), [2, 0], PAD_ID, BOS_ID,
-                                                                    EOS_ID)
+    a, b = (
+        collate(cache, [2, 0], PAD_ID, BOS_ID, EOS_ID),
+        collate(tokenize_pairs(pairs, tok), [2, 0], PAD_ID, BOS_ID, EOS_ID),
+    )
     for name in ("src", "tgt_in", "tgt_out"):
         assert torch.equal(getattr(a, name), getattr(b, name)) and getattr(a, name).dtype == torch.long
     assert a.indices == [2, 0]
@@ -213,8 +230,9 @@ def test_cache_is_reused_or_rebuilt_by_fingerprint(tmp_path, monkeypatch):
     stem = tmp_path / "data" / "train"
     built = []
     real_build = TokenCache.build.__func__
-    monkeypatch.setattr(TokenCache, "build",
-                        classmethod(lambda cls, *a, **k: built.append(1) or real_build(cls, *a, **k)))
+    monkeypatch.setattr(
+        TokenCache, "build", classmethod(lambda cls, *a, **k: built.append(1) or real_build(cls, *a, **k))
+    )
 
     def load(pairs=files, tokenizer=tok, max_len=20):
         TokenCache.load_or_build(stem, pairs, tokenizer, max_len)
@@ -319,7 +337,7 @@ def reference_epoch_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, ran
     if shuffle:
         rng.shuffle(batches)
     usable = len(batches) - len(batches) % world_size
-    return batches[rank: usable: world_size]
+    return batches[rank:usable:world_size]
 
 
 @pytest.mark.parametrize("shuffle, world_size", [(True, 1), (False, 1), (True, 3)])
@@ -329,8 +347,9 @@ def test_batcher_matches_its_specification_on_lists_and_arrays(shuffle, world_si
         for rank in range(world_size):
             batcher = TokenBatcher(*lengths, 120, seed=9, shuffle=shuffle, rank=rank, world_size=world_size)
             for epoch in range(2):
-                assert batcher.epoch_batches(epoch) == reference_epoch_batches(src, tgt, 120, 9, epoch, shuffle, rank,
-                                                                               world_size)
+                assert batcher.epoch_batches(epoch) == reference_epoch_batches(
+                    src, tgt, 120, 9, epoch, shuffle, rank, world_size
+                )
 
 
 def test_batcher_resumes_from_its_state():
@@ -360,7 +379,7 @@ def test_batcher_shards_across_ranks():
     whole = TokenBatcher(src, tgt, 150, seed=1).epoch_batches(0)
     ranks = [TokenBatcher(src, tgt, 150, seed=1, rank=r, world_size=2).epoch_batches(0) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(whole) // 2
-    assert ranks[0] == whole[0: 2 * len(ranks[0]): 2] and ranks[1] == whole[1: 2 * len(ranks[1]): 2]
+    assert ranks[0] == whole[0 : 2 * len(ranks[0]) : 2] and ranks[1] == whole[1 : 2 * len(ranks[1]) : 2]
 
 
 def test_collate_adds_bos_eos_and_padding():
@@ -368,7 +387,7 @@ def test_collate_adds_bos_eos_and_padding():
     data = tokenize_pairs(list(zip(SRC, TGT)), tok)
     b = collate(data, [0, 1], PAD_ID, BOS_ID, EOS_ID)
     t0 = data.tgt[0]
-    assert b.tgt_in[0, 0] == BOS_ID and b.tgt_in[0, 1: len(t0) + 1].tolist() == t0
+    assert b.tgt_in[0, 0] == BOS_ID and b.tgt_in[0, 1 : len(t0) + 1].tolist() == t0
     assert b.tgt_out[0, : len(t0)].tolist() == t0 and b.tgt_out[0, len(t0)] == EOS_ID
     assert b.src.shape[1] == max(len(data.src[0]), len(data.src[1]))
     assert (b.tgt_in != PAD_ID).sum() == (b.tgt_out != PAD_ID).sum()
@@ -377,17 +396,39 @@ def test_collate_adds_bos_eos_and_padding():
 def test_a_run_builds_its_cache_once_and_resumes_from_it(tmp_path, monkeypatch):
     from transformer_kernels.train.trainer import TrainConfig, Trainer
 
-    cfg = dict(out_dir=str(tmp_path / "run"), synthetic_train=120, synthetic_val=10, vocab_size=100, max_len=12,
-               d_model=32, dim_feedforward=64, layers=1, dropout=0.0, batch_tokens=160, max_steps=2, save_interval=2,
-               eval_interval=1000, log_interval=1000, val_bleu_sentences=3, seed=2)
+    cfg = dict(
+        out_dir=str(tmp_path / "run"),
+        synthetic_train=120,
+        synthetic_val=10,
+        vocab_size=100,
+        max_len=12,
+        d_model=32,
+        dim_feedforward=64,
+        layers=1,
+        dropout=0.0,
+        batch_tokens=160,
+        max_steps=2,
+        save_interval=2,
+        eval_interval=1000,
+        log_interval=1000,
+        val_bleu_sentences=3,
+        seed=2,
+    )
     logged = []
     first = Trainer(TrainConfig(**cfg), log=logged.append)
     assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir()) == [
-        "train.bin", "train.idx", "train.json", "val.bin", "val.idx", "val.json"]
+        "train.bin",
+        "train.idx",
+        "train.json",
+        "val.bin",
+        "val.idx",
+        "val.json",
+    ]
     kept, dropped = len(first.train_data), first.train_data.dropped
     assert kept + dropped == 120 and dropped > 0
-    assert logged[0].startswith(f"data: {kept} training pairs ({dropped} dropped: longer than 12 tokens or empty), "
-                                "10 validation pairs")
+    assert logged[0].startswith(
+        f"data: {kept} training pairs ({dropped} dropped: longer than 12 tokens or empty), 10 validation pairs"
+    )
     assert first.val_pairs == SyntheticTask(seed=2).pairs("val", 3), "text for BLEU"
     first.train()
 

@@ -13,9 +13,24 @@ import torch
 from transformer_kernels.train import checkpoint as ckpt
 from transformer_kernels.train.trainer import TrainConfig, Trainer, load_for_inference
 
-ARGS = dict(synthetic_train=160, synthetic_val=8, val_bleu_sentences=0, vocab_size=120, d_model=32,
-            dim_feedforward=64, layers=1, dropout=0.0, batch_tokens=160, warmup=20, lr_scale=2.0, max_steps=3,
-            log_interval=1, eval_interval=1000, save_interval=1000, seed=3)
+ARGS = dict(
+    synthetic_train=160,
+    synthetic_val=8,
+    val_bleu_sentences=0,
+    vocab_size=120,
+    d_model=32,
+    dim_feedforward=64,
+    layers=1,
+    dropout=0.0,
+    batch_tokens=160,
+    warmup=20,
+    lr_scale=2.0,
+    max_steps=3,
+    log_interval=1,
+    eval_interval=1000,
+    save_interval=1000,
+    seed=3,
+)
 
 
 def logged(out_dir, column="loss"):
@@ -25,9 +40,28 @@ def logged(out_dir, column="loss"):
 
 def torchrun_train(out_dir, *flags):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "transformer_kernels", "train", "--out-dir", str(out_dir), "--device", "cpu",
-                        *args, *flags], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "transformer_kernels",
+            "train",
+            "--out-dir",
+            str(out_dir),
+            "--device",
+            "cpu",
+            *args,
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -62,10 +96,12 @@ def test_fsdp_two_gloo_processes_match_one_process(one_process, tmp_path):
     tokens = torch.randint(3, reference.config.tgt_vocab_size, (4, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert float(sharded.loss(tokens, tokens[:, :-1], tokens[:, 1:])) == pytest.approx(
-            float(reference.loss(tokens, tokens[:, :-1], tokens[:, 1:])), rel=1e-4)
+            float(reference.loss(tokens, tokens[:, :-1], tokens[:, 1:])), rel=1e-4
+        )
     resumed = Trainer(TrainConfig(out_dir=str(two), **{**ARGS, "max_steps": 4}), resume=True, log=lambda *a: None)
     assert resumed.step == 3 and not resumed.cfg.fsdp
     saved = ckpt.load_state(ckpt.resolve_checkpoint(two, "latest"))["optimizer"]["state"]
-    assert torch.equal(resumed.opt.state[resumed.model.tgt_embed.weight]["exp_avg"],
-                       saved["tgt_embed.weight"]["exp_avg"])
+    assert torch.equal(
+        resumed.opt.state[resumed.model.tgt_embed.weight]["exp_avg"], saved["tgt_embed.weight"]["exp_avg"]
+    )
     assert len(resumed.train()) == 1

@@ -16,15 +16,37 @@ import torch
 
 from transformer_kernels.models import build_model
 from transformer_kernels.train import checkpoint as ckpt
-from transformer_kernels.train.trainer import (TrainConfig, Trainer, _RunLog, inverse_sqrt_lr, load_for_inference,
-                                                translate)
+from transformer_kernels.train.trainer import (
+    TrainConfig,
+    Trainer,
+    _RunLog,
+    inverse_sqrt_lr,
+    load_for_inference,
+    translate,
+)
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
-    base = dict(out_dir=str(out_dir), synthetic_train=160, synthetic_val=8, val_bleu_sentences=0, vocab_size=120,
-                preset="tiny", d_model=32, dim_feedforward=64, layers=1, batch_tokens=160, warmup=20, lr_scale=2.0,
-                max_steps=4, log_interval=1000, eval_interval=1000, save_interval=2, seed=7,
-                dropout=0.0)  # dropout only where a test is about it
+    base = dict(
+        out_dir=str(out_dir),
+        synthetic_train=160,
+        synthetic_val=8,
+        val_bleu_sentences=0,
+        vocab_size=120,
+        preset="tiny",
+        d_model=32,
+        dim_feedforward=64,
+        layers=1,
+        batch_tokens=160,
+        warmup=20,
+        lr_scale=2.0,
+        max_steps=4,
+        log_interval=1000,
+        eval_interval=1000,
+        save_interval=2,
+        seed=7,
+        dropout=0.0,
+    )  # dropout only where a test is about it
     return TrainConfig(**{**base, **kw})
 
 
@@ -34,13 +56,13 @@ def quiet(*args):
 
 def test_inverse_sqrt_schedule():
     d, w = 512, 4000
-    assert inverse_sqrt_lr(1, d, w) == pytest.approx(d ** -0.5 * w ** -1.5)
-    assert inverse_sqrt_lr(w, d, w) == pytest.approx(d ** -0.5 * w ** -0.5)  # the peak
-    assert inverse_sqrt_lr(4 * w, d, w, scale=2.0) == pytest.approx(2 * d ** -0.5 * (4 * w) ** -0.5)
+    assert inverse_sqrt_lr(1, d, w) == pytest.approx(d**-0.5 * w**-1.5)
+    assert inverse_sqrt_lr(w, d, w) == pytest.approx(d**-0.5 * w**-0.5)  # the peak
+    assert inverse_sqrt_lr(4 * w, d, w, scale=2.0) == pytest.approx(2 * d**-0.5 * (4 * w) ** -0.5)
     values = [inverse_sqrt_lr(s, d, w) for s in range(1, 3 * w, 97)]
     peak = max(range(len(values)), key=values.__getitem__)
-    assert all(a < b for a, b in zip(values[:peak], values[1: peak + 1]))
-    assert all(a > b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert all(a < b for a, b in zip(values[:peak], values[1 : peak + 1]))
+    assert all(a > b for a, b in zip(values[peak:], values[peak + 1 :]))
 
 
 def test_trainer_uses_the_papers_recipe(tmp_path):
@@ -76,7 +98,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path):
 
 
 def test_a_real_sigint_mid_run_saves_and_exits(tmp_path):
-    t = Trainer(tiny_config(tmp_path / "run", max_steps=10 ** 6, time_limit=1.0), log=quiet)
+    t = Trainer(tiny_config(tmp_path / "run", max_steps=10**6, time_limit=1.0), log=quiet)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the tests run in a background job
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -89,7 +111,7 @@ def test_a_real_sigint_mid_run_saves_and_exits(tmp_path):
 
 
 def test_epochs_stop_after_whole_epochs(tmp_path):
-    t = Trainer(tiny_config(tmp_path / "run", max_steps=10 ** 6, epochs=1), log=quiet)
+    t = Trainer(tiny_config(tmp_path / "run", max_steps=10**6, epochs=1), log=quiet)
     assert len(t.train()) == len(t.batcher.epoch_batches(0))
     assert t.batcher.state()["epoch"] == 1 and t.batcher.state()["position"] == 0
 
@@ -180,7 +202,8 @@ def test_tensorboard_scalars_and_a_resume_that_retakes_steps(tmp_path):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(
-        events.Tags()["scalars"])
+        events.Tags()["scalars"]
+    )
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4], "the retaken steps replace the old"
     assert [e.step for e in events.Scalars("val/loss")] == [4]
 
@@ -203,10 +226,15 @@ def test_resume_warns_of_options_the_run_fixes(tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_config(out, max_steps=2), log=quiet).train()
     lines = []
-    cfg = tiny_config(out, max_steps=3, dropout=0.3, d_model=32, share_embeddings=True, joint_vocab=False,
-                      batch_tokens=999)
-    resumed = Trainer(cfg, resume=True, log=lines.append,
-                      given={"out_dir", "max_steps", "dropout", "d_model", "share_embeddings", "joint_vocab"})
+    cfg = tiny_config(
+        out, max_steps=3, dropout=0.3, d_model=32, share_embeddings=True, joint_vocab=False, batch_tokens=999
+    )
+    resumed = Trainer(
+        cfg,
+        resume=True,
+        log=lines.append,
+        given={"out_dir", "max_steps", "dropout", "d_model", "share_embeddings", "joint_vocab"},
+    )
     warnings = [line for line in lines if line.startswith("warning:")]
     assert warnings == [
         f"warning: --separate-vocab is ignored: {out} holds a run started with no --separate-vocab, "
@@ -253,13 +281,16 @@ def test_validation_at_the_end_of_each_epoch(tmp_path):
     assert val_steps == [per_epoch, per_epoch + len(trainer.batcher.epoch_batches(1))]
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("log_interval", 0, "--log-interval 0: must be an integer >= 1"),
-    ("eval_interval", -1, "--eval-interval -1: must be an integer >= 0"),
-    ("batch_tokens", 0, "--batch-tokens 0: must be an integer >= 1"),
-    ("dropout", 1.0, "--dropout 1.0: must be in [0, 1)"),
-    ("lr_scale", 0.0, "--lr-scale 0.0: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("log_interval", 0, "--log-interval 0: must be an integer >= 1"),
+        ("eval_interval", -1, "--eval-interval -1: must be an integer >= 0"),
+        ("batch_tokens", 0, "--batch-tokens 0: must be an integer >= 1"),
+        ("dropout", 1.0, "--dropout 1.0: must be in [0, 1)"),
+        ("lr_scale", 0.0, "--lr-scale 0.0: must be > 0"),
+    ],
+)
 def test_options_out_of_range_are_named(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Trainer(tiny_config(tmp_path / "run", **{option: value}), log=quiet)

@@ -27,7 +27,8 @@ def benchmarks_dir() -> Path:
         raise SystemExit(
             f"bench: the benchmark suite lives in the repository's benchmarks/ directory, and this "
             f"installation ({root}) has none; clone the repository and install it with "
-            f"`pip install --no-build-isolation -e .`, then run `python -m transformer_kernels bench`")
+            f"`pip install --no-build-isolation -e .`, then run `python -m transformer_kernels bench`"
+        )
     return bench
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         i = argv.index("bench")
         if any(a not in ("-h", "--help") for a in argv[:i]):
             raise SystemExit("bench: put the suite's options after `bench`")
-        return run_bench(argv[i + 1:])
+        return run_bench(argv[i + 1 :])
     parser = argparse.ArgumentParser(prog="python -m transformer_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
         from .train import cli
 
         {"train": cli.add_train, "translate": cli.add_translate, "evaluate": cli.add_evaluate}[command](
-            parsers[command])
+            parsers[command]
+        )
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import info

@@ -24,8 +24,10 @@ def _gpus() -> list[str]:
     lines = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        lines.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
-                     f"{p.multi_processor_count} SMs)")
+        lines.append(
+            f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+            f"{p.multi_processor_count} SMs)"
+        )
     return lines
 
 
@@ -35,8 +37,12 @@ def _driver() -> str:
     try:
         import subprocess
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -70,6 +76,8 @@ def info() -> str:
             reason = spec.unavailable()
             status = "available" if reason is None else f"unavailable: {reason}"
             lines.append(f"  {op:<26} {name:<10} {status}")
-        lines.append(f"  {op:<26} {'auto':<10} order on CUDA: "
-                     + " > ".join(backends.AUTO_ORDER.get(op, backends.DEFAULT_AUTO_ORDER)))
+        lines.append(
+            f"  {op:<26} {'auto':<10} order on CUDA: "
+            + " > ".join(backends.AUTO_ORDER.get(op, backends.DEFAULT_AUTO_ORDER))
+        )
     return "\n".join(lines)

@@ -100,8 +100,9 @@ def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: Optional[int] = N
 
 
 @torch.inference_mode()
-def beam_search(model: EncoderDecoder, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6,
-                max_len: Optional[int] = None) -> Tensor:
+def beam_search(
+    model: EncoderDecoder, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len: Optional[int] = None
+) -> Tensor:
     """Beam search over ``src`` [B, S], all sentences batched: the best hypothesis per sentence by
     GNMT's length-normalised score, as tokens [B, <= max_len] (no BOS; EOS, then padding)."""
     if beam_size < 1:

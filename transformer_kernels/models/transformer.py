@@ -42,8 +42,10 @@ class TransformerConfig:
         if self.d_model % self.nhead:
             raise ValueError(f"TransformerConfig: d_model {self.d_model} is not divisible by nhead {self.nhead}")
         if self.share_all_embeddings and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError("TransformerConfig: share_all_embeddings needs one vocabulary "
-                             f"(src {self.src_vocab_size} != tgt {self.tgt_vocab_size})")
+            raise ValueError(
+                "TransformerConfig: share_all_embeddings needs one vocabulary "
+                f"(src {self.src_vocab_size} != tgt {self.tgt_vocab_size})"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,14 +53,10 @@ class TransformerConfig:
 
 # Sizes of the paper's models, and small ones that train on a CPU.
 PRESETS = {
-    "big": dict(d_model=1024, nhead=16, dim_feedforward=4096, num_encoder_layers=6, num_decoder_layers=6,
-                dropout=0.3),
-    "base": dict(d_model=512, nhead=8, dim_feedforward=2048, num_encoder_layers=6, num_decoder_layers=6,
-                 dropout=0.1),
-    "small": dict(d_model=256, nhead=4, dim_feedforward=1024, num_encoder_layers=3, num_decoder_layers=3,
-                  dropout=0.1),
-    "tiny": dict(d_model=64, nhead=4, dim_feedforward=128, num_encoder_layers=2, num_decoder_layers=2,
-                 dropout=0.1),
+    "big": dict(d_model=1024, nhead=16, dim_feedforward=4096, num_encoder_layers=6, num_decoder_layers=6, dropout=0.3),
+    "base": dict(d_model=512, nhead=8, dim_feedforward=2048, num_encoder_layers=6, num_decoder_layers=6, dropout=0.1),
+    "small": dict(d_model=256, nhead=4, dim_feedforward=1024, num_encoder_layers=3, num_decoder_layers=3, dropout=0.1),
+    "tiny": dict(d_model=64, nhead=4, dim_feedforward=128, num_encoder_layers=2, num_decoder_layers=2, dropout=0.1),
 }
 
 
@@ -88,19 +86,35 @@ class EncoderDecoder(torch.nn.Module):
         self.config = c = config
         kw = dict(device=device, dtype=dtype)
         self.tgt_embed = torch.nn.Embedding(c.tgt_vocab_size, c.d_model, padding_idx=c.pad_id, **kw)
-        self.src_embed = (self.tgt_embed if c.share_all_embeddings else
-                          torch.nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id, **kw))
+        self.src_embed = (
+            self.tgt_embed
+            if c.share_all_embeddings
+            else torch.nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id, **kw)
+        )
         for emb in {id(e): e for e in (self.src_embed, self.tgt_embed)}.values():
-            torch.nn.init.normal_(emb.weight, std=c.d_model ** -0.5)  # tied with the output layer
+            torch.nn.init.normal_(emb.weight, std=c.d_model**-0.5)  # tied with the output layer
             with torch.no_grad():
                 emb.weight[c.pad_id].zero_()
-        layer_kw = dict(d_model=c.d_model, nhead=c.nhead, dim_feedforward=c.dim_feedforward, dropout=c.dropout,
-                        activation=c.activation, batch_first=True, norm_first=c.norm_first, **kw)
+        layer_kw = dict(
+            d_model=c.d_model,
+            nhead=c.nhead,
+            dim_feedforward=c.dim_feedforward,
+            dropout=c.dropout,
+            activation=c.activation,
+            batch_first=True,
+            norm_first=c.norm_first,
+            **kw,
+        )
         final_norm = (lambda: tknn.LayerNorm(c.d_model, **kw)) if c.norm_first else (lambda: None)
-        self.encoder = tknn.TransformerEncoder(tknn.TransformerEncoderLayer(**layer_kw), c.num_encoder_layers,
-                                               norm=final_norm(), enable_nested_tensor=False)
-        self.decoder = tknn.TransformerDecoder(tknn.TransformerDecoderLayer(**layer_kw), c.num_decoder_layers,
-                                               norm=final_norm())
+        self.encoder = tknn.TransformerEncoder(
+            tknn.TransformerEncoderLayer(**layer_kw),
+            c.num_encoder_layers,
+            norm=final_norm(),
+            enable_nested_tensor=False,
+        )
+        self.decoder = tknn.TransformerDecoder(
+            tknn.TransformerDecoderLayer(**layer_kw), c.num_decoder_layers, norm=final_norm()
+        )
         self.dropout = torch.nn.Dropout(c.dropout)
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model, device), persistent=False)
         self.activation_checkpointing = False
@@ -128,9 +142,12 @@ class EncoderDecoder(torch.nn.Module):
     def embed(self, tokens: Tensor, table: torch.nn.Embedding, offset: int = 0) -> Tensor:
         length = tokens.shape[1]
         if offset + length > self.config.max_positions:
-            raise ValueError(f"EncoderDecoder: position {offset + length} exceeds max_positions "
-                             f"{self.config.max_positions}")
-        x = table(tokens) * math.sqrt(self.config.d_model) + self.positions[offset: offset + length].to(table.weight.dtype)
+            raise ValueError(
+                f"EncoderDecoder: position {offset + length} exceeds max_positions {self.config.max_positions}"
+            )
+        x = table(tokens) * math.sqrt(self.config.d_model) + self.positions[offset : offset + length].to(
+            table.weight.dtype
+        )
         return self.dropout(x)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,8 +157,14 @@ class EncoderDecoder(torch.nn.Module):
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_kpm: Tensor) -> Tensor:
         """Decoder hidden states [B, T, d] for the whole target prefix at once (training, scoring)."""
-        return self._stack(self.decoder, self.embed(tgt_in, self.tgt_embed), memory, tgt_is_causal=True,
-                           tgt_key_padding_mask=tgt_in == self.config.pad_id, memory_key_padding_mask=src_kpm)
+        return self._stack(
+            self.decoder,
+            self.embed(tgt_in, self.tgt_embed),
+            memory,
+            tgt_is_causal=True,
+            tgt_key_padding_mask=tgt_in == self.config.pad_id,
+            memory_key_padding_mask=src_kpm,
+        )
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, src_kpm = self.encode(src)
@@ -151,19 +174,32 @@ class EncoderDecoder(torch.nn.Module):
         """[..., vocab] logits of hidden states (decoding; training uses ``loss``)."""
         return hidden @ self.output_weight.t()
 
-    def loss(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0,
-             reduction: str = "mean") -> Tensor:
+    def loss(
+        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
+    ) -> Tensor:
         """Label-smoothed cross-entropy of ``tgt_out`` given ``tgt_in`` (padding ignored)."""
         hidden = self(src, tgt_in)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.output_weight, tgt_out.reshape(-1),
-                                    label_smoothing=label_smoothing, ignore_index=self.config.pad_id,
-                                    reduction=reduction)
+        return linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.output_weight,
+            tgt_out.reshape(-1),
+            label_smoothing=label_smoothing,
+            ignore_index=self.config.pad_id,
+            reduction=reduction,
+        )
 
 
-def build_model(preset: str, src_vocab_size: int, tgt_vocab_size: int, device=None, dtype=None,
-                **overrides) -> EncoderDecoder:
+def build_model(
+    preset: str, src_vocab_size: int, tgt_vocab_size: int, device=None, dtype=None, **overrides
+) -> EncoderDecoder:
     return EncoderDecoder(config_from_preset(preset, src_vocab_size, tgt_vocab_size, **overrides), device, dtype)
 
 
-__all__ = ["EncoderDecoder", "PRESETS", "TransformerConfig", "build_model", "config_from_preset",
-           "sinusoidal_positions"]
+__all__ = [
+    "EncoderDecoder",
+    "PRESETS",
+    "TransformerConfig",
+    "build_model",
+    "config_from_preset",
+    "sinusoidal_positions",
+]

@@ -36,14 +36,29 @@ def fusable_padding_mask(mask: Optional[Tensor]) -> bool:
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for :class:`torch.nn.MultiheadAttention` (``add_bias_kv``/``add_zero_attn`` unsupported)."""
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
-                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+    ):
         for name, value in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn)):
             if value:
-                raise ValueError(f"transformer_kernels.nn.MultiheadAttention: {name}=True is not supported; "
-                                 "use torch.nn.MultiheadAttention")
-        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim,
-                         batch_first, device, dtype)
+                raise ValueError(
+                    f"transformer_kernels.nn.MultiheadAttention: {name}=True is not supported; "
+                    "use torch.nn.MultiheadAttention"
+                )
+        super().__init__(
+            embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype
+        )
 
     def _why_not_fused(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         if need_weights:
@@ -62,20 +77,30 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 return "an attn_mask other than the causal mask"
         return None
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         reason = self._why_not_fused(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         if reason is not None:
             fallback.record("MultiheadAttention", reason)
-            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                   average_attn_weights, is_causal)
+            return super().forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         causal = is_causal or attn_mask is not None  # a fused attn_mask is the causal one
         out = self.attend(query, key, value, key_padding_mask, causal)
         return out, None
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-               causal: bool) -> Tensor:
+    def attend(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], causal: bool
+    ) -> Tensor:
         """The fused path: projections, attention, output projection; [B, L, E] or [L, B, E] as configured."""
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -108,9 +133,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._project(x, 1, 2).unbind(2)
 
-    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                     causal: bool) -> Tensor:
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Tensor:
         """Attention over projected heads ([B, L, H, D]), then the output projection: [B, Lq, E]."""
-        o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                      dropout_p=self.dropout if self.training else 0.0)
+        o = attention(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return fused_linear(o.reshape(*q.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)

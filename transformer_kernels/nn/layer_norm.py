@@ -16,15 +16,17 @@ from ..ops import dropout_add_layer_norm
 
 def _normalize(module, x: Tensor, bias, eps: float, rms_norm: bool) -> Tensor:
     shape = tuple(module.normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != shape:
-        raise ValueError(f"{type(module).__name__}: expected input of shape [*, {', '.join(map(str, shape))}], "
-                         f"got {list(x.shape)}")
+    if tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        raise ValueError(
+            f"{type(module).__name__}: expected input of shape [*, {', '.join(map(str, shape))}], got {list(x.shape)}"
+        )
     # A multi-dim normalized_shape is one flattened hidden dim to the op.
     n = math.prod(shape)
     weight = None if module.weight is None else module.weight.reshape(n)
     bias = None if bias is None else bias.reshape(n)
-    out = dropout_add_layer_norm(x.reshape(*x.shape[: x.dim() - len(shape)], n), None, weight, bias,
-                                 eps=eps, rms_norm=rms_norm)
+    out = dropout_add_layer_norm(
+        x.reshape(*x.shape[: x.dim() - len(shape)], n), None, weight, bias, eps=eps, rms_norm=rms_norm
+    )
     return out.view(x.shape)
 
 

@@ -50,16 +50,23 @@ def _norm(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
 
 
 def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, p: float, training: bool, prenorm=False):
-    return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, p, norm.eps, prenorm=prenorm,
-                                  training=training)
+    return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, p, norm.eps, prenorm=prenorm, training=training)
 
 
 class _FusedLayer:
     """What the encoder and decoder layers share: the FFN block and the fused-path checks."""
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                   activation_name(self.activation), self.dropout.p, training=self.training)
+        return ffn(
+            x,
+            self.linear1.weight,
+            self.linear1.bias,
+            self.linear2.weight,
+            self.linear2.bias,
+            activation_name(self.activation),
+            self.dropout.p,
+            training=self.training,
+        )
 
     def _length(self, x: Tensor) -> int:
         return x.shape[1] if self.self_attn.batch_first else x.shape[0]
@@ -81,19 +88,26 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
         super().__init__(*args, **kwargs)
         convert(self, inplace=True)
 
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
         causal = _self_attn_causal(src_mask, is_causal, self._length(src)) if src.dim() == 3 else None
         reason = self._common_reason(src, src_key_padding_mask) or (
-            "a src_mask other than the causal mask" if causal is None else None)
+            "a src_mask other than the causal mask" if causal is None else None
+        )
         if reason is not None:
             fallback.record("TransformerEncoderLayer", reason)
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         x, kpm, train = src, src_key_padding_mask, self.training
         if self.norm_first:
             h = _norm(x, self.norm1)
-            h, x = _add_norm(self.self_attn.attend(h, h, h, kpm, causal), x, self.norm2, self.dropout1.p, train,
-                             prenorm=True)
+            h, x = _add_norm(
+                self.self_attn.attend(h, h, h, kpm, causal), x, self.norm2, self.dropout1.p, train, prenorm=True
+            )
             return x + F.dropout(self._ffn(h), self.dropout2.p, train)
         x = _add_norm(self.self_attn.attend(x, x, x, kpm, causal), x, self.norm1, self.dropout1.p, train)
         return _add_norm(self._ffn(x), x, self.norm2, self.dropout2.p, train)
@@ -106,10 +120,17 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
         super().__init__(*args, **kwargs)
         convert(self, inplace=True)
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
-                memory_is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
         causal = _self_attn_causal(tgt_mask, tgt_is_causal, self._length(tgt)) if tgt.dim() == 3 else None
         reason = self._common_reason(tgt, tgt_key_padding_mask, memory_key_padding_mask)
         if reason is None and causal is None:
@@ -118,8 +139,16 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
             reason = "a memory_mask"
         if reason is not None:
             fallback.record("TransformerDecoderLayer", reason)
-            return super().forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                                   memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+            return super().forward(
+                tgt,
+                memory,
+                tgt_mask,
+                memory_mask,
+                tgt_key_padding_mask,
+                memory_key_padding_mask,
+                tgt_is_causal,
+                memory_is_causal,
+            )
         return self.blocks(
             tgt,
             lambda h: self.self_attn.attend(h, h, h, tgt_key_padding_mask, causal),
@@ -145,8 +174,13 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     (torch's nested-tensor fast path, which converts the padding mask, is not used.)"""
 
-    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: Optional[bool] = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: Optional[bool] = None,
+    ) -> Tensor:
         x = src
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
@@ -156,15 +190,29 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 class TransformerDecoder(torch.nn.TransformerDecoder):
     """Drop-in for :class:`torch.nn.TransformerDecoder`."""
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: Optional[bool] = None,
-                memory_is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: Optional[bool] = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
         x = tgt
         for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                      tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                      tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+            x = layer(
+                x,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=bool(tgt_is_causal),
+                memory_is_causal=memory_is_causal,
+            )
         return x if self.norm is None else self.norm(x)
 
 

@@ -30,10 +30,14 @@ def _triton_check(head_dim: Optional[int] = None, **_) -> Optional[str]:
     return None
 
 
-backends.register(OP, "reference", backends.OpBackend(
-    devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-backends.register(OP, "triton", backends.OpBackend(
-    devices=("cuda",), dtypes=KERNEL_DTYPES, check=_triton_check, unavailable=backends.triton_unavailable))
+backends.register(OP, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
+backends.register(
+    OP,
+    "triton",
+    backends.OpBackend(
+        devices=("cuda",), dtypes=KERNEL_DTYPES, check=_triton_check, unavailable=backends.triton_unavailable
+    ),
+)
 
 
 def _kernels(backend: str):
@@ -140,15 +144,17 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> None:
     if dk != d:
         raise ValueError(f"{OP}: head dim of k/v ({dk}) does not match q's ({d})")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"{OP}: the number of query heads ({hq}) must be a multiple of the number of "
-                         f"key/value heads ({hkv})")
+        raise ValueError(
+            f"{OP}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
             raise TypeError(f"{OP}: key_padding_mask must be a bool tensor [B, Lk] (True = padding), got {got}")
         if key_padding_mask.shape != (b, lk):
-            raise ValueError(f"{OP}: key_padding_mask shape {list(key_padding_mask.shape)} does not match "
-                             f"[B, Lk] = {[b, lk]}")
+            raise ValueError(
+                f"{OP}: key_padding_mask shape {list(key_padding_mask.shape)} does not match [B, Lk] = {[b, lk]}"
+            )
         if key_padding_mask.device != q.device:
             raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -191,12 +197,21 @@ def attention(
         q, k, v = amp.cast(amp.lower_dtype(q.device), q, k, v)
     _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     d = q.shape[-1]
-    scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
+    scale = float(d**-0.5 if softmax_scale is None else softmax_scale)
     name = backends.resolve(OP, backend, q.device, q.dtype, head_dim=d)
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
         with amp.disabled(q.device):
-            return attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                 softmax_scale=scale, return_lse=return_lse, seed=seed)
+            return attention_ref(
+                q,
+                k,
+                v,
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p,
+                softmax_scale=scale,
+                return_lse=return_lse,
+                seed=seed,
+            )
     out, lse2 = _fwd(q, k, v, key_padding_mask, bool(causal), float(dropout_p), scale, seed, name)
     return (out, lse2 * math.log(2.0)) if return_lse else out

@@ -49,8 +49,9 @@ def cast(dtype: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple[Opti
     if dtype is None:
         return tensors
     eligible = (torch.float16, torch.bfloat16, torch.float32)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in eligible and t.dtype != dtype else t
-                 for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype in eligible and t.dtype != dtype else t for t in tensors
+    )
 
 
 def disabled(device: torch.device):

@@ -34,10 +34,14 @@ LCE_OP = "linear_cross_entropy"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 for _op in (CE_OP, LCE_OP):
-    backends.register(_op, "reference", backends.OpBackend(
-        devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-    backends.register(_op, "triton", backends.OpBackend(
-        devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable))
+    backends.register(
+        _op, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,))
+    )
+    backends.register(
+        _op,
+        "triton",
+        backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable),
+    )
 
 
 def _triton():
@@ -55,8 +59,10 @@ def _check_targets(op: str, target: Tensor, num_classes: int, ignore_index: int)
     if hi >= num_classes:
         raise ValueError(f"{op}: target contains {hi}, out of range for {num_classes} classes")
     if lo < 0:
-        raise ValueError(f"{op}: target contains {lo}, which is neither a class index in [0, {num_classes}) "
-                         f"nor ignore_index ({ignore_index})")
+        raise ValueError(
+            f"{op}: target contains {lo}, which is neither a class index in [0, {num_classes}) "
+            f"nor ignore_index ({ignore_index})"
+        )
 
 
 def _grad_scale(target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:
@@ -104,13 +110,15 @@ def _ce_fwd_fake(logits, target, label_smoothing, ignore_index, reduction):
 
 
 @torch.library.custom_op("transformer_kernels::cross_entropy_bwd", mutates_args=())
-def _ce_bwd(dloss: Tensor, logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int,
-            reduction: str) -> Tensor:
+def _ce_bwd(
+    dloss: Tensor, logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, reduction: str
+) -> Tensor:
     """The gradient of ``<dloss, loss>`` w.r.t. the logits, rounded once to their dtype."""
     _, scale = _grad_scale(target, ignore_index, reduction)
     with amp.disabled(logits.device):
-        _, grad = _triton().cross_entropy_fwd(logits, target, (dloss.float() * scale).contiguous(),
-                                              label_smoothing, ignore_index, True)
+        _, grad = _triton().cross_entropy_fwd(
+            logits, target, (dloss.float() * scale).contiguous(), label_smoothing, ignore_index, True
+        )
     return grad
 
 
@@ -153,13 +161,13 @@ def _lce_fwd(
     n_valid, scale = _grad_scale(target, ignore_index, reduction)
     with amp.disabled(hidden.device):
         loss, dh, dw, db = _triton().linear_cross_entropy_fwd(
-            hidden, weight, target, bias, scale, label_smoothing, ignore_index, compute_grad, chunk_size)
+            hidden, weight, target, bias, scale, label_smoothing, ignore_index, compute_grad, chunk_size
+        )
         return _reduce(loss, n_valid, reduction), dh, dw, db
 
 
 @_lce_fwd.register_fake
-def _lce_fwd_fake(hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size,
-                  compute_grad):
+def _lce_fwd_fake(hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size, compute_grad):
     loss = _loss_fake(hidden, hidden.shape[0], reduction)
     if not compute_grad:
         return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
@@ -181,8 +189,8 @@ def _lce_bwd(
     """The gradients of ``Σ dloss · loss`` for ``reduction="none"``: the chunks recomputed."""
     with amp.disabled(hidden.device):
         _, dh, dw, db = _triton().linear_cross_entropy_fwd(
-            hidden, weight, target, bias, dloss.float().contiguous(), label_smoothing, ignore_index, True,
-            chunk_size)
+            hidden, weight, target, bias, dloss.float().contiguous(), label_smoothing, ignore_index, True, chunk_size
+        )
     return dh, dw, db
 
 
@@ -231,8 +239,9 @@ def _check_options(op: str, label_smoothing: float, ignore_index: int, reduction
 def _check_target(op: str, target: Tensor, n: int, device: torch.device) -> None:
     if not isinstance(target, Tensor) or target.dtype != torch.int64:
         got = target.dtype if isinstance(target, Tensor) else type(target).__name__
-        raise TypeError(f"{op}: target must be an int64 tensor of class indices, got {got} "
-                        "(class probabilities are not supported)")
+        raise TypeError(
+            f"{op}: target must be an int64 tensor of class indices, got {got} (class probabilities are not supported)"
+        )
     if target.shape != (n,):
         raise ValueError(f"{op}: target shape {list(target.shape)} does not match the {n} rows (expected [{n}])")
     if target.device != device:
@@ -315,8 +324,9 @@ def linear_cross_entropy(
     n, d = hidden.shape
     v = weight.shape[0]
     if weight.shape[1] != d or v == 0:
-        raise ValueError(f"{LCE_OP}: weight shape {list(weight.shape)} does not match hidden size {d} "
-                         f"(expected [V, {d}], V >= 1)")
+        raise ValueError(
+            f"{LCE_OP}: weight shape {list(weight.shape)} does not match hidden size {d} (expected [V, {d}], V >= 1)"
+        )
     for name_, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{LCE_OP}: {name_} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
@@ -335,9 +345,20 @@ def linear_cross_entropy(
             _check_targets(LCE_OP, target, v, ignore_index)
         with amp.disabled(hidden.device):
             return linear_cross_entropy_ref(hidden, weight, target, bias, **kw)
-    compute_grad = reduction != "none" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    compute_grad = (
+        reduction != "none"
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    )
     loss, _, _, _ = _lce_fwd(
-        hidden.contiguous(), weight.contiguous(), target.contiguous(), None if bias is None else bias.contiguous(),
-        float(label_smoothing), ignore_index, reduction, chunk_size or 0, compute_grad)
+        hidden.contiguous(),
+        weight.contiguous(),
+        target.contiguous(),
+        None if bias is None else bias.contiguous(),
+        float(label_smoothing),
+        ignore_index,
+        reduction,
+        chunk_size or 0,
+        compute_grad,
+    )
     return loss

@@ -32,14 +32,27 @@ def _max_hidden(limit: int):
     return check
 
 
-backends.register(OP, "reference", backends.OpBackend(
-    devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-backends.register(OP, "triton", backends.OpBackend(
-    devices=("cuda",), dtypes=KERNEL_DTYPES, check=_max_hidden(TRITON_MAX_HIDDEN),
-    unavailable=backends.triton_unavailable))
-backends.register(OP, "cuda", backends.OpBackend(
-    devices=("cuda",), dtypes=KERNEL_DTYPES, check=_max_hidden(CUDA_MAX_HIDDEN),
-    unavailable=backends.cuda_unavailable))
+backends.register(OP, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
+backends.register(
+    OP,
+    "triton",
+    backends.OpBackend(
+        devices=("cuda",),
+        dtypes=KERNEL_DTYPES,
+        check=_max_hidden(TRITON_MAX_HIDDEN),
+        unavailable=backends.triton_unavailable,
+    ),
+)
+backends.register(
+    OP,
+    "cuda",
+    backends.OpBackend(
+        devices=("cuda",),
+        dtypes=KERNEL_DTYPES,
+        check=_max_hidden(CUDA_MAX_HIDDEN),
+        unavailable=backends.cuda_unavailable,
+    ),
+)
 
 
 def _kernels(backend: str):
@@ -135,8 +148,17 @@ def _backward(ctx, dout, ds_in, _dmean, _drstd):
     if ds_in is not None and ds_in.numel() == 0:
         ds_in = None
     ds, dx, dweight, dbias = _bwd(
-        dout.contiguous(), None if ds_in is None else ds_in.contiguous(), s, weight, mean, rstd,
-        dropout_p, seed, rms_norm, b_dtype is not None, backend,
+        dout.contiguous(),
+        None if ds_in is None else ds_in.contiguous(),
+        s,
+        weight,
+        mean,
+        rstd,
+        dropout_p,
+        seed,
+        rms_norm,
+        b_dtype is not None,
+        backend,
     )
     if dropout_p == 0.0:
         dx = ds
@@ -145,7 +167,12 @@ def _backward(ctx, dout, ds_in, _dmean, _drstd):
         ds if ctx.has_residual else None,
         None if w_dtype is None else dweight.to(w_dtype),
         None if b_dtype is None else dbias.to(b_dtype),
-        None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -173,7 +200,9 @@ def _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm) -> None:
         if p.shape != (n,):
             raise ValueError(f"{OP}: {name} shape {list(p.shape)} does not match the hidden size {n} (expected [{n}])")
         if p.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{OP}: {name} dtype {p.dtype} is not supported (must be x's dtype {x.dtype} or torch.float32)")
+            raise TypeError(
+                f"{OP}: {name} dtype {p.dtype} is not supported (must be x's dtype {x.dtype} or torch.float32)"
+            )
         if p.device != x.device:
             raise ValueError(f"{OP}: {name} is on {p.device}, x on {x.device}")
     if rms_norm and bias is not None:
@@ -219,8 +248,10 @@ def dropout_add_layer_norm(
         dtype = amp.norm_dtype(x, residual)
         if dtype is not None:  # the weights may stay fp32 beside any x; else they follow it
             x, residual = amp.cast(dtype, x, residual)
-            weight, bias = (amp.cast(dtype, t)[0] if isinstance(t, Tensor) and t.dtype != torch.float32 else t
-                            for t in (weight, bias))
+            weight, bias = (
+                amp.cast(dtype, t)[0] if isinstance(t, Tensor) and t.dtype != torch.float32 else t
+                for t in (weight, bias)
+            )
     _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm)
     if not training:
         dropout_p = 0.0
@@ -236,9 +267,7 @@ def dropout_add_layer_norm(
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
     # Without a residual and without dropout, s is x: nothing to store, the backward reads x.
     s_differs = residual is not None or dropout_p > 0.0
     store_s = s_differs and (prenorm or needs_grad)
@@ -255,10 +284,14 @@ def _register_extension_fakes() -> None:
         return
     torch.library.register_fake("tk_C::dropout_add_layer_norm_fwd")(
         lambda x, residual, weight, bias, dropout_p, eps, seed, rms_norm, store_s: _fwd_fake(
-            x, residual, weight, bias, dropout_p, eps, None, rms_norm, store_s, "cuda"))
+            x, residual, weight, bias, dropout_p, eps, None, rms_norm, store_s, "cuda"
+        )
+    )
     torch.library.register_fake("tk_C::dropout_add_layer_norm_bwd")(
         lambda dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm, has_bias: _bwd_fake(
-            dout, ds_in, s, weight, mean, rstd, dropout_p, None, rms_norm, has_bias, "cuda"))
+            dout, ds_in, s, weight, mean, rstd, dropout_p, None, rms_norm, has_bias, "cuda"
+        )
+    )
 
 
 _register_extension_fakes()

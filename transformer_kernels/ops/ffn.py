@@ -26,12 +26,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ffn runs on fused_linear's kernels, so both ops declare the same backends.
 for _op in (OP, FFN_OP):
-    backends.register(_op, "reference", backends.OpBackend(
-        devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-    backends.register(_op, "triton", backends.OpBackend(
-        devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable))
-    backends.register(_op, "cuda", backends.OpBackend(
-        devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.cuda_unavailable))
+    backends.register(
+        _op, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,))
+    )
+    backends.register(
+        _op,
+        "triton",
+        backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable),
+    )
+    backends.register(
+        _op, "cuda", backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.cuda_unavailable)
+    )
 
 
 def _kernels(backend: str):
@@ -51,8 +56,15 @@ def _kernels(backend: str):
 
 
 @torch.library.custom_op("transformer_kernels::fused_linear_fwd", mutates_args=())
-def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
-         seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+def _fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    activation: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
     with amp.disabled(x.device):
         return fwd(x, weight, bias, activation, dropout_p, seed_value(seed))
@@ -65,8 +77,18 @@ def _fwd_fake(x, weight, bias, activation, dropout_p, seed, backend):
 
 
 @torch.library.custom_op("transformer_kernels::fused_linear_bwd", mutates_args=())
-def _bwd(dout: Tensor, x: Tensor, weight: Tensor, out: Tensor, preact: Tensor, has_bias: bool,
-         activation: str, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd(
+    dout: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    preact: Tensor,
+    has_bias: bool,
+    activation: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
     with amp.disabled(x.device):
         return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_value(seed))
@@ -87,8 +109,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dpreact):
     x, weight, out, preact, seed = ctx.saved_tensors
     has_bias, activation, dropout_p, backend = ctx.args
-    dx, dweight, dbias = _bwd(dout.contiguous(), x, weight, out, preact, has_bias, activation, dropout_p,
-                              seed, backend)
+    dx, dweight, dbias = _bwd(dout.contiguous(), x, weight, out, preact, has_bias, activation, dropout_p, seed, backend)
     return dx, dweight, dbias if has_bias else None, None, None, None, None
 
 
@@ -108,12 +129,16 @@ def _check_inputs(op, x, layers, activation, dropout_p) -> None:
         if not isinstance(w, Tensor) or w.dim() != 2:
             raise ValueError(f"{op}: {w_name} must be a 2-D tensor [out_features, in_features]")
         if w.shape[1] != features:
-            raise ValueError(f"{op}: {w_name} shape {list(w.shape)} does not match {source} {features} "
-                             f"(expected [out_features, {features}])")
+            raise ValueError(
+                f"{op}: {w_name} shape {list(w.shape)} does not match {source} {features} "
+                f"(expected [out_features, {features}])"
+            )
         params = ((w_name, w),) if b is None else ((w_name, w), (b_name, b))
         if b is not None and b.shape != (w.shape[0],):
-            raise ValueError(f"{op}: {b_name} shape {list(b.shape)} does not match {w_name}'s out_features "
-                             f"{w.shape[0]} (expected [{w.shape[0]}])")
+            raise ValueError(
+                f"{op}: {b_name} shape {list(b.shape)} does not match {w_name}'s out_features "
+                f"{w.shape[0]} (expected [{w.shape[0]}])"
+            )
         for name, p in params:
             if p.dtype != x.dtype:
                 raise TypeError(f"{op}: {name} dtype {p.dtype} does not match x dtype {x.dtype}")
@@ -121,8 +146,9 @@ def _check_inputs(op, x, layers, activation, dropout_p) -> None:
                 raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
         features, source = w.shape[0], f"{w_name}'s out_features"
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of "
-                         f"{', '.join(map(repr, ACTIVATIONS))}")
+        raise ValueError(
+            f"{op}: unknown activation {activation!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}"
+        )
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
 
@@ -132,11 +158,25 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
-def _linear(x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], dropout_p: float,
-            seed: Optional[Tensor], backend: str) -> Tensor:
+def _linear(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    activation: Optional[str],
+    dropout_p: float,
+    seed: Optional[Tensor],
+    backend: str,
+) -> Tensor:
     """One fused linear layer on a kernel backend, over x2 [M, K]."""
-    out, _ = _fwd(x2, weight.contiguous(), None if bias is None else bias.contiguous(), activation or "none",
-                  float(dropout_p), seed, backend)
+    out, _ = _fwd(
+        x2,
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        activation or "none",
+        float(dropout_p),
+        seed,
+        backend,
+    )
     return out
 
 
@@ -226,10 +266,14 @@ def _register_extension_fakes() -> None:
         return
     torch.library.register_fake("tk_C::fused_linear_fwd")(
         lambda x, weight, bias, activation, dropout_p, seed: _fwd_fake(
-            x, weight, bias, activation, dropout_p, None, "cuda"))
+            x, weight, bias, activation, dropout_p, None, "cuda"
+        )
+    )
     torch.library.register_fake("tk_C::fused_linear_bwd")(
         lambda dout, x, weight, out, preact, has_bias, activation, dropout_p, seed: _bwd_fake(
-            dout, x, weight, out, preact, has_bias, activation, dropout_p, None, "cuda"))
+            dout, x, weight, out, preact, has_bias, activation, dropout_p, None, "cuda"
+        )
+    )
 
 
 _register_extension_fakes()

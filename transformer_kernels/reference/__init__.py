@@ -6,5 +6,12 @@ from .dropout_add_layer_norm import dropout_add_layer_norm_ref
 from .ffn import ffn_ref, fused_linear_ref
 from .philox import dropout_keep_mask
 
-__all__ = ["attention_ref", "cross_entropy_ref", "dropout_add_layer_norm_ref", "dropout_keep_mask",
-           "ffn_ref", "fused_linear_ref", "linear_cross_entropy_ref"]
+__all__ = [
+    "attention_ref",
+    "cross_entropy_ref",
+    "dropout_add_layer_norm_ref",
+    "dropout_keep_mask",
+    "ffn_ref",
+    "fused_linear_ref",
+    "linear_cross_entropy_ref",
+]

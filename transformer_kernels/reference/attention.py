@@ -65,7 +65,7 @@ def attention_ref(
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if softmax_scale is None:
-        softmax_scale = d ** -0.5
+        softmax_scale = d**-0.5
     if dropout_p > 0.0 and keep_mask is None:
         if seed is None:
             raise ValueError("attention_ref: dropout_p > 0 needs a seed or a keep_mask")

@@ -93,7 +93,7 @@ def _native_seed(seed: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
     if isinstance(seed, torch.Tensor):
         ok = seed.device.type == "cpu" and seed.dim() == 0 and seed.dtype == torch.int64
         return seed if ok else None
-    return torch.tensor(seed, dtype=torch.int64) if -2**63 <= seed < 2**63 else None
+    return torch.tensor(seed, dtype=torch.int64) if -(2**63) <= seed < 2**63 else None
 
 
 def dropout_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:

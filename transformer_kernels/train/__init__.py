@@ -6,5 +6,16 @@ from .data import DataError, SyntheticTask, TokenBatcher, read_parallel
 from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
 
-__all__ = ["CheckpointError", "DataError", "SyntheticTask", "TokenBatcher", "Tokenizer", "TrainConfig", "Trainer",
-           "inverse_sqrt_lr", "load_for_inference", "read_parallel", "translate"]
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "SyntheticTask",
+    "TokenBatcher",
+    "Tokenizer",
+    "TrainConfig",
+    "Trainer",
+    "inverse_sqrt_lr",
+    "load_for_inference",
+    "read_parallel",
+    "translate",
+]

@@ -38,8 +38,9 @@ def checkpoint_dir(out_dir, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(out_dir, step: int, model: torch.nn.Module, state: dict, keep_last: int,
-                    val_loss: Optional[float] = None) -> Path:
+def save_checkpoint(
+    out_dir, step: int, model: torch.nn.Module, state: dict, keep_last: int, val_loss: Optional[float] = None
+) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it (and ``best`` if ``val_loss``
     beats the best so far), and delete checkpoints beyond the last ``keep_last`` except the best."""
     root = Path(out_dir) / "checkpoints"
@@ -78,7 +79,7 @@ def _best_loss(root: Path) -> Optional[float]:
 
 def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    keep = {p.name for p in steps[-max(keep_last, 1):]}
+    keep = {p.name for p in steps[-max(keep_last, 1) :]}
     best = (root / "best").read_text().strip() if (root / "best").is_file() else None
     for p in steps:
         if p.name not in keep and p.name != best:
@@ -117,8 +118,11 @@ def apply_weights(model: torch.nn.Module, tensors: dict, source) -> None:
     """Copy ``tensors`` into ``model``, checking names and shapes first (``source`` names them in errors)."""
     file = source
     expected = model.state_dict()
-    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in tensors.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     missing = [k for k in expected if k not in tensors and not _is_tied_alias(model, k, tensors)]
     if problems or missing:
         detail = "; ".join(problems[:3] + [f"missing {k}" for k in missing[:3]])
@@ -142,8 +146,11 @@ def average_weights(paths) -> dict:
         except Exception as e:
             raise CheckpointError(f"checkpoint {file} is corrupt or unreadable: {e}") from e
         dtypes = {k: v.dtype for k, v in tensors.items()}
-        total = ({k: v.double() for k, v in tensors.items()} if total is None
-                 else {k: total[k] + tensors[k].double() for k in total})
+        total = (
+            {k: v.double() for k, v in tensors.items()}
+            if total is None
+            else {k: total[k] + tensors[k].double() for k in total}
+        )
     return {k: (v / len(paths)).to(dtypes[k]) for k, v in total.items()}
 
 

@@ -21,9 +21,16 @@ USER_ERRORS = (DataError, CheckpointError, FileExistsError, FileNotFoundError, V
 def add_train(parser: argparse.ArgumentParser) -> None:
     """The options of TrainConfig's fields default to absent (TrainConfig's defaults then apply), so a
     resumed run can tell which were given and warn of those the saved run fixes."""
-    groups = {title: parser.add_argument_group(title, argument_default=argparse.SUPPRESS) for title in (
-        "data (none given: the embedded synthetic task)", "model", "optimisation (defaults: the paper's recipe)",
-        "memory and parallelism (launch several processes with torchrun)", "output")}
+    groups = {
+        title: parser.add_argument_group(title, argument_default=argparse.SUPPRESS)
+        for title in (
+            "data (none given: the embedded synthetic task)",
+            "model",
+            "optimisation (defaults: the paper's recipe)",
+            "memory and parallelism (launch several processes with torchrun)",
+            "output",
+        )
+    }
     g = groups["data (none given: the embedded synthetic task)"]
     g.add_argument("--data", choices=["multi30k"], help="a known corpus layout in --data-dir")
     g.add_argument("--data-dir", help="directory of the corpus (Multi30k: train.de.gz, val.en.gz, ...)")
@@ -36,8 +43,12 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-train", type=int, help="synthetic training pairs")
     g.add_argument("--synthetic-val", type=int, help="synthetic validation pairs")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (per side if separate)")
-    g.add_argument("--separate-vocab", dest="joint_vocab", action="store_false",
-                   help="one BPE vocabulary per language (default: joint)")
+    g.add_argument(
+        "--separate-vocab",
+        dest="joint_vocab",
+        action="store_false",
+        help="one BPE vocabulary per language (default: joint)",
+    )
     g.add_argument("--max-len", type=int, help="drop pairs with a side longer than this (tokens)")
     g = groups["model"]
     g.add_argument("--preset", help="big, base, small or tiny (default); the options below override it")
@@ -59,30 +70,49 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--clip-norm", type=float, help="gradient clipping (0: off)")
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on a GPU that has it, fp32 on the CPU")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 autocast on a GPU that has it, fp32 on the CPU",
+    )
     g.add_argument("--device", help="auto (default), cpu, cuda, ...")
     g.add_argument("--backend", default=None, help="force the kernels' backend (reference, triton, cuda); default auto")
     g.add_argument("--seed", type=int)
     g = groups["memory and parallelism (launch several processes with torchrun)"]
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward pass instead of storing them")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and optimizer state over the processes (FSDP2) instead of "
-                        "replicating them (DDP); checkpoints stay whole")
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in the backward pass instead of storing them",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state over the processes (FSDP2) instead of "
+        "replicating them (DDP); checkpoints stay whole",
+    )
     g = groups["output"]
     g.add_argument("--out-dir")
-    g.add_argument("--resume", action="store_true", default=False,
-                   help="continue the run in --out-dir from its latest checkpoint (its data, model and recipe)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in --out-dir from its latest checkpoint (its data, model and recipe)",
+    )
     g.add_argument("--log-interval", type=int)
-    g.add_argument("--eval-interval", type=int,
-                   help="steps between validations (loss, greedy BLEU) and checkpoints kept as best; "
-                        "0: at the end of each epoch")
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        help="steps between validations (loss, greedy BLEU) and checkpoints kept as best; 0: at the end of each epoch",
+    )
     g.add_argument("--val-bleu-sentences", type=int, help="validation sentences translated for BLEU (0: loss only)")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int)
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
-                   help="no TensorBoard logs (default: in OUT_DIR/tensorboard when tensorboard is installed)")
+    g.add_argument(
+        "--no-tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="no TensorBoard logs (default: in OUT_DIR/tensorboard when tensorboard is installed)",
+    )
 
 
 def _add_model_source(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +137,11 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", help="source side of the test set")
     parser.add_argument("--ref", help="reference translations")
     parser.add_argument("--data-dir", help="Multi30k directory (with --split); default: the run's own data")
-    parser.add_argument("--split", default=None,
-                        help="Multi30k: test_2016_flickr (default), test_2017_flickr, val; synthetic: test (default), val")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="Multi30k: test_2016_flickr (default), test_2017_flickr, val; synthetic: test (default), val",
+    )
     parser.add_argument("--synthetic-test", type=int, default=1000, help="synthetic test pairs")
 
 
@@ -143,8 +176,9 @@ def run_translate(args) -> int:
     except USER_ERRORS as e:
         print(f"translate: error: {e}", file=sys.stderr)
         return 2
-    out = translate(model, tokenizer, texts, args.beam_size, args.length_penalty, args.batch_size,
-                    progress=sys.stderr.isatty())
+    out = translate(
+        model, tokenizer, texts, args.beam_size, args.length_penalty, args.batch_size, progress=sys.stderr.isatty()
+    )
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in out)
@@ -183,8 +217,15 @@ def run_evaluate(args) -> int:
         return 2
     data = tokenize_pairs(pairs, tokenizer, max_len=model.config.max_positions - 1)
     loss = evaluate_loss(model, data, batch_tokens=max(4096, model.config.max_positions))
-    hyps = translate(model, tokenizer, [s for s, _ in pairs], args.beam_size, args.length_penalty, args.batch_size,
-                     progress=sys.stderr.isatty())
+    hyps = translate(
+        model,
+        tokenizer,
+        [s for s, _ in pairs],
+        args.beam_size,
+        args.length_penalty,
+        args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
     score, signature = bleu(hyps, [t for _, t in pairs])
     print(f"{name}: {len(pairs)} sentences ({data.dropped} too long for the loss)")
     print(f"loss {loss:.4f} (per target token, no label smoothing)")

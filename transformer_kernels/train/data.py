@@ -41,6 +41,7 @@ Pair = tuple[str, str]
 
 # --------------------------------------------------------------------------------------- reading
 
+
 def stream_lines(path) -> Iterator[str]:
     """The lines of a file, one at a time: plain text or gzip (by the ``.gz`` suffix), trailing
     newlines stripped. A missing file is an error now, not at the first line."""
@@ -81,8 +82,7 @@ def _aligned(src: Iterator[str], tgt: Iterator[str], src_path, tgt_path) -> Iter
         if s is None or t is None:
             n_src = n + (s is not None) + sum(1 for _ in src)
             n_tgt = n + (t is not None) + sum(1 for _ in tgt)
-            raise DataError(f"parallel files are misaligned: {src_path} has {n_src} lines, "
-                            f"{tgt_path} has {n_tgt}")
+            raise DataError(f"parallel files are misaligned: {src_path} has {n_src} lines, {tgt_path} has {n_tgt}")
         n += 1
         yield s, t
     if n == 0:
@@ -142,6 +142,7 @@ def multi30k_paths(data_dir, split: str, src_lang: str, tgt_lang: str) -> tuple[
 
 # ------------------------------------------------------------------------- the synthetic task
 
+
 @dataclass(frozen=True)
 class SyntheticTask:
     """A made-up language pair generated in code: a fixed random word-for-word dictionary between
@@ -161,8 +162,12 @@ class SyntheticTask:
         rng = random.Random(self.seed)
 
         def words(onsets, vowels):
-            pool = sorted({rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets) + rng.choice(vowels)
-                           for _ in range(self.vocab * 20)})
+            pool = sorted(
+                {
+                    rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets) + rng.choice(vowels)
+                    for _ in range(self.vocab * 20)
+                }
+            )
             rng.shuffle(pool)
             return pool[: self.vocab]
 
@@ -196,6 +201,7 @@ class SyntheticTask:
 
 
 # ------------------------------------------------------------------------------- tokenised data
+
 
 def _dropped(src_ids: Sequence[int], tgt_ids: Sequence[int], max_len: Optional[int]) -> bool:
     """Pairs left out of training: a side empty, or longer than ``max_len`` tokens."""
@@ -249,7 +255,7 @@ class _Side(Sequence):
     def __getitem__(self, i: int) -> np.ndarray:
         lengths = self.cache.lengths[i]  # IndexError past the end, which ends iteration
         start = self.cache.offsets[i] + (lengths[0] if self.column else 0)
-        return self.cache.ids[start: start + lengths[self.column]]
+        return self.cache.ids[start : start + lengths[self.column]]
 
 
 class TokenCache:
@@ -311,8 +317,9 @@ class TokenCache:
         return json.loads(json.dumps(fp))  # as it reads back from the JSON file (tuples become lists)
 
     @classmethod
-    def load_or_build(cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int],
-                      chunk_pairs: int = 10_000) -> "TokenCache":
+    def load_or_build(
+        cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int], chunk_pairs: int = 10_000
+    ) -> "TokenCache":
         """The cache at ``stem`` if it was built from the same pairs, tokenizer and ``max_len``; else a new build."""
         fingerprint = cls.fingerprint(pairs, tokenizer, max_len)
         try:
@@ -324,8 +331,9 @@ class TokenCache:
         return cls.build(stem, pairs, tokenizer, max_len, chunk_pairs)
 
     @classmethod
-    def build(cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int],
-              chunk_pairs: int = 10_000) -> "TokenCache":
+    def build(
+        cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int], chunk_pairs: int = 10_000
+    ) -> "TokenCache":
         """Tokenise ``pairs`` in chunks (batch encoding) straight into the files at ``stem``; pairs that
         :func:`_dropped` rejects are counted, not stored. Memory: one chunk plus 8 bytes a pair."""
         stem = Path(stem)
@@ -376,6 +384,7 @@ def _with(stem: Path, suffix: str) -> Path:
 
 # ------------------------------------------------------------------------------------- batches
 
+
 @dataclass
 class Batch:
     """Padded tensors: ``src [B, S]``; ``tgt_in [B, T]`` = BOS + target; ``tgt_out [B, T]`` = target + EOS."""
@@ -386,8 +395,12 @@ class Batch:
     indices: list[int]
 
     def to(self, device) -> "Batch":
-        return Batch(self.src.to(device, non_blocking=True), self.tgt_in.to(device, non_blocking=True),
-                     self.tgt_out.to(device, non_blocking=True), self.indices)
+        return Batch(
+            self.src.to(device, non_blocking=True),
+            self.tgt_in.to(device, non_blocking=True),
+            self.tgt_out.to(device, non_blocking=True),
+            self.indices,
+        )
 
 
 def collate(data, indices: Sequence[int], pad_id: int, bos_id: int, eos_id: int) -> Batch:
@@ -400,7 +413,7 @@ def collate(data, indices: Sequence[int], pad_id: int, bos_id: int, eos_id: int)
     tgt_out = np.full_like(tgt_in, pad_id)
     for row, (s, t) in enumerate(zip(src_rows, tgt_rows)):
         src[row, : len(s)] = s
-        tgt_in[row, 0], tgt_in[row, 1: len(t) + 1] = bos_id, t
+        tgt_in[row, 0], tgt_in[row, 1 : len(t) + 1] = bos_id, t
         tgt_out[row, : len(t)], tgt_out[row, len(t)] = t, eos_id
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), [int(i) for i in indices])
 
@@ -415,16 +428,26 @@ class TokenBatcher:
     may be lists or numpy arrays; an epoch is held as one index array, 8 bytes a pair.
     """
 
-    def __init__(self, src_lengths: Sequence[int], tgt_lengths: Sequence[int], max_tokens: int, seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        src_lengths: Sequence[int],
+        tgt_lengths: Sequence[int],
+        max_tokens: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.src_lengths = np.asarray(src_lengths, dtype=np.int32)
         self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int32) + 1  # with BOS (tgt_in) or EOS (tgt_out)
         if len(self.src_lengths) == 0:
             raise DataError("no sentence pairs to batch (all dropped as too long, or none given)")
         longest = int(max(self.src_lengths.max(), self.tgt_lengths.max()))
         if longest > max_tokens:
-            raise DataError(f"batch size of {max_tokens} tokens is smaller than the longest sentence "
-                            f"({longest} tokens); raise --batch-tokens or lower --max-len")
+            raise DataError(
+                f"batch size of {max_tokens} tokens is smaller than the longest sentence "
+                f"({longest} tokens); raise --batch-tokens or lower --max-len"
+            )
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
@@ -454,7 +477,7 @@ class TokenBatcher:
             rng.shuffle(batch_ids)
         if self.world_size > 1:
             usable = len(batch_ids) - len(batch_ids) % self.world_size
-            batch_ids = batch_ids[self.rank: usable: self.world_size]
+            batch_ids = batch_ids[self.rank : usable : self.world_size]
         return order, [(starts[b], starts[b + 1]) for b in batch_ids]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

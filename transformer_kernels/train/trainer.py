@@ -28,8 +28,17 @@ import torch
 
 from ..models import EncoderDecoder, TransformerConfig, beam_search, build_model, greedy_decode, strip
 from . import checkpoint as ckpt
-from .data import (DataError, PairStream, SyntheticTask, TokenBatcher, TokenCache, TokenizedPairs, collate,
-                   multi30k_paths, parallel_files)
+from .data import (
+    DataError,
+    PairStream,
+    SyntheticTask,
+    TokenBatcher,
+    TokenCache,
+    TokenizedPairs,
+    collate,
+    multi30k_paths,
+    parallel_files,
+)
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -93,9 +102,22 @@ class TrainConfig:
 # What a resumed run may take from its command line (when given; else it keeps the saved run's): how, where
 # and for how long it trains. The other options fix what the run is (data, tokenizer, model, recipe, seed);
 # it keeps those it was started with.
-RESUME_OPTIONS = ("out_dir", "max_steps", "epochs", "time_limit", "log_interval", "eval_interval", "save_interval",
-                  "keep_last", "val_bleu_sentences", "tensorboard", "device", "precision", "activation_checkpointing",
-                  "fsdp")
+RESUME_OPTIONS = (
+    "out_dir",
+    "max_steps",
+    "epochs",
+    "time_limit",
+    "log_interval",
+    "eval_interval",
+    "save_interval",
+    "keep_last",
+    "val_bleu_sentences",
+    "tensorboard",
+    "device",
+    "precision",
+    "activation_checkpointing",
+    "fsdp",
+)
 
 
 def _flag(name: str, value) -> str:
@@ -111,10 +133,11 @@ def _flag(name: str, value) -> str:
 def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
     """The paper's schedule at ``step`` (1-based): linear warm-up, then ∝ step^-0.5."""
     step = max(step, 1)
-    return scale * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
 # ---------------------------------------------------------------------------------------- data
+
 
 def load_pairs(cfg: TrainConfig, split: str) -> Optional[PairStream]:
     """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits) as a stream that
@@ -139,9 +162,17 @@ def load_pairs(cfg: TrainConfig, split: str) -> Optional[PairStream]:
 
 # --------------------------------------------------------------------------------- translation
 
+
 @torch.inference_mode()
-def translate(model: EncoderDecoder, tokenizer: Tokenizer, texts: Sequence[str], beam_size: int = 4,
-              length_penalty: float = 0.6, batch_size: int = 64, progress: bool = False) -> list[str]:
+def translate(
+    model: EncoderDecoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
     """Translations of ``texts``: sorted by length into batches (little padding), returned in order."""
     device = next(model.parameters()).device
     limit = model.config.max_positions
@@ -150,13 +181,16 @@ def translate(model: EncoderDecoder, tokenizer: Tokenizer, texts: Sequence[str],
     out: list[Optional[str]] = [None] * len(ids)
     bar = _progress(total=len(ids), desc="translate", unit="sent", disable=not progress)
     for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
+        chunk = order[start : start + batch_size]
         src = torch.full((len(chunk), max(1, max(len(ids[i]) for i in chunk))), PAD_ID, dtype=torch.long)
         for row, i in enumerate(chunk):
             src[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
         src = src.to(device)
-        tokens = (greedy_decode(model, src) if beam_size == 1 else
-                  beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty))
+        tokens = (
+            greedy_decode(model, src)
+            if beam_size == 1
+            else beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty)
+        )
         for i, text in zip(chunk, tokenizer.decode_batch(strip(tokens.cpu(), EOS_ID, PAD_ID), side="tgt")):
             out[i] = text
         bar.update(len(chunk))
@@ -195,15 +229,23 @@ def _progress(**kw):
         kw["disable"] = True
         tqdm = None
     if tqdm is None or kw.get("disable"):
+
         class _Null:
-            def update(self, n=1): pass
-            def set_postfix_str(self, s): pass
-            def close(self): pass
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
         return _Null()
     return tqdm(**kw)
 
 
 # ------------------------------------------------------------------------------------ the loop
+
 
 class _LossModule(torch.nn.Module):
     """``forward`` = the model's summed loss, so DistributedDataParallel's hooks see the step."""
@@ -234,9 +276,19 @@ def _pick_precision(name: str, device: torch.device) -> str:
 
 def _check_config(cfg: TrainConfig) -> None:
     """Options out of range, named as the command line spells them (before anything is written)."""
-    at_least = {"batch_tokens": 1, "accum_steps": 1, "max_steps": 1, "log_interval": 1, "save_interval": 1,
-                "keep_last": 1, "warmup": 1, "eval_interval": 0, "val_bleu_sentences": 0, "max_len": 1,
-                "vocab_size": 1}
+    at_least = {
+        "batch_tokens": 1,
+        "accum_steps": 1,
+        "max_steps": 1,
+        "log_interval": 1,
+        "save_interval": 1,
+        "keep_last": 1,
+        "warmup": 1,
+        "eval_interval": 0,
+        "val_bleu_sentences": 0,
+        "max_len": 1,
+        "vocab_size": 1,
+    }
     for name, low in at_least.items():
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < low:
@@ -253,8 +305,10 @@ def _check_config(cfg: TrainConfig) -> None:
 
 def _check_fsdp(world_size: int, precision: str) -> None:
     if world_size == 1:
-        raise ValueError("--fsdp shards the model over several processes, and this is one: launch it with "
-                         "torchrun --nproc-per-node N (N > 1), or train without --fsdp")
+        raise ValueError(
+            "--fsdp shards the model over several processes, and this is one: launch it with "
+            "torchrun --nproc-per-node N (N > 1), or train without --fsdp"
+        )
     if precision == "fp16":
         raise ValueError("--fsdp trains in fp32 or bf16 (its gradients are not fp16-scaled here); use --precision bf16")
     from torch.distributed import fsdp
@@ -291,8 +345,9 @@ class Trainer:
             self._load_run()
         else:
             if (self.out / "run.json").exists():
-                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, "
-                                      "or choose another --out-dir")
+                raise FileExistsError(
+                    f"{self.out} already holds a run; pass --resume to continue it, or choose another --out-dir"
+                )
             if self.world_size > 1:  # every rank checks before rank 0 writes
                 torch.distributed.barrier()
             self._new_run()
@@ -304,8 +359,9 @@ class Trainer:
         if self.cfg.fsdp:
             self._shard()
         # AdamW with weight_decay 0 (the default) is exactly the paper's Adam; >0 decays decoupled.
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9,
-                                     weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=self.cfg.weight_decay
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.best_val = 0, math.inf
         self.losses: list[float] = []  # per optimizer step, this process's run only
@@ -330,14 +386,31 @@ class Trainer:
         random.seed(cfg.seed)
         self.train_pairs = load_pairs(cfg, "train")
         self.tokenizer = Tokenizer.train(self.train_pairs, cfg.vocab_size, joint=cfg.joint_vocab)
-        overrides = {k: v for k, v in dict(d_model=cfg.d_model, nhead=cfg.nhead, dim_feedforward=cfg.dim_feedforward,
-                                            num_encoder_layers=cfg.layers, num_decoder_layers=cfg.layers).items()
-                     if v is not None}
+        overrides = {
+            k: v
+            for k, v in dict(
+                d_model=cfg.d_model,
+                nhead=cfg.nhead,
+                dim_feedforward=cfg.dim_feedforward,
+                num_encoder_layers=cfg.layers,
+                num_decoder_layers=cfg.layers,
+            ).items()
+            if v is not None
+        }
         if cfg.share_embeddings and not cfg.joint_vocab:
             raise ValueError("--share-embeddings needs a joint vocabulary (drop --separate-vocab)")
-        model = build_model(cfg.preset, self.tokenizer.vocab_size("src"), self.tokenizer.vocab_size("tgt"),
-                            dropout=cfg.dropout, share_all_embeddings=cfg.share_embeddings, norm_first=cfg.norm_first,
-                            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, **overrides)
+        model = build_model(
+            cfg.preset,
+            self.tokenizer.vocab_size("src"),
+            self.tokenizer.vocab_size("tgt"),
+            dropout=cfg.dropout,
+            share_all_embeddings=cfg.share_embeddings,
+            norm_first=cfg.norm_first,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            **overrides,
+        )
         self.model = model.to(self.device)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -351,12 +424,19 @@ class Trainer:
         for name in RESUME_OPTIONS:  # those not given keep the saved run's values (its --eval-interval, ...)
             if name == "out_dir" or name in self.given:
                 setattr(saved, name, getattr(self.cfg, name))
-        ignored = [f.name for f in fields(TrainConfig) if f.name in self.given and f.name not in RESUME_OPTIONS
-                   and getattr(self.cfg, f.name) != getattr(saved, f.name)]
+        ignored = [
+            f.name
+            for f in fields(TrainConfig)
+            if f.name in self.given
+            and f.name not in RESUME_OPTIONS
+            and getattr(self.cfg, f.name) != getattr(saved, f.name)
+        ]
         if self.rank == 0:
             for name in ignored:
-                self.log(f"warning: {_flag(name, getattr(self.cfg, name))} is ignored: {self.out} holds a run "
-                         f"started with {_flag(name, getattr(saved, name))}, which --resume continues unchanged")
+                self.log(
+                    f"warning: {_flag(name, getattr(self.cfg, name))} is ignored: {self.out} holds a run "
+                    f"started with {_flag(name, getattr(saved, name))}, which --resume continues unchanged"
+                )
         self.cfg = saved
         torch.manual_seed(saved.seed)
         self.tokenizer = Tokenizer.load(self.out, joint=run["joint_vocab"])
@@ -379,14 +459,22 @@ class Trainer:
         self.train_data = TokenCache(stems["train"])
         self.val_data = TokenCache(stems["val"]) if "val" in stems else None
         self.val_pairs = streams["val"].head(cfg.val_bleu_sentences) if self.val_data is not None else []
-        self.batcher = TokenBatcher(self.train_data.src_lengths, self.train_data.tgt_lengths, cfg.batch_tokens,
-                                    seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.batcher = TokenBatcher(
+            self.train_data.src_lengths,
+            self.train_data.tgt_lengths,
+            cfg.batch_tokens,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         if self.rank == 0:
             val_read = self.val_data.read if self.val_data is not None else 0
-            self.log(f"data: {len(self.train_data)} training pairs ({self.train_data.dropped} dropped: longer than "
-                     f"{cfg.max_len} tokens or empty), {val_read} validation pairs; vocab "
-                     f"src {self.tokenizer.vocab_size('src')} tgt {self.tokenizer.vocab_size('tgt')}"
-                     f"{' (joint)' if self.tokenizer.joint else ''}")
+            self.log(
+                f"data: {len(self.train_data)} training pairs ({self.train_data.dropped} dropped: longer than "
+                f"{cfg.max_len} tokens or empty), {val_read} validation pairs; vocab "
+                f"src {self.tokenizer.vocab_size('src')} tgt {self.tokenizer.vocab_size('tgt')}"
+                f"{' (joint)' if self.tokenizer.joint else ''}"
+            )
 
     def _on_rank_zero_first(self, work):
         """``work()`` on rank 0 while the other ranks wait (for files it writes); if it fails, every rank raises."""
@@ -411,8 +499,11 @@ class Trainer:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if self.precision == "bf16" else MixedPrecisionPolicy())
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for layer in [*self.model.encoder.layers, *self.model.decoder.layers]:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(self.model, mesh=mesh, mp_policy=policy)
@@ -442,10 +533,18 @@ class Trainer:
         optimizer = get_optimizer_state_dict(self.model, self.opt, options=_full_state_options())
         if self.rank != 0:
             return None
-        return {"step": self.step, "optimizer": optimizer, "scaler": self.scaler.state_dict(),
-                "batcher": self.batcher.state(), "best_val": self.best_val,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        return {
+            "step": self.step,
+            "optimizer": optimizer,
+            "scaler": self.scaler.state_dict(),
+            "batcher": self.batcher.state(),
+            "best_val": self.best_val,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": list(random.getstate()[1]),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
 
     def save(self, val_loss: Optional[float] = None) -> Optional[Path]:
         return self._write_checkpoint(self._full_model(), val_loss)
@@ -464,8 +563,9 @@ class Trainer:
 
         state = ckpt.load_state(path)
         try:
-            set_optimizer_state_dict(self.model, self.opt, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                self.model, self.opt, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
             self.scaler.load_state_dict(state["scaler"])
             self.batcher.load_state(state["batcher"])
             self.step, self.best_val = state["step"], state["best_val"]
@@ -499,12 +599,18 @@ class Trainer:
         if ddp:
             from torch.nn.parallel import DistributedDataParallel
 
-            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
-                                             else None)
+            module = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         records = _RunLog(self.out, self.step, cfg.tensorboard, self.log) if self.rank == 0 else None
-        bar = _progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                        disable=self.rank != 0 or not sys.stderr.isatty())
+        bar = _progress(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=self.rank != 0 or not sys.stderr.isatty(),
+        )
         batches = iter(self.batcher)
         start, window_tokens, window_start, window_loss = time.time(), 0, time.time(), []
         self.model.train()
@@ -512,8 +618,10 @@ class Trainer:
             validated_at = None
             while self.step < cfg.max_steps and (cfg.epochs is None or self.batcher.epoch < cfg.epochs):
                 epoch = self.batcher.epoch
-                micro = [collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
-                         for _ in range(cfg.accum_steps)]
+                micro = [
+                    collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
+                    for _ in range(cfg.accum_steps)
+                ]
                 num_tokens = torch.tensor(sum(int((b.tgt_out != PAD_ID).sum()) for b in micro), device=self.device)
                 if self.world_size > 1:  # normalise by the global token count; DDP and FSDP average over ranks
                     torch.distributed.all_reduce(num_tokens)
@@ -526,14 +634,17 @@ class Trainer:
                 for i, b in enumerate(micro):
                     # DDP all-reduces once per step; FSDP reduce-scatters every batch, keeping gradients sharded
                     sync_later = ddp and i < len(micro) - 1
-                    with (module.no_sync() if sync_later else nullcontext()), self._autocast():
+                    with module.no_sync() if sync_later else nullcontext(), self._autocast():
                         loss = module(b.src, b.tgt_in, b.tgt_out, cfg.label_smoothing) / denom
                     self.scaler.scale(loss).backward()
                     loss_sum += float(loss.detach())
                 self.scaler.unscale_(self.opt)
                 # the global norm: under FSDP the gradients are DTensor shards, and so is the norm's reduction
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                 cfg.clip_norm if cfg.clip_norm > 0 else math.inf))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        self.model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf
+                    )
+                )
                 self.scaler.step(self.opt)
                 self.scaler.update()
                 self.step += 1
@@ -545,13 +656,16 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 and self.rank == 0:
                     tps = window_tokens * self.world_size / max(time.time() - window_start, 1e-9)
                     mean = sum(window_loss) / len(window_loss)
-                    self.log(f"step {self.step} epoch {self.batcher.epoch} loss {mean:.4f} lr {lr:.3g} "
-                             f"grad_norm {grad_norm:.3f} tokens/s {tps:,.0f}")
-                    records.write(self.step, self.batcher.epoch, loss=mean, lr=lr, grad_norm=grad_norm,
-                                  tokens_per_s=tps)
+                    self.log(
+                        f"step {self.step} epoch {self.batcher.epoch} loss {mean:.4f} lr {lr:.3g} "
+                        f"grad_norm {grad_norm:.3f} tokens/s {tps:,.0f}"
+                    )
+                    records.write(
+                        self.step, self.batcher.epoch, loss=mean, lr=lr, grad_norm=grad_norm, tokens_per_s=tps
+                    )
                     window_tokens, window_start, window_loss = 0, time.time(), []
                 # eval_interval 0: at the end of each epoch (the batcher has moved on to the next one)
-                if (self.batcher.epoch > epoch if cfg.eval_interval == 0 else self.step % cfg.eval_interval == 0):
+                if self.batcher.epoch > epoch if cfg.eval_interval == 0 else self.step % cfg.eval_interval == 0:
                     self._validate(records)
                     validated_at = self.step
                 elif self.step % cfg.save_interval == 0:
@@ -603,8 +717,9 @@ class Trainer:
                 score = bleu(hyps, [t for _, t in pairs])[0].score
             self.best_val = min(self.best_val, val_loss)
             bleu_text = f" BLEU {score:.2f} (greedy, {len(pairs)} sentences)" if score is not None else ""
-            self.log(f"step {self.step} validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})"
-                     f"{bleu_text}")
+            self.log(
+                f"step {self.step} validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}){bleu_text}"
+            )
             records.write(self.step, self.batcher.epoch, val_loss=val_loss, val_bleu=score)
         path = self._write_checkpoint(model, val_loss)
         if self.rank == 0:
@@ -615,10 +730,22 @@ class _RunLog:
     """Rank 0's record of a run's numbers: rows of ``log.csv`` (appended to on resume; ``plot_losses``
     draws it) and, unless turned off or not installed, the same scalars for TensorBoard in ``tensorboard/``."""
 
-    FORMATS = {"loss": ".5f", "lr": ".6g", "grad_norm": ".4f", "tokens_per_s": ".0f", "val_loss": ".5f",
-               "val_bleu": ".2f"}
-    TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-            "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_bleu": "val/bleu"}
+    FORMATS = {
+        "loss": ".5f",
+        "lr": ".6g",
+        "grad_norm": ".4f",
+        "tokens_per_s": ".0f",
+        "val_loss": ".5f",
+        "val_bleu": ".2f",
+    }
+    TAGS = {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "grad_norm": "train/grad_norm",
+        "tokens_per_s": "train/tokens_per_s",
+        "val_loss": "val/loss",
+        "val_bleu": "val/bleu",
+    }
 
     def __init__(self, out_dir: Path, step: int, tensorboard: bool = True, log=print):
         self.out_dir = out_dir
@@ -629,8 +756,9 @@ class _RunLog:
         self.tensorboard = _summary_writer(out_dir / "tensorboard", step, log) if tensorboard else None
 
     def write(self, step: int, epoch: int, **values: Optional[float]) -> None:
-        self.csv.writerow([step, epoch, *("" if values.get(k) is None else format(values[k], f)
-                                          for k, f in self.FORMATS.items())])
+        self.csv.writerow(
+            [step, epoch, *("" if values.get(k) is None else format(values[k], f) for k, f in self.FORMATS.items())]
+        )
         self.file.flush()
         if self.tensorboard is not None:
             for name, value in values.items():
@@ -651,8 +779,9 @@ def _summary_writer(log_dir: Path, step: int, log):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        log(f"TensorBoard logging is off: {e} (pip install tensorboard to turn it on, --no-tensorboard to "
-            "silence this)")
+        log(
+            f"TensorBoard logging is off: {e} (pip install tensorboard to turn it on, --no-tensorboard to silence this)"
+        )
         return None
     return SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
 
@@ -661,6 +790,7 @@ def plot_losses(out_dir) -> Optional[Path]:
     """``loss.png`` from ``log.csv``: training loss and validation loss per step (needs matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

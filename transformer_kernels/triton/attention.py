@@ -144,10 +144,22 @@ def _attention_fwd_kernel(
     KPM,  # [B, Lk] uint8, nonzero = padding (if HAS_KPM); contiguous
     OUT,  # [B, Lq, Hq, D]
     LSE,  # [B, Hq, Lq] fp32, base-2 log-sum-exp of the scores (lse₂); contiguous
-    stride_qb, stride_qm, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_vb, stride_vn, stride_vh, stride_vd,
-    stride_ob, stride_om, stride_oh, stride_od,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
     Hq,
     GROUP,  # Hq // Hkv: query heads per key/value head
     Lq,
@@ -180,8 +192,11 @@ def _attention_fwd_kernel(
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
 
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(
+        Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < Lq) & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
     # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter.
     row_base = (bh.to(tl.int64) * Lq + offs_m) * Lk
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -194,8 +209,9 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_ok,
-                     other=0.0)  # [BLOCK_D, BLOCK_N]
+        kt = tl.load(
+            K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0
+        )  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
         vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
@@ -209,8 +225,11 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < Lk) & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=(offs_n[:, None] < Lk) & d_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -219,8 +238,11 @@ def _attention_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
     OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(OUT + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
-             mask=(offs_m[:, None] < Lq) & d_ok[None, :])
+    tl.store(
+        OUT + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(OUT.dtype.element_ty),
+        mask=(offs_m[:, None] < Lq) & d_ok[None, :],
+    )
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -229,8 +251,14 @@ def _attention_bwd_delta_kernel(
     OUT,  # [B, Lq, Hq, D]
     DOUT,  # [B, Lq, Hq, D]
     DELTA,  # [B, Hq, Lq] fp32: Σ_d dO · O; contiguous
-    stride_ob, stride_om, stride_oh, stride_od,
-    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_od,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
     Hq,
     Lq,
     HEAD_DIM,
@@ -244,10 +272,16 @@ def _attention_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
@@ -270,12 +304,30 @@ def _attention_bwd_dkdv_kernel(
     DELTA,  # [B, Hq, Lq] fp32
     DK,  # [B, Lk, Hkv, D]: summed over the GROUP query heads of each key/value head
     DV,  # [B, Lk, Hkv, D]
-    stride_qb, stride_qm, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_vb, stride_vn, stride_vh, stride_vd,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_vd,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dkd,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_dvd,
     Hq,
     Hkv,
     GROUP,
@@ -326,8 +378,7 @@ def _attention_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_mask,
-                         other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_mask, other=0.0)
             lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             # Transposed tiles [BLOCK_N, BLOCK_M]: rows are this program's keys.
@@ -348,10 +399,8 @@ def _attention_bwd_dkdv_kernel(
     dk *= softmax_scale
     DK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
-             mask=n_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=n_mask)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -364,11 +413,26 @@ def _attention_bwd_dq_kernel(
     LSE,  # [B, Hq, Lq] fp32 lse₂
     DELTA,  # [B, Hq, Lq] fp32
     DQ,  # [B, Lq, Hq, D]
-    stride_qb, stride_qm, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_vb, stride_vn, stride_vh, stride_vd,
-    stride_dob, stride_dom, stride_doh, stride_dod,
-    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_vd,
+    stride_dob,
+    stride_dom,
+    stride_doh,
+    stride_dod,
+    stride_dqb,
+    stride_dqm,
+    stride_dqh,
+    stride_dqd,
     Hq,
     GROUP,
     Lq,
@@ -399,10 +463,24 @@ def _attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
-    do = tl.load(DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=m_mask, other=0.0)
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=m_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DOUT
+        + b.to(tl.int64) * stride_dob
+        + h.to(tl.int64) * stride_doh
+        + offs_m[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=m_mask,
+        other=0.0,
+    )
     lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
@@ -430,8 +508,15 @@ def _attention_bwd_dq_kernel(
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
     dq *= softmax_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=m_mask)
+    tl.store(
+        DQ
+        + b.to(tl.int64) * stride_dqb
+        + h.to(tl.int64) * stride_dqh
+        + offs_m[:, None] * stride_dqm
+        + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=m_mask,
+    )
 
 
 _attention_fwd_tuned = _tuned("fwd", _attention_fwd_kernel)
@@ -457,10 +542,16 @@ def _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed):
     lk, hkv = k.shape[1], k.shape[2]
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
     args = dict(
-        seed=seed, drop_threshold=dropout_threshold(dropout_p), drop_scale=dropout_scale(dropout_p),
-        lq_bucket=_bucket(lq), lk_bucket=_bucket(lk),
-        CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None, BLOCK_D=_block_d(d),
+        seed=seed,
+        drop_threshold=dropout_threshold(dropout_p),
+        drop_scale=dropout_scale(dropout_p),
+        lq_bucket=_bucket(lq),
+        lk_bucket=_bucket(lk),
+        CAUSAL=causal,
+        HAS_KPM=kpm is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        BLOCK_D=_block_d(d),
     )
     return (bsz, lq, hq, lk, hkv, d), kpm, args
 
@@ -494,9 +585,27 @@ def attention_fwd(
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
     with device_ctx(q):
         _launch(
-            "fwd", _attention_fwd_kernel, _attention_fwd_tuned, grid,
-            q, k, v, kpm, out, lse2, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            hq, hq // hkv, lq, lk, d, softmax_scale * LOG2E, **args,
+            "fwd",
+            _attention_fwd_kernel,
+            _attention_fwd_tuned,
+            grid,
+            q,
+            k,
+            v,
+            kpm,
+            out,
+            lse2,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            hq,
+            hq // hkv,
+            lq,
+            lk,
+            d,
+            softmax_scale * LOG2E,
+            **args,
         )
     return out, lse2
 
@@ -530,18 +639,70 @@ def attention_bwd(
     scales = (softmax_scale, softmax_scale * LOG2E)
     with device_ctx(q):
         _attention_bwd_delta_kernel[(triton.cdiv(lq, 64), bsz * hq)](
-            out, dout, delta, *out.stride(), *dout.stride(), hq, lq, d, BLOCK_D=args["BLOCK_D"], BLOCK_M=64,
+            out,
+            dout,
+            delta,
+            *out.stride(),
+            *dout.stride(),
+            hq,
+            lq,
+            d,
+            BLOCK_D=args["BLOCK_D"],
+            BLOCK_M=64,
         )
         _launch(
-            "dkdv", _attention_bwd_dkdv_kernel, _attention_bwd_dkdv_tuned,
-            lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv), q, k, v, kpm, dout, lse2, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            hq, hkv, group, lq, lk, d, *scales, **args,
+            "dkdv",
+            _attention_bwd_dkdv_kernel,
+            _attention_bwd_dkdv_tuned,
+            lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv),
+            q,
+            k,
+            v,
+            kpm,
+            dout,
+            lse2,
+            delta,
+            dk,
+            dv,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *dout.stride(),
+            *dk.stride(),
+            *dv.stride(),
+            hq,
+            hkv,
+            group,
+            lq,
+            lk,
+            d,
+            *scales,
+            **args,
         )
         _launch(
-            "dq", _attention_bwd_dq_kernel, _attention_bwd_dq_tuned,
-            lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq), q, k, v, kpm, dout, lse2, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            hq, group, lq, lk, d, *scales, **args,
+            "dq",
+            _attention_bwd_dq_kernel,
+            _attention_bwd_dq_tuned,
+            lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
+            q,
+            k,
+            v,
+            kpm,
+            dout,
+            lse2,
+            delta,
+            dq,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *dout.stride(),
+            *dq.stride(),
+            hq,
+            group,
+            lq,
+            lk,
+            d,
+            *scales,
+            **args,
         )
     return dq, dk, dv

@@ -132,10 +132,17 @@ def cross_entropy_fwd(
     block_v, num_warps = _launch_params(v, logits.is_cuda)
     with device_ctx(logits):
         _cross_entropy_kernel[(n,)](
-            logits, logits.stride(0), target, loss,
-            grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
-            scale, 1 if scale.dim() == 1 else 0,
-            v, ignore_index, label_smoothing,
+            logits,
+            logits.stride(0),
+            target,
+            loss,
+            grad if compute_grad else logits,
+            grad.stride(0) if compute_grad else 0,
+            scale,
+            1 if scale.dim() == 1 else 0,
+            v,
+            ignore_index,
+            label_smoothing,
             HAS_SMOOTHING=label_smoothing > 0.0,
             COMPUTE_GRAD=compute_grad,
             BLOCK_V=block_v,
@@ -214,8 +221,9 @@ def linear_cross_entropy_fwd(
         h = hidden[rows]  # [c, d]
         logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [c, V]
         row_scale = scale[rows] if scale.dim() == 1 else scale
-        loss[rows], grad = cross_entropy_fwd(logits, target[rows], row_scale, label_smoothing, ignore_index,
-                                             compute_grad, grad_into_logits=True)
+        loss[rows], grad = cross_entropy_fwd(
+            logits, target[rows], row_scale, label_smoothing, ignore_index, compute_grad, grad_into_logits=True
+        )
         if not compute_grad:
             continue
         torch.mm(grad, weight, out=dhidden[rows])  # each row in one chunk: rounded once
@@ -225,5 +233,4 @@ def linear_cross_entropy_fwd(
         del logits, grad
     if not compute_grad:
         return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    return (loss, dhidden, dweight.to(weight.dtype),
-            hidden.new_empty(0) if dbias is None else dbias.to(bias.dtype))
+    return (loss, dhidden, dweight.to(weight.dtype), hidden.new_empty(0) if dbias is None else dbias.to(bias.dtype))

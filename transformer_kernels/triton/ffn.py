@@ -92,8 +92,15 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _CONFIGS = [
-    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
-    (64, 256, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (32, 64, 32, 2, 5),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 4, 4),
+    (64, 256, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 32, 2, 5),
 ]
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
 _TUNE_KEY = ["m_bucket", "layout", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_DROPOUT", "STORE_Z", "ROWSUM"]
@@ -107,8 +114,9 @@ def _fits(block_m: int, block_n: int, block_k: int, stages: int, elt: int) -> bo
 
 def _prune(configs, named_args, **kwargs):
     elt = named_args["A"].element_size()
-    return [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                        c.num_stages, elt)]
+    return [
+        c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, elt)
+    ]
 
 
 def _first_config(elt: int) -> dict:
@@ -124,18 +132,36 @@ def _autotune() -> bool:
 
 @triton.jit
 def _gemm_kernel(
-    A, B, C, Z, BIAS, ROWSUM_OUT,  # A [M, K], B [K, N] (any strides); C, Z [M, N]; BIAS [N]; ROWSUM_OUT [M]
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    m_bucket, layout,  # next power of two of M, which operands are K-contiguous: autotuning keys only
-    seed, threshold, scale,  # dropout: Philox seed, 24-bit threshold, 1 / (1 - p)
+    A,
+    B,
+    C,
+    Z,
+    BIAS,
+    ROWSUM_OUT,  # A [M, K], B [K, N] (any strides); C, Z [M, N]; BIAS [N]; ROWSUM_OUT [M]
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    m_bucket,
+    layout,  # next power of two of M, which operands are K-contiguous: autotuning keys only
+    seed,
+    threshold,
+    scale,  # dropout: Philox seed, 24-bit threshold, 1 / (1 - p)
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     STORE_Z: tl.constexpr,  # also store z = A B + bias (before activation and dropout)
     ROWSUM: tl.constexpr,  # also store Σ_k A[m, k] (db, when A is dzᵀ), by the programs of column 0
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C = dropout(act(A B + bias)), dropout index = row · N + col of C."""
     # Grouped order: GROUP_M row tiles sweep the columns together, so B's tiles stay in L2.
@@ -185,8 +211,10 @@ def _gemm_kernel(
 
 
 _tuned_gemm = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-             for m, n, k, w, s in _CONFIGS],
+    configs=[
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in _CONFIGS
+    ],
     key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_gemm_kernel)
@@ -194,12 +222,21 @@ _tuned_gemm = triton.autotune(
 
 @triton.jit
 def _dz_kernel(
-    DOUT, OUT, Z, DZ,  # [M, N] each, contiguous
+    DOUT,
+    OUT,
+    Z,
+    DZ,  # [M, N] each, contiguous
     DB_PARTIAL,  # [cdiv(M, BLOCK_M), N] fp32: Σ of dz over each row tile
-    M, N,
-    seed, threshold, scale,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M,
+    N,
+    seed,
+    threshold,
+    scale,
+    ACTIVATION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dz = dout ∘ keep · scale ∘ act'(z); ReLU reads ``out != 0`` (= keep ∧ z > 0) instead."""
     pid_m = tl.program_id(0)
@@ -241,10 +278,17 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
             rowsum.copy_(a.float().sum(1))
         return
     args = dict(
-        m_bucket=triton.next_power_of_2(m), layout=2 * (a.stride(1) == 1) + (b.stride(0) == 1),
-        seed=seed, threshold=dropout_threshold(dropout_p), scale=dropout_scale(dropout_p),
-        ACTIVATION=ACTIVATION_IDS[activation], HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
-        STORE_Z=z is not None, ROWSUM=rowsum is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        m_bucket=triton.next_power_of_2(m),
+        layout=2 * (a.stride(1) == 1) + (b.stride(0) == 1),
+        seed=seed,
+        threshold=dropout_threshold(dropout_p),
+        scale=dropout_scale(dropout_p),
+        ACTIVATION=ACTIVATION_IDS[activation],
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        STORE_Z=z is not None,
+        ROWSUM=rowsum is not None,
+        DOT_PRECISION=_dot_precision(a.dtype),
     )
     tensors = (a, b, c, c if z is None else z, c if bias is None else bias, c if rowsum is None else rowsum)
     strides = (*a.stride(), *b.stride(), *c.stride())
@@ -260,8 +304,9 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
             _gemm_kernel[grid](*tensors, m, n, k, *strides, **args, **config)
 
 
-def fused_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward GEMM with its epilogue.
 
     Args:
@@ -273,14 +318,23 @@ def fused_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     m, n = x.shape[0], weight.shape[0]
     out = x.new_empty(m, n)
     z = x.new_empty(m, n) if activation in ("gelu", "gelu_tanh") else x.new_empty(0)
-    _gemm(x, weight.t(), out, z=z if z.numel() else None, bias=bias, activation=activation,
-          dropout_p=dropout_p, seed=seed)
+    _gemm(
+        x, weight.t(), out, z=z if z.numel() else None, bias=bias, activation=activation, dropout_p=dropout_p, seed=seed
+    )
     return out, z
 
 
-def fused_linear_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                     preact: torch.Tensor, has_bias: bool, activation: str, dropout_p: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_linear_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    preact: torch.Tensor,
+    has_bias: bool,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward: dz in one elementwise pass, then dx = dz W and dW = dzᵀ x (with db).
 
     Args:
@@ -301,10 +355,22 @@ def fused_linear_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         if dz.numel():
             with device_ctx(x):  # unused pointers get dout / dz, never an empty tensor
                 _dz_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-                    dout, out, preact if preact.numel() else dout, dz, partial if has_bias else dz, m, n,
-                    seed, dropout_threshold(dropout_p), dropout_scale(dropout_p),
-                    ACTIVATION=ACTIVATION_IDS[activation], HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=has_bias,
-                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                    dout,
+                    out,
+                    preact if preact.numel() else dout,
+                    dz,
+                    partial if has_bias else dz,
+                    m,
+                    n,
+                    seed,
+                    dropout_threshold(dropout_p),
+                    dropout_scale(dropout_p),
+                    ACTIVATION=ACTIVATION_IDS[activation],
+                    HAS_DROPOUT=dropout_p > 0.0,
+                    HAS_BIAS=has_bias,
+                    BLOCK_M=block_m,
+                    BLOCK_N=block_n,
+                    num_warps=4,
                 )
         if has_bias:
             torch.sum(partial, 0, out=dbias)
