@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,17 +156,19 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
         for p, ms in time_passes(fn, sets, device, quick).items():
             timings[p][name] = ms
         q, k, v = inputs[:3]
-        peaks[name] = peak_mib(lambda fn=fn: torch.autograd.grad(fn(*inputs), (q, k, v), g), device)
+        peaks[name] = peak_mib(
+            lambda fn=fn, inputs=inputs, q=q, k=k, v=v: torch.autograd.grad(fn(*inputs), (q, k, v), g), device
+        )
     return timings, notes, peaks
 
 
 def run(
     quick: bool = False,
-    dtypes: Optional[Sequence[torch.dtype]] = None,
-    device: Optional[torch.device] = None,
-    seqlens: Optional[list[int]] = None,
-    head_dims: Optional[list[int]] = None,
-    tune: Optional[bool] = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    seqlens: list[int] | None = None,
+    head_dims: list[int] | None = None,
+    tune: bool | None = None,
 ) -> list[Report]:
     """The sweep over sequence lengths at B*L constant; ``tune`` None: autotune unless ``quick``."""
     device = device or default_device()

@@ -20,8 +20,8 @@ before it (the inputs); on a CPU it is not measured.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def lce_case(n, v, d, dtype, device, impls, quick):
 
 
 def run(
-    quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None
+    quick: bool = False, dtypes: Sequence[torch.dtype] | None = None, device: torch.device | None = None
 ) -> list[Report]:
     device = device or default_device()
     if device.type == "cuda":

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,13 +150,13 @@ def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
 
 def run(
     quick: bool = False,
-    dtypes: Optional[Sequence[torch.dtype]] = None,
-    device: Optional[torch.device] = None,
-    d_models: Optional[list[int]] = None,
-    tokens: Optional[list[int]] = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    d_models: list[int] | None = None,
+    tokens: list[int] | None = None,
     activation: str = "relu",
     dropout: float = 0.1,
-    tune: Optional[bool] = None,
+    tune: bool | None = None,
 ) -> list[Report]:
     """The sweep over d_model and tokens; ``tune`` None: autotune unless ``quick``."""
     device = device or default_device()
@@ -185,7 +185,7 @@ def run(
                 for t in tokens:
                     timings, notes = run_case(t, d, dt, device, impls, act, dropout, quick)
                     fwd_flops = 4 * t * d * 4 * d
-                    for ps, flops in zip(PASSES, (fwd_flops, 2 * fwd_flops, 3 * fwd_flops)):
+                    for ps, flops in zip(PASSES, (fwd_flops, 2 * fwd_flops, 3 * fwd_flops), strict=True):
                         case = {"dtype": label(dt), "tokens": t, "d_model": d, "d_ff": 4 * d, "pass": ps}
                         report.add_case(case, timings[ps], flops, baseline="eager", notes=notes)
     _note_fraction_of_gemm(report)

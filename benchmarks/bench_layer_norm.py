@@ -13,8 +13,8 @@ On a CPU only the eager baseline and the package's reference backend run (smoke 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,9 +116,9 @@ def run_case(n: int, m: int, dtype: torch.dtype, device: torch.device, impls: di
 
 def run(
     quick: bool = False,
-    dtypes: Optional[Sequence[torch.dtype]] = None,
-    device: Optional[torch.device] = None,
-    hidden: Optional[list[int]] = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    hidden: list[int] | None = None,
 ) -> list[Report]:
     """The sweep over hidden sizes; ``dtypes`` None: all three on a GPU, fp32 on a CPU."""
     device = device or default_device()

@@ -17,8 +17,8 @@ on the package's model (random weights; EOS disabled so every run makes the same
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -114,7 +114,7 @@ def decode_case(preset, batch, src_len, steps, device, dtype, quick):
 
 
 def run(
-    quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None
+    quick: bool = False, dtypes: Sequence[torch.dtype] | None = None, device: torch.device | None = None
 ) -> list[Report]:
     device = device or default_device()
     if device.type == "cuda":

@@ -34,9 +34,9 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,21 +196,21 @@ class _MatmulDtypes(TorchDispatchMode):
     def summary(self) -> str:
         return "matmuls in " + ", ".join(f"{n} {dt}" for dt, n in self.counts.most_common())
 
-    def dominant(self) -> Optional[str]:
+    def dominant(self) -> str | None:
         return self.counts.most_common(1)[0][0] if self.counts else None
 
 
 @dataclass
 class Measured:
     ms: float  # median per step
-    peak: Optional[float]  # MiB, GPU only
+    peak: float | None  # MiB, GPU only
     note: str
-    eval_loss: Optional[float]  # eval mode, no dropout (None for nn_compile)
+    eval_loss: float | None  # eval mode, no dropout (None for nn_compile)
     first_loss: float  # of the first training step
-    compute_dtype: Optional[str]  # the dtype most matmuls wrote (None for nn_compile)
+    compute_dtype: str | None  # the dtype most matmuls wrote (None for nn_compile)
 
 
-def _precisions(dtype: torch.dtype, quick: bool) -> list[tuple[str, Optional[torch.dtype], torch.dtype]]:
+def _precisions(dtype: torch.dtype, quick: bool) -> list[tuple[str, torch.dtype | None, torch.dtype]]:
     """(case label, autocast dtype or None, parameter dtype) for each precision of the sweep."""
     if dtype == torch.float32:
         return [("fp32", None, torch.float32)]
@@ -231,9 +231,7 @@ def _row(impl: str, init: EncoderDecoder, param_dtype: torch.dtype, device: torc
     return module, loss, lambda: tk.use_backend(impl)
 
 
-def measure_row(
-    impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats, base: Optional[Measured]
-) -> Measured:
+def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats, base: Measured | None) -> Measured:
     """One row: the checks against ``base`` (nn_eager's row, if measured), then the timing."""
     module, loss_fn, scope = _row(impl, init, param_dtype, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -297,10 +295,10 @@ def _precision_notes(precision: str, rows: dict[str, Measured]) -> list[str]:
 
 def run(
     quick: bool = False,
-    dtypes: Optional[Sequence[torch.dtype]] = None,
-    device: Optional[torch.device] = None,
-    batch_size: Optional[int] = None,
-    max_len: Optional[int] = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    batch_size: int | None = None,
+    max_len: int | None = None,
 ) -> list[Report]:
     device = device or default_device()
     on_gpu = device.type == "cuda"

@@ -29,9 +29,9 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ CPU_MAX_SETS = 8  # ...but no more than this many
 
 
 def standalone_parser(
-    doc: str, quick_help: Optional[str] = "fewer sizes and repeats", dtype_help: Optional[str] = None
+    doc: str, quick_help: str | None = "fewer sizes and repeats", dtype_help: str | None = None
 ) -> argparse.ArgumentParser:
     """The command line every ``bench_<op>.py`` shares (--quick, --dtype, --out, --plot); each
     benchmark adds its own options to it."""
@@ -71,7 +71,7 @@ def standalone_parser(
     return parser
 
 
-def chosen_dtypes(args: argparse.Namespace) -> Optional[list[torch.dtype]]:
+def chosen_dtypes(args: argparse.Namespace) -> list[torch.dtype] | None:
     """The dtypes of a :func:`standalone_parser` command line; None: the benchmark's default."""
     return [DTYPES[d] for d in args.dtype] if args.dtype else None
 
@@ -97,7 +97,7 @@ def card(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def peak_dram_gbps(card_name: str) -> Optional[float]:
+def peak_dram_gbps(card_name: str) -> float | None:
     """The card's peak DRAM bandwidth (GB/s), or None for a card not in :data:`PEAK_DRAM_GBPS`."""
     for words, peak in PEAK_DRAM_GBPS:
         if all(w.lower() in card_name.lower() for w in words):
@@ -220,7 +220,7 @@ def time_passes(
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
-def peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak device memory of one call of ``fn`` above what was allocated before it, in MiB
     (None on a CPU, where ``fn`` still runs once)."""
     if device.type != "cuda":
@@ -240,11 +240,11 @@ class Row:
 
     case: dict
     impl: str
-    ms: Optional[float]
-    rate: Optional[float]  # work per second, in the report's unit
-    speedup: Optional[float]  # baseline time / this time
+    ms: float | None
+    rate: float | None  # work per second, in the report's unit
+    speedup: float | None  # baseline time / this time
     note: str = ""
-    peak_mib: Optional[float] = None  # peak memory of one call above its inputs (GPU only)
+    peak_mib: float | None = None  # peak memory of one call above its inputs (GPU only)
 
 
 @dataclass
@@ -257,7 +257,7 @@ class Report:
     device: str  # where it ran: "cpu", "cuda", "cuda:1"
     unit: str = "GB/s"  # a key of UNITS
     baseline: str = "the baseline"  # named in the table's caption
-    x: Optional[str] = None
+    x: str | None = None
     panels: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # lines printed under the tables
     errors: list[str] = field(default_factory=list)  # measurements that failed (the suite exits non-zero)
@@ -266,7 +266,7 @@ class Report:
     environment: dict = field(default_factory=dict)  # filled by write() (and by from_dict)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Report":
+    def from_dict(cls, data: dict) -> Report:
         """The report a JSON file written by :meth:`write` holds."""
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "rows"}
         fields.setdefault("device", "cpu" if data.get("environment", {}).get("card", "cpu") == "cpu" else "cuda")
@@ -275,11 +275,11 @@ class Report:
     def add_case(
         self,
         case: dict,
-        timings: dict[str, Optional[float]],
+        timings: dict[str, float | None],
         work: float,
         baseline: str,
-        notes: Optional[dict[str, str]] = None,
-        peaks: Optional[dict[str, Optional[float]]] = None,
+        notes: dict[str, str] | None = None,
+        peaks: dict[str, float | None] | None = None,
     ) -> None:
         """Rows for one case: ``work`` bytes or FLOPs per call, speed-ups over ``timings[baseline]``."""
         base = timings.get(baseline)

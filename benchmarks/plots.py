@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +37,7 @@ def _panels(report: Report) -> dict[tuple, list[Row]]:
 
 
 def _title(report: Report, key: tuple) -> str:
-    return ", ".join(f"{k}={v}" for k, v in zip(report.panels, key) if k not in ("dtype",)) or report.name
+    return ", ".join(f"{k}={v}" for k, v in zip(report.panels, key, strict=True) if k not in ("dtype",)) or report.name
 
 
 def _grid(n: int):
@@ -58,7 +57,7 @@ def _lines(ax, rows: list[Row], x: str, y, skip: tuple = ()) -> bool:
             continue
         pts = sorted((r.case[x], y(r)) for r in rows if r.impl == impl and y(r) is not None)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
             drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
@@ -80,7 +79,7 @@ def _finish(fig, report: Report, what: str, path: Path) -> Path:
 def speedup(report: Report, path: Path) -> Path:
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items()):
+    for ax, (key, rows) in zip(axes, groups.items(), strict=True):
         if _lines(ax, rows, report.x, lambda r: r.speedup, skip=(report.baseline,)):
             ax.legend(fontsize=7)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
@@ -96,12 +95,12 @@ def speedup(report: Report, path: Path) -> Path:
 
 def roofline(report: Report, path: Path) -> Path:
     card = report.environment.get("card", "")
-    peak: Optional[float] = peak_dram_gbps(card)
+    peak: float | None = peak_dram_gbps(card)
     copy = report.meta.get("copy_gbps")
     scale = peak or 1.0
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items()):
+    for ax, (key, rows) in zip(axes, groups.items(), strict=True):
         _lines(ax, rows, report.x, lambda r: None if r.rate is None else r.rate / scale)
         ax.set_ylim(bottom=0)
         if peak:
@@ -132,14 +131,14 @@ def bars(report: Report, path: Path) -> Path:
     keys = report.panels or list(report.rows[0].case)
     labels = ["\n".join(f"{k}={dict(c)[k]}" for k in keys) for c in cases]
     for ax, value, ylabel in zip(
-        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs")
+        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs"), strict=True
     ):
         for j, impl in enumerate(impls):
             xs = [i + j * width for i in range(len(cases))]
             rows = [by.get((c, impl)) for c in cases]
             heights = [(value(r) or 0) if r else 0 for r in rows]
             ax.bar(xs, heights, width, label=impl)
-            for x, h, r in zip(xs, heights, rows):
+            for x, h, r in zip(xs, heights, rows, strict=True):
                 if ylabel == report.unit and r is not None and r.speedup and h:
                     ax.annotate(f"{r.speedup:.2f}x", (x, h), ha="center", va="bottom", fontsize=7)
                 elif not h:
@@ -150,7 +149,7 @@ def bars(report: Report, path: Path) -> Path:
     return _finish(fig, report, f"{report.unit} (speed-up over {report.baseline})", path)
 
 
-def render(out_dir: Path, names: Optional[list[str]] = None) -> list[Path]:
+def render(out_dir: Path, names: list[str] | None = None) -> list[Path]:
     """Every plot of the reports in ``out_dir`` (only the named ones if ``names``) into ``out_dir/plots``."""
     out_dir = Path(out_dir)
     plots = out_dir / "plots"

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 if not __package__:  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,16 +30,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGE = ("triton", "cuda")  # the package's kernel backends, as the op benchmarks name their rows
 
 Reports = dict[str, Report]
-Measured = tuple[str, Optional[bool]]  # (what was measured, whether the target is met; None: no verdict)
+Measured = tuple[str, bool | None]  # (what was measured, whether the target is met; None: no verdict)
 
 
 @dataclass(frozen=True)
 class Target:
     text: str  # the target, as its issue states it
-    measure: Callable[[Reports], Optional[Measured]]  # None when the results do not cover it
+    measure: Callable[[Reports], Measured | None]  # None when the results do not cover it
 
 
-def _rows(reports: Reports, name: str, impl: Optional[str] = None, **case) -> list[Row]:
+def _rows(reports: Reports, name: str, impl: str | None = None, **case) -> list[Row]:
     report = reports.get(name)
     if report is None:
         return []
@@ -50,7 +50,7 @@ def _rows(reports: Reports, name: str, impl: Optional[str] = None, **case) -> li
     ]
 
 
-def _same_case(reports: Reports, name: str, row: Row, impl: str) -> Optional[Row]:
+def _same_case(reports: Reports, name: str, row: Row, impl: str) -> Row | None:
     found = _rows(reports, name, impl, **row.case)
     return found[0] if found else None
 
@@ -60,7 +60,7 @@ def _span(values: list[float], fmt: str) -> str:
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
-def _join(parts: list[Measured]) -> Optional[Measured]:
+def _join(parts: list[Measured]) -> Measured | None:
     """Several backends' measurements as one cell: met if any backend meets the target."""
     if not parts:
         return None
@@ -68,7 +68,7 @@ def _join(parts: list[Measured]) -> Optional[Measured]:
     return "; ".join(t for t, _ in parts), (any(verdicts) if verdicts else None)
 
 
-def layer_norm(reports: Reports) -> Optional[Measured]:
+def layer_norm(reports: Reports) -> Measured | None:
     copy = reports["bench_layer_norm"].meta.get("copy_gbps") if "bench_layer_norm" in reports else None
     parts = []
     for impl in PACKAGE:
@@ -90,13 +90,13 @@ def layer_norm(reports: Reports) -> Optional[Measured]:
     return _join(parts)
 
 
-def attention(reports: Reports) -> Optional[Measured]:
+def attention(reports: Reports) -> Measured | None:
     name = "bench_attention"
     rows = _rows(reports, name, "triton")
     if not rows:
         return None
 
-    def best_sdpa(row: Row) -> Optional[float]:
+    def best_sdpa(row: Row) -> float | None:
         times = [r.ms for r in _rows(reports, name, **row.case) if r.impl.startswith("sdpa")]
         return min(times) if times else None
 
@@ -126,7 +126,7 @@ def attention(reports: Reports) -> Optional[Measured]:
     return ("triton: " + ", ".join(parts), all(met)) if parts else None
 
 
-def linear_cross_entropy(reports: Reports) -> Optional[Measured]:
+def linear_cross_entropy(reports: Reports) -> Measured | None:
     name = "bench_linear_cross_entropy"
     parts = []
     for row in _rows(reports, name, "triton", V=131072):
@@ -145,7 +145,7 @@ def linear_cross_entropy(reports: Reports) -> Optional[Measured]:
     return "triton at V=128k: " + "; ".join(t for t, _ in parts), all(m for _, m in parts)
 
 
-def ffn(reports: Reports) -> Optional[Measured]:
+def ffn(reports: Reports) -> Measured | None:
     parts = []
     for impl in PACKAGE:
         rows = _rows(reports, "bench_ffn", impl, **{"pass": "fwd+bwd"})
@@ -164,7 +164,7 @@ def ffn(reports: Reports) -> Optional[Measured]:
     return _join(parts)
 
 
-def layers(reports: Reports) -> Optional[Measured]:
+def layers(reports: Reports) -> Measured | None:
     rows = _rows(reports, "bench_layers", "ours", **{"pass": "train"})
     decode = _rows(reports, "bench_decoding", "kv_cache")
     if not rows and not decode:
@@ -192,7 +192,7 @@ def layers(reports: Reports) -> Optional[Measured]:
     return ", ".join(parts), all(met)
 
 
-def training(reports: Reports) -> Optional[Measured]:
+def training(reports: Reports) -> Measured | None:
     parts = []
     for row in _rows(reports, "bench_training", "auto"):
         comp = _same_case(reports, "bench_training", row, "nn_compile")
@@ -243,7 +243,7 @@ def is_gpu(reports: list[Report]) -> bool:
     return bool(reports) and all(r.device.startswith("cuda") for r in reports)
 
 
-def newest_gpu_results(root: Path = RESULTS) -> Optional[Path]:
+def newest_gpu_results(root: Path = RESULTS) -> Path | None:
     """The results folder under ``root`` with the latest date among those measured on a GPU."""
     found = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
@@ -276,7 +276,7 @@ def training_runs(readme_dir: Path = RESULTS) -> list[str]:
     return lines + [""]
 
 
-def render(results: Optional[Path], readme_dir: Path = RESULTS) -> str:
+def render(results: Path | None, readme_dir: Path = RESULTS) -> str:
     """The README's text for the reports in ``results`` (None: no results)."""
     loaded = load_reports(results) if results else []
     gpu = is_gpu(loaded)

@@ -25,7 +25,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -54,7 +53,7 @@ def default_out(device: torch.device) -> Path:
     return ROOT / "benchmarks" / "results" / f"{slug}-{_dt.date.today().isoformat()}"
 
 
-def draw_plots(out: Path, names: Optional[list[str]] = None) -> tuple[bool, str]:
+def draw_plots(out: Path, names: list[str] | None = None) -> tuple[bool, str]:
     """Plots of the named reports in ``out`` (all if None) into ``out/plots``: (ok, what happened).
     Without matplotlib they are skipped, which is not a failure."""
     try:

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.ops.attention import OP, _bwd, _fwd
 from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import attention_ref, dropout_keep_mask
-
-from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
 needs_kernels = pytest.mark.skipif(
@@ -103,7 +102,11 @@ def _compare(
     )
 
     for name, a, s, e in zip(
-        ["out", "dq", "dk", "dv"], [fast[0]] + fast[2], [same_dtype[0]] + same_dtype[2], [exact[0]] + exact[2]
+        ["out", "dq", "dk", "dv"],
+        [fast[0]] + fast[2],
+        [same_dtype[0]] + same_dtype[2],
+        [exact[0]] + exact[2],
+        strict=True,
     ):
         assert_close_to_reference(f"{backend} {name}", a, s, e)
     assert fast[1].dtype == torch.float32 and fast[1].shape == (b, hq, lq)
@@ -225,7 +228,7 @@ def test_huge_logits_stay_finite(backend, dtype):
     q, k, v = _qkv(1, 33, 33, 2, 2, 32, dtype)
     out, lse = tk.attention(q, k, v, causal=True, softmax_scale=1e3, return_lse=True, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    for name, t in zip(["out", "lse", "dq", "dk", "dv"], (out, lse) + grads):
+    for name, t in zip(["out", "lse", "dq", "dk", "dv"], (out, lse) + grads, strict=True):
         assert torch.isfinite(t).all(), f"{name} is not finite"
     expected, expected_lse = attention_ref(
         q.double(), k.double(), v.double(), causal=True, softmax_scale=1e3, return_lse=True
@@ -318,7 +321,7 @@ def test_dropout_reproducible(backend):
         return [out] + list(torch.autograd.grad(out, (q, k, v), dout.half()))
 
     first, again, fresh = run(42), run(42), run()
-    for name, a, b in zip(["out", "dq", "dk", "dv"], first, again):
+    for name, a, b in zip(["out", "dq", "dk", "dv"], first, again, strict=True):
         assert torch.equal(a, b), f"same seed must give the same {name}"
     assert not torch.equal(first[0], fresh[0]), "a new draw must give a new mask"
 
@@ -376,7 +379,7 @@ def test_compile_fullgraph(backend, compiler, dropout_p):
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, (q, k, v), g)
     expected_grads = torch.autograd.grad(expected, (q, k, v), g)
-    for a, e in zip(grads, expected_grads):
+    for a, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import device, kernel_backends, seed_for
 
 import transformer_kernels as tk
-from helpers import device, kernel_backends, seed_for
 
 AMP_DTYPES = [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
 
@@ -37,7 +37,7 @@ def _assert_same(fn_amp, fn_manual, leaves, amp_dtype, out_dtype):
     expected, expected_grads = _run(fn_manual, leaves, amp_dtype, autocast=False)
     assert out.dtype == out_dtype
     assert torch.equal(out, expected)
-    for leaf, got, want in zip(leaves, grads, expected_grads):
+    for leaf, got, want in zip(leaves, grads, expected_grads, strict=True):
         assert got is not None and got.dtype == leaf.dtype == torch.float32
         assert torch.equal(got, want)
 

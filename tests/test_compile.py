@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import device, kernel_backends
 
 import transformer_kernels as tk
 from transformer_kernels.ops.dropout_add_layer_norm import OP, _bwd, _fwd
-
-from helpers import device, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends(OP)
 
@@ -33,7 +32,7 @@ def test_compile_fullgraph(backend, compiler):
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, (x, r, w, b), g)
     expected_grads = torch.autograd.grad(expected, (x, r, w, b), g)
-    for a, e in zip(grads, expected_grads):
+    for a, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, max_err, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
 from transformer_kernels.reference import cross_entropy_ref, linear_cross_entropy_ref
-
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, max_err, seed_for
 
 KERNEL_BACKENDS = kernel_backends(CE_OP)
 BACKENDS = ["reference"] + KERNEL_BACKENDS
@@ -137,7 +135,7 @@ def _compare_lce(backend, n, d, v, dtype, reduction, *, bias=True, label_smoothi
     exact_inputs = [None if a is None else a.detach().double().requires_grad_() for a in inputs]
     exact, dexact, _ = _loss_and_grads(lambda h, w, b=None: linear_cross_entropy_ref(h, w, t, b, **kw), exact_inputs, g)
     _assert_loss_close(f"{backend} loss", fast, same, exact)
-    for name, a, s, e in zip(["dhidden", "dweight", "dbias"], dfast, dsame, dexact):
+    for name, a, s, e in zip(["dhidden", "dweight", "dbias"], dfast, dsame, dexact, strict=True):
         assert_close_to_reference(f"{backend} {name}", a, s, e)
 
 
@@ -170,7 +168,7 @@ def test_linear_cross_entropy_scaled_upstream(backend, dtype):
     loss = tk.linear_cross_entropy(h, w, t, chunk_size=4, backend=backend)
     at_one = torch.autograd.grad(loss, (h, w), retain_graph=True)
     scaled = torch.autograd.grad(loss, (h, w), torch.tensor(0.3, device=device()))
-    for a, s in zip(at_one, scaled):
+    for a, s in zip(at_one, scaled, strict=True):
         assert s.dtype == dtype
         torch.testing.assert_close(s, (a.float() * 0.3).to(dtype), rtol=0, atol=0)
 
@@ -400,7 +398,7 @@ def test_compile_fullgraph(backend, compiler):
     compiled = torch.compile(_step, fullgraph=True, backend=compiler)
     got, expected = compiled(h, w, b, t, backend), _step(h, w, b, t, backend)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for a, e in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(expected, (h, w, b))):
+    for a, e in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(expected, (h, w, b)), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.ops.dropout_add_layer_norm import OP
 from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_keep_mask
-
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
 needs_kernels = pytest.mark.skipif(
@@ -91,7 +90,7 @@ def _run(fn, tensors, grads, prenorm):
     outs = fn(*tensors)
     outs = outs if prenorm else (outs,)
     leaves = [t for t in tensors if t is not None]
-    dtensors = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    dtensors = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for o, g in zip(outs, grads, strict=True)])
     return [o.detach() for o in outs], list(dtensors)
 
 
@@ -132,9 +131,9 @@ def _compare(
     exact = _run(lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, **kw), exact_inputs, grads, prenorm)
 
     names = ["out", "s"][: 1 + prenorm] + [
-        n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], tensors) if t is not None
+        n for n, t in zip(["dx", "dresidual", "dweight", "dbias"], tensors, strict=True) if t is not None
     ]
-    for name, a, b, c in zip(names, fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]):
+    for name, a, b, c in zip(names, fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1], strict=True):
         assert_close_to_reference(f"{backend} {name}", a, b, c)
 
 
@@ -272,7 +271,11 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
         ref(True), [x.detach().double().requires_grad_(), w.detach().double().requires_grad_()], grads, prenorm=True
     )
     for name, a, b, c in zip(
-        ["out", "s", "dx", "dweight"], fast[0] + fast[1], same_dtype[0] + same_dtype[1], exact[0] + exact[1]
+        ["out", "s", "dx", "dweight"],
+        fast[0] + fast[1],
+        same_dtype[0] + same_dtype[1],
+        exact[0] + exact[1],
+        strict=True,
     ):
         assert_close_to_reference(f"{backend} {name}", a, b, c)
 

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.ops.ffn import OP, _bwd, _fwd
 from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_keep_mask, ffn_ref, fused_linear_ref
-
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 KERNEL_BACKENDS = kernel_backends(OP)
 needs_kernels = pytest.mark.skipif(
@@ -102,7 +101,7 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
     leading dims, ``dims`` the feature sizes (in, out) or (d_model, d_ff, d_out)."""
     torch.manual_seed(seed_for(op, lead, dims, dtype, activation, dropout_p, bias))
     x = torch.randn(*lead, dims[0], device=device()).to(dtype).requires_grad_()
-    params = [p for k, n in zip(dims, dims[1:]) for p in _linear_params(dtype, k, n, bias)]
+    params = [p for k, n in zip(dims, dims[1:], strict=True) for p in _linear_params(dtype, k, n, bias)]
     tensors = [x, *params]
     grad = torch.randn(*lead, dims[-1], device=device()).to(dtype)  # every path gets the same dout
     fast_fn, ref_fn = (tk.fused_linear, fused_linear_ref) if op == "fused_linear" else (tk.ffn, ffn_ref)
@@ -118,11 +117,13 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
 
     names = ["out", "dx"] + [
         f"d{name}"
-        for name, t in zip(["weight", "bias"] if op == "fused_linear" else ["w1", "b1", "w2", "b2"], params)
+        for name, t in zip(
+            ["weight", "bias"] if op == "fused_linear" else ["w1", "b1", "w2", "b2"], params, strict=True
+        )
         if t is not None
     ]
     assert len(names) == len(fast) == len(exact)
-    for name, a, b, c in zip(names, fast, same_dtype, exact):
+    for name, a, b, c in zip(names, fast, same_dtype, exact, strict=True):
         assert_close_to_reference(f"{op} {backend} {name}", a, b, c)
 
 
@@ -271,7 +272,7 @@ def test_dropout_backward_uses_forward_mask(backend, dtype, activation):
 
     same_dtype = _run(ref(False), tensors, grad)
     exact = _run(ref(True), [t.detach().double().requires_grad_() for t in tensors], grad)
-    for name, a, b_, c in zip(["out", "dx", "dweight", "dbias"], fast, same_dtype, exact):
+    for name, a, b_, c in zip(["out", "dx", "dweight", "dbias"], fast, same_dtype, exact, strict=True):
         assert_close_to_reference(f"{backend} {name}", a, b_, c)
 
 
@@ -392,7 +393,9 @@ def test_compile_fullgraph(backend, compiler):
     expected = _block(x, *params, backend, 0.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(got)
-    for a, e in zip(torch.autograd.grad(got, [x, *params], g), torch.autograd.grad(expected, [x, *params], g)):
+    for a, e in zip(
+        torch.autograd.grad(got, [x, *params], g), torch.autograd.grad(expected, [x, *params], g), strict=True
+    ):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
@@ -551,7 +554,7 @@ def _compile_for_sm90() -> None:
                 DOT_PRECISION="ieee" if dtype == "fp32" else None,
                 **config,
             )
-            sig = dict(zip(gemm_args, gemm_types), **{k: "constexpr" for k in const})
+            sig = dict(zip(gemm_args, gemm_types, strict=True), **{k: "constexpr" for k in const})
             triton.compile(ASTSource(tri._gemm_kernel, sig, const), target=target, options=options)
         dz_sig = dict(
             DOUT=ptr,

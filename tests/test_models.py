@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import kernel_backends
 
 import transformer_kernels as tk
 from transformer_kernels.models import (
@@ -15,8 +16,6 @@ from transformer_kernels.models import (
     strip,
 )
 from transformer_kernels.models.transformer import sinusoidal_positions
-
-from helpers import kernel_backends
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 13
 
@@ -123,7 +122,7 @@ def test_beam_search_recovers_the_copied_input(copy_model):
     src, _, tgt_out = copy_batch(16, torch.Generator().manual_seed(5))
     hyps = strip(beam_search(copy_model, src, beam_size=4, length_penalty=0.6), EOS, PAD)
     refs = strip(tgt_out, EOS, PAD)
-    assert sum(h == r for h, r in zip(hyps, refs)) >= 15, list(zip(hyps, refs))
+    assert sum(h == r for h, r in zip(hyps, refs, strict=True)) >= 15, list(zip(hyps, refs, strict=True))
 
 
 def test_decoding_restores_training_mode_and_bounds_length(copy_model):

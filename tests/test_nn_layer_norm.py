@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import device, kernel_backends
 
 import transformer_kernels as tk
 from transformer_kernels.ops.dropout_add_layer_norm import OP
-
-from helpers import device, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends(OP)
 
@@ -42,7 +41,7 @@ def test_layer_norm_is_drop_in(backend, kwargs, normalized_shape):
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *ours.parameters()], g)
     grads_ref = torch.autograd.grad(y_ref, [x, *theirs.parameters()], g)
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -6,11 +6,10 @@ import itertools
 
 import pytest
 import torch
+from helpers import device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels.ops.attention import OP as ATTENTION
-
-from helpers import device, kernel_backends, seed_for
 
 BACKENDS = ["reference"] + (["triton"] if "triton" in kernel_backends(ATTENTION) else [])
 D_MODEL, NHEAD, D_FF = 24, 3, 40  # head dim 8, d_ff not a power of two
@@ -56,8 +55,8 @@ def _check_same(ours, theirs, run, inputs):
         got = torch.autograd.grad(out, [*inputs, *ours.parameters()], g)
         want = torch.autograd.grad(ref, [*inputs, *theirs.parameters()], g)
         names = [f"input{i}" for i in range(len(inputs))] + [n for n, _ in ours.named_parameters()]
-        for name, a, b in zip(names, got, want):
-            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        for name, a, b in zip(names, got, want, strict=True):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 # Every axis covered on every backend; the full product on the (cheap) reference backend.

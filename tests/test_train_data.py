@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from transformer_kernels.models import TransformerConfig
 from transformer_kernels.train.data import (
     DataError,
     PairStream,
@@ -27,7 +28,6 @@ from transformer_kernels.train.data import (
     tokenize_pairs,
 )
 from transformer_kernels.train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer
-from transformer_kernels.models import TransformerConfig
 
 SRC = ["Ein Hund läuft.", "Zwei Männer, im Freien!", "Eine Frau liest ein Buch."]
 TGT = ["A dog runs.", "Two men, outside!", "A woman reads a book."]
@@ -47,7 +47,7 @@ def test_read_plain_and_gz(tmp_path):
     plain = write(tmp_path / "a.de", SRC)
     gz = write(tmp_path / "a.en.gz", TGT, gz=True)
     assert read_lines(plain) == SRC and read_lines(gz) == TGT
-    assert read_parallel(plain, gz) == list(zip(SRC, TGT))
+    assert read_parallel(plain, gz) == list(zip(SRC, TGT, strict=True))
 
 
 def test_bad_files_are_clear_errors(tmp_path):
@@ -79,7 +79,10 @@ def test_streamed_reading_checks_alignment_at_the_end(tmp_path):
         list(stream_parallel(src, truncated))
     # a stream reads its files again on each pass
     pairs = parallel_files(src, write(tmp_path / "e.en", TGT * 40))
-    assert list(pairs) == list(pairs) == list(zip(SRC * 40, TGT * 40)) and pairs.head(2) == list(zip(SRC, TGT))[:2]
+    assert (
+        list(pairs) == list(pairs) == list(zip(SRC * 40, TGT * 40, strict=True))
+        and pairs.head(2) == list(zip(SRC, TGT, strict=True))[:2]
+    )
 
 
 def test_multi30k_layout(tmp_path):
@@ -87,7 +90,7 @@ def test_multi30k_layout(tmp_path):
     write(tmp_path / "train.en.gz", TGT, gz=True)
     write(tmp_path / "val.de", SRC[:1])  # uncompressed files are found too
     write(tmp_path / "val.en", TGT[:1])
-    assert read_parallel(*multi30k_paths(tmp_path, "train", "de", "en")) == list(zip(SRC, TGT))
+    assert read_parallel(*multi30k_paths(tmp_path, "train", "de", "en")) == list(zip(SRC, TGT, strict=True))
     assert read_parallel(*multi30k_paths(tmp_path, "val", "en", "de")) == [(TGT[0], SRC[0])]
     with pytest.raises(DataError, match="unknown Multi30k split"):
         multi30k_paths(tmp_path, "dev", "de", "en")
@@ -109,7 +112,7 @@ def test_synthetic_task_is_deterministic_and_consistent():
 
 @pytest.mark.parametrize("joint", [True, False])
 def test_tokenizer_round_trip_special_ids_and_save(tmp_path, joint):
-    tok = Tokenizer.train(list(zip(SRC, TGT)) * 3, vocab_size=120, joint=joint)
+    tok = Tokenizer.train(list(zip(SRC, TGT, strict=True)) * 3, vocab_size=120, joint=joint)
     assert tok.joint == joint
     config = TransformerConfig(10, 10)
     assert (PAD_ID, BOS_ID, EOS_ID) == (config.pad_id, config.bos_id, config.eos_id)
@@ -138,8 +141,8 @@ def test_tokenizer_trains_from_a_stream(tmp_path, joint):
 
 
 def test_long_sentences_are_dropped_and_counted(tmp_path):
-    tok = Tokenizer.train(list(zip(SRC, TGT)), vocab_size=60)
-    pairs = list(zip(SRC, TGT)) + [("ein " * 50, "a " * 50), ("", "empty source"), ("Ein Hund.", "")]
+    tok = Tokenizer.train(list(zip(SRC, TGT, strict=True)), vocab_size=60)
+    pairs = list(zip(SRC, TGT, strict=True)) + [("ein " * 50, "a " * 50), ("", "empty source"), ("Ein Hund.", "")]
     data = tokenize_pairs(pairs, tok, max_len=20)
     assert len(data) == 3 and data.dropped == 3
     cache = TokenCache.load_or_build(tmp_path / "c", list_stream(pairs), tok, max_len=20)
@@ -204,7 +207,7 @@ def test_cache_with_a_large_vocabulary_stores_int32(tmp_path):
 
 
 def test_a_cache_of_no_pairs(tmp_path):
-    tok = Tokenizer.train(list(zip(SRC, TGT)), vocab_size=60)
+    tok = Tokenizer.train(list(zip(SRC, TGT, strict=True)), vocab_size=60)
     cache = TokenCache.load_or_build(tmp_path / "c", list_stream([("ein " * 50, "a")]), tok, max_len=20)
     assert len(cache) == 0 and cache.dropped == 1 and list(cache.src) == []
     with pytest.raises(DataError, match="no sentence pairs"):
@@ -212,7 +215,7 @@ def test_a_cache_of_no_pairs(tmp_path):
 
 
 def test_collate_reads_the_cache(tmp_path):
-    pairs = list(zip(SRC, TGT))
+    pairs = list(zip(SRC, TGT, strict=True))
     tok = Tokenizer.train(pairs, vocab_size=80)
     cache = TokenCache.load_or_build(tmp_path / "c", list_stream(pairs), tok, max_len=None)
     a, b = (
@@ -383,8 +386,8 @@ def test_batcher_shards_across_ranks():
 
 
 def test_collate_adds_bos_eos_and_padding():
-    tok = Tokenizer.train(list(zip(SRC, TGT)), vocab_size=80)
-    data = tokenize_pairs(list(zip(SRC, TGT)), tok)
+    tok = Tokenizer.train(list(zip(SRC, TGT, strict=True)), vocab_size=80)
+    data = tokenize_pairs(list(zip(SRC, TGT, strict=True)), tok)
     b = collate(data, [0, 1], PAD_ID, BOS_ID, EOS_ID)
     t0 = data.tgt[0]
     assert b.tgt_in[0, 0] == BOS_ID and b.tgt_in[0, 1 : len(t0) + 1].tolist() == t0

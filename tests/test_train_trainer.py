@@ -61,8 +61,8 @@ def test_inverse_sqrt_schedule():
     assert inverse_sqrt_lr(4 * w, d, w, scale=2.0) == pytest.approx(2 * d**-0.5 * (4 * w) ** -0.5)
     values = [inverse_sqrt_lr(s, d, w) for s in range(1, 3 * w, 97)]
     peak = max(range(len(values)), key=values.__getitem__)
-    assert all(a < b for a, b in zip(values[:peak], values[1 : peak + 1]))
-    assert all(a > b for a, b in zip(values[peak:], values[peak + 1 :]))
+    assert all(a < b for a, b in zip(values[:peak], values[1 : peak + 1], strict=True))
+    assert all(a > b for a, b in zip(values[peak:], values[peak + 1 :], strict=True))
 
 
 def test_trainer_uses_the_papers_recipe(tmp_path):

@@ -14,10 +14,10 @@ Public API::
     transformer_kernels.reference.*                 the pure-PyTorch specifications
 """
 
-from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
-from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
 from . import nn, reference
+from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
 from .nn import convert
+from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
 
 __version__ = "0.1.0"
 

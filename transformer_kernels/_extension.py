@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional
 
 
-def _load() -> Optional[str]:
+def _load() -> str | None:
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return "this install has no transformer_kernels._C; see the README to build it"
     try:
@@ -29,7 +28,7 @@ def loaded() -> bool:
     return _LOAD_ERROR is None
 
 
-def load_error() -> Optional[str]:
+def load_error() -> str | None:
     return _LOAD_ERROR
 
 

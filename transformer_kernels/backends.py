@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ def triton_interpret() -> bool:
 _TRITON_MISSING = importlib.util.find_spec("triton") is None
 
 
-def triton_unavailable() -> Optional[str]:
+def triton_unavailable() -> str | None:
     """Why Triton kernels cannot run on this machine, or None if they can."""
     if _TRITON_MISSING:
         return "triton is not installed"
@@ -51,7 +51,7 @@ def triton_unavailable() -> Optional[str]:
     return None
 
 
-def cuda_unavailable() -> Optional[str]:
+def cuda_unavailable() -> str | None:
     """Why the compiled extension cannot run here, or None if it can."""
     from . import _extension
 
@@ -73,8 +73,8 @@ class OpBackend:
 
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    check: Callable[..., Optional[str]] = lambda **_: None
-    unavailable: Callable[[], Optional[str]] = lambda: None
+    check: Callable[..., str | None] = lambda **_: None
+    unavailable: Callable[[], str | None] = lambda: None
 
 
 @dataclass
@@ -107,7 +107,7 @@ def supported_devices(op: str, backend: str) -> tuple[str, ...]:
     return _triton_devices() if backend == "triton" else spec.devices
 
 
-def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> Optional[str]:
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> str | None:
     """Why ``backend`` cannot run ``op`` on these inputs, or None if it can."""
     spec = _OPS[op].backends.get(backend)
     if spec is None:
@@ -158,7 +158,7 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped_backends.pop()
 
 
-def available_backends(op: Optional[str] = None) -> list[str]:
+def available_backends(op: str | None = None) -> list[str]:
     """The backends that can run on this machine: for ``op``, or for at least one op."""
     names = [op] if op is not None else ops()
     usable = set()
@@ -169,7 +169,7 @@ def available_backends(op: Optional[str] = None) -> list[str]:
     return [b for b in BACKENDS if b in usable]
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device, dtype: torch.dtype, **problem) -> str:
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype, **problem) -> str:
     """The concrete backend that runs ``op`` on these inputs, or a clear :class:`BackendError`.
 
     ``backend`` (the call's keyword) wins over the global choice. ``problem`` carries the op's

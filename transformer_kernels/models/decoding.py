@@ -11,8 +11,6 @@ chosen by GNMT's length-normalised score log P / ((5 + |Y|) / 6)^α.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,7 +39,7 @@ class DecoderCache:
 def decode_step(model: EncoderDecoder, cache: DecoderCache, tokens: Tensor, t: int) -> Tensor:
     """Decoder hidden state [N, d] of position ``t`` given its input tokens [N] (the cache holds 0..t-1)."""
     x = model.embed(tokens[:, None], model.tgt_embed, offset=t)
-    for layer, kv, (ck, cv) in zip(model.decoder.layers, cache.self_kv, cache.cross_kv):
+    for layer, kv, (ck, cv) in zip(model.decoder.layers, cache.self_kv, cache.cross_kv, strict=True):
 
         def self_attention(h, layer=layer, kv=kv):
             q, k, v = layer.self_attn.project_qkv(h)
@@ -57,7 +55,7 @@ def decode_step(model: EncoderDecoder, cache: DecoderCache, tokens: Tensor, t: i
     return x[:, 0]
 
 
-def _max_len(model: EncoderDecoder, src: Tensor, max_len: Optional[int]) -> int:
+def _max_len(model: EncoderDecoder, src: Tensor, max_len: int | None) -> int:
     if max_len is None:  # the paper: source length + 50
         max_len = int((src != model.config.pad_id).sum(1).max()) + 50
     return min(max_len, model.config.max_positions)
@@ -76,7 +74,7 @@ class _EvalMode:
 
 
 @torch.inference_mode()
-def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: Optional[int] = None, use_cache: bool = True) -> Tensor:
+def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: int | None = None, use_cache: bool = True) -> Tensor:
     """Greedy translation of ``src`` [B, S]: tokens [B, <= max_len] without BOS, EOS included,
     padding after it. ``use_cache=False`` recomputes the whole prefix every step (for checking)."""
     c = model.config
@@ -101,7 +99,7 @@ def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: Optional[int] = N
 
 @torch.inference_mode()
 def beam_search(
-    model: EncoderDecoder, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len: Optional[int] = None
+    model: EncoderDecoder, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len: int | None = None
 ) -> Tensor:
     """Beam search over ``src`` [B, S], all sentences batched: the best hypothesis per sentence by
     GNMT's length-normalised score, as tokens [B, <= max_len] (no BOS; EOS, then padding)."""

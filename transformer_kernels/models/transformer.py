@@ -119,7 +119,7 @@ class EncoderDecoder(torch.nn.Module):
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model, device), persistent=False)
         self.activation_checkpointing = False
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> "EncoderDecoder":
+    def set_activation_checkpointing(self, enabled: bool = True) -> EncoderDecoder:
         """Recompute each encoder and decoder layer's activations in the backward pass instead of keeping
         them (``torch.utils.checkpoint``): a layer's inputs are all it stores, for one more forward of it.
         The recomputation replays the RNG state, so it draws the same dropout seeds: results are unchanged."""

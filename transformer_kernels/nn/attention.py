@@ -10,8 +10,6 @@ own forward, counted by :func:`transformer_kernels.nn.fallback_counts`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ def causal_mask_is(mask: Tensor, lq: int, lk: int) -> bool:
     return bool(torch.all(torch.where(above, mask == float("-inf"), mask == 0)))
 
 
-def fusable_padding_mask(mask: Optional[Tensor]) -> bool:
+def fusable_padding_mask(mask: Tensor | None) -> bool:
     return mask is None or mask.dtype == torch.bool
 
 
@@ -82,9 +80,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
+        key_padding_mask: Tensor | None = None,
         need_weights: bool = True,
-        attn_mask: Optional[Tensor] = None,
+        attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ):
@@ -99,7 +97,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return out, None
 
     def attend(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], causal: bool
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
         """The fused path: projections, attention, output projection; [B, L, E] or [L, B, E] as configured."""
         if not self.batch_first:
@@ -133,7 +131,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._project(x, 1, 2).unbind(2)
 
-    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Tensor:
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         """Attention over projected heads ([B, L, H, D]), then the output projection: [B, Lq, E]."""
         o = attention(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0

@@ -15,8 +15,6 @@ own forward instead, counted by :func:`transformer_kernels.nn.fallback_counts`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,7 +25,7 @@ from .attention import MultiheadAttention, causal_mask_is, fusable_padding_mask
 from .layer_norm import LayerNorm
 
 
-def activation_name(fn) -> Optional[str]:
+def activation_name(fn) -> str | None:
     """The fused ops' name for a torch activation, or None if they have none."""
     if fn is F.relu or isinstance(fn, torch.nn.ReLU):
         return "relu"
@@ -38,7 +36,7 @@ def activation_name(fn) -> Optional[str]:
     return None
 
 
-def _self_attn_causal(mask: Optional[Tensor], is_causal: Optional[bool], length: int) -> Optional[bool]:
+def _self_attn_causal(mask: Tensor | None, is_causal: bool | None, length: int) -> bool | None:
     """Whether self-attention is causal; None if ``mask`` is something the fused path cannot serve."""
     if mask is None:
         return bool(is_causal)
@@ -71,7 +69,7 @@ class _FusedLayer:
     def _length(self, x: Tensor) -> int:
         return x.shape[1] if self.self_attn.batch_first else x.shape[0]
 
-    def _common_reason(self, x: Tensor, *padding_masks) -> Optional[str]:
+    def _common_reason(self, x: Tensor, *padding_masks) -> str | None:
         if activation_name(self.activation) is None:
             return f"activation {self.activation!r}"
         if x.dim() != 3:
@@ -91,8 +89,8 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
     def forward(
         self,
         src: Tensor,
-        src_mask: Optional[Tensor] = None,
-        src_key_padding_mask: Optional[Tensor] = None,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
         causal = _self_attn_causal(src_mask, is_causal, self._length(src)) if src.dim() == 3 else None
@@ -124,10 +122,10 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
         self,
         tgt: Tensor,
         memory: Tensor,
-        tgt_mask: Optional[Tensor] = None,
-        memory_mask: Optional[Tensor] = None,
-        tgt_key_padding_mask: Optional[Tensor] = None,
-        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
     ) -> Tensor:
@@ -177,9 +175,9 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def forward(
         self,
         src: Tensor,
-        mask: Optional[Tensor] = None,
-        src_key_padding_mask: Optional[Tensor] = None,
-        is_causal: Optional[bool] = None,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
     ) -> Tensor:
         x = src
         for layer in self.layers:
@@ -194,11 +192,11 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
         self,
         tgt: Tensor,
         memory: Tensor,
-        tgt_mask: Optional[Tensor] = None,
-        memory_mask: Optional[Tensor] = None,
-        tgt_key_padding_mask: Optional[Tensor] = None,
-        memory_key_padding_mask: Optional[Tensor] = None,
-        tgt_is_causal: Optional[bool] = None,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool | None = None,
         memory_is_causal: bool = False,
     ) -> Tensor:
         x = tgt

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from . import autocast as amp
 from ..reference.attention import attention_ref
+from . import autocast as amp
 from .seed import draw_seed, seed_value
 
 OP = "attention"

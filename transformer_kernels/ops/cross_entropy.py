@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from . import autocast as amp
 from ..reference.cross_entropy import REDUCTIONS, cross_entropy_ref, linear_cross_entropy_ref
+from . import autocast as amp
 
 CE_OP = "cross_entropy"
 LCE_OP = "linear_cross_entropy"

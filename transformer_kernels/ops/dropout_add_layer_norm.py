@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from . import autocast as amp
 from .._extension import loaded as _extension_loaded
 from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
+from . import autocast as amp
 from .seed import draw_seed, seed_value
 
 OP = "dropout_add_layer_norm"

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from . import autocast as amp
 from .._extension import loaded as _extension_loaded
 from ..reference.ffn import ACTIVATIONS, ffn_ref, fused_linear_ref
+from . import autocast as amp
 from .seed import draw_seed, seed_value
 
 OP = "fused_linear"

@@ -18,15 +18,13 @@ the same mask from the same seed. The whole [B, Hq, Lq, Lk] matrix is built here
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import Tensor
 
 from .philox import dropout_keep_mask, dropout_scale
 
 
-def _visible_mask(lq: int, lk: int, causal: bool, key_padding_mask: Optional[Tensor], device=None) -> Tensor:
+def _visible_mask(lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device=None) -> Tensor:
     """Bool [B or 1, 1, Lq, Lk]: True where query i may attend to key j."""
     vis = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=device)
     if causal:
@@ -44,12 +42,12 @@ def attention_ref(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Optional[Tensor] = None,
+    key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None,
+    softmax_scale: float | None = None,
     return_lse: bool = False,
-    seed: Union[int, Tensor, None] = None,
-    keep_mask: Optional[Tensor] = None,
+    seed: int | Tensor | None = None,
+    keep_mask: Tensor | None = None,
     upcast: bool = True,
 ):
     """Differentiable reference. Dropout keeps where ``keep_mask`` ([B, Hq, Lq, Lk] bool) is True,

@@ -12,8 +12,6 @@ upcast: the loss and the softmax are computed, and the loss returned, in fp32 (f
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,7 +48,7 @@ def linear_cross_entropy_ref(
     hidden: Tensor,
     weight: Tensor,
     target: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     **kwargs,
 ) -> Tensor:
     """``cross_entropy_ref(hidden @ weight.T + bias, target, **kwargs)``, the logits in the input dtype."""

@@ -11,8 +11,6 @@ every backend see the same numbers: the backward recomputes from the stored ``s`
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from .philox import dropout_keep_mask, dropout_scale
@@ -20,16 +18,16 @@ from .philox import dropout_keep_mask, dropout_scale
 
 def dropout_add_layer_norm_ref(
     x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     dropout_p: float = 0.0,
     eps: float = 1e-5,
     *,
     prenorm: bool = False,
     rms_norm: bool = False,
-    seed: Union[int, torch.Tensor, None] = None,
-    keep_mask: Optional[torch.Tensor] = None,
+    seed: int | torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
     upcast: bool = True,
 ):
     """Differentiable reference. Dropout keeps where ``keep_mask`` is True, or where the Philox

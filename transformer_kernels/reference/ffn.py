@@ -13,7 +13,6 @@ rounded): the "same-dtype PyTorch path" the tests measure the fast backends' err
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from .philox import dropout_keep_mask, dropout_scale
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 
 
-def activation_ref(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+def activation_ref(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     """act(z), written out (the tests hold it to torch's own F.relu / F.gelu)."""
     if activation is None:
         return z
@@ -36,7 +35,7 @@ def activation_ref(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def _eager_activation(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+def _eager_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "relu":
         return F.relu(z)
     if activation in ("gelu", "gelu_tanh"):
@@ -47,12 +46,12 @@ def _eager_activation(z: torch.Tensor, activation: Optional[str]) -> torch.Tenso
 def fused_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
     dropout_p: float = 0.0,
     *,
-    seed: Union[int, torch.Tensor, None] = None,
-    keep_mask: Optional[torch.Tensor] = None,
+    seed: int | torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Differentiable reference of ``dropout(act(x @ weight.T + bias))``.
@@ -82,14 +81,14 @@ def fused_linear_ref(
 def ffn_ref(
     x: torch.Tensor,
     w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
+    b1: torch.Tensor | None,
     w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    activation: Optional[str] = "relu",
+    b2: torch.Tensor | None,
+    activation: str | None = "relu",
     dropout_p: float = 0.0,
     *,
-    seed: Union[int, torch.Tensor, None] = None,
-    keep_mask: Optional[torch.Tensor] = None,
+    seed: int | torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """The position-wise feed-forward block: ``fused_linear(dropout(act(x W1ᵀ + b1)), W2, b2)``;

@@ -21,7 +21,6 @@ loop to it bit for bit.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
 
 import torch
 
@@ -48,7 +47,7 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox(seed: Union[int, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+def philox(seed: int | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """First output word of Philox4x32-10 for counters ``idx`` (int64 tensor), as int64 in [0, 2**32).
 
     ``seed`` is a Python int or a 0-dim int64 tensor (which keeps ``torch.compile`` graphs whole).
@@ -76,19 +75,19 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def philox_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:
+def philox_keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """The specification of the keep-mask, in PyTorch: bool [rows, cols] for ``seed`` and rate ``p``."""
     idx = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
     return (philox(seed, idx) >> 8) >= dropout_threshold(p)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_mask_available() -> bool:
     """Whether the extension's C++ keep-mask is there (an extension built before it was added is not)."""
     return _extension.loaded() and hasattr(torch.ops.tk_C, "dropout_keep_mask")
 
 
-def _native_seed(seed: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
+def _native_seed(seed: int | torch.Tensor) -> torch.Tensor | None:
     """``seed`` as the C++ loop takes it (a 0-dim int64 CPU tensor), or None when it cannot."""
     if isinstance(seed, torch.Tensor):
         ok = seed.device.type == "cpu" and seed.dim() == 0 and seed.dtype == torch.int64
@@ -96,7 +95,7 @@ def _native_seed(seed: Union[int, torch.Tensor]) -> Optional[torch.Tensor]:
     return torch.tensor(seed, dtype=torch.int64) if -(2**63) <= seed < 2**63 else None
 
 
-def dropout_keep_mask(seed: Union[int, torch.Tensor], p: float, rows: int, cols: int, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """The bool keep-mask [rows, cols] that every backend uses for ``seed`` and rate ``p``."""
     on_cpu = device is None or torch.device(device).type == "cpu"
     if on_cpu and not torch.compiler.is_compiling() and native_mask_available():

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_model
@@ -39,7 +38,7 @@ def checkpoint_dir(out_dir, step: int) -> Path:
 
 
 def save_checkpoint(
-    out_dir, step: int, model: torch.nn.Module, state: dict, keep_last: int, val_loss: Optional[float] = None
+    out_dir, step: int, model: torch.nn.Module, state: dict, keep_last: int, val_loss: float | None = None
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it (and ``best`` if ``val_loss``
     beats the best so far), and delete checkpoints beyond the last ``keep_last`` except the best."""
@@ -72,7 +71,7 @@ def save_checkpoint(
     return final
 
 
-def _best_loss(root: Path) -> Optional[float]:
+def _best_loss(root: Path) -> float | None:
     p = root / "best_loss"
     return float(p.read_text()) if p.is_file() else None
 
@@ -86,7 +85,7 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p)
 
 
-def read_pointer(out_dir, which: str) -> Optional[Path]:
+def read_pointer(out_dir, which: str) -> Path | None:
     p = Path(out_dir) / "checkpoints" / which
     return Path(out_dir) / "checkpoints" / p.read_text().strip() if p.is_file() else None
 
@@ -127,7 +126,7 @@ def apply_weights(model: torch.nn.Module, tensors: dict, source) -> None:
     if problems or missing:
         detail = "; ".join(problems[:3] + [f"missing {k}" for k in missing[:3]])
         raise CheckpointError(f"checkpoint {file} does not fit this model (another model size?): {detail}")
-    model.load_state_dict({k: tensors[k] for k in tensors if k in expected}, strict=False)
+    model.load_state_dict({k: tensors[k] for k in tensors if k in expected}, strict=True)
 
 
 def _is_tied_alias(model: torch.nn.Module, key: str, tensors: dict) -> bool:

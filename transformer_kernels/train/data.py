@@ -21,10 +21,10 @@ import json
 import os
 import random
 from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice, zip_longest
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class SyntheticTask:
 
     SPLITS = {"train": 1, "val": 2, "test": 3}
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019 (a frozen dataclass: the cache holds a few small task objects)
     def _lexicon(self) -> tuple[list[str], list[str]]:
         rng = random.Random(self.seed)
 
@@ -203,7 +203,7 @@ class SyntheticTask:
 # ------------------------------------------------------------------------------- tokenised data
 
 
-def _dropped(src_ids: Sequence[int], tgt_ids: Sequence[int], max_len: Optional[int]) -> bool:
+def _dropped(src_ids: Sequence[int], tgt_ids: Sequence[int], max_len: int | None) -> bool:
     """Pairs left out of training: a side empty, or longer than ``max_len`` tokens."""
     return not src_ids or not tgt_ids or (max_len is not None and max(len(src_ids), len(tgt_ids)) > max_len)
 
@@ -221,12 +221,12 @@ class TokenizedPairs:
         return len(self.src)
 
 
-def tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: Optional[int] = None) -> TokenizedPairs:
+def tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: int | None = None) -> TokenizedPairs:
     """Encode pairs; drop (and count) those with a side longer than ``max_len`` tokens or empty."""
     src_ids = tokenizer.encode_batch([s for s, _ in pairs], side="src")
     tgt_ids = tokenizer.encode_batch([t for _, t in pairs], side="tgt")
     out = TokenizedPairs([], [])
-    for s, t in zip(src_ids, tgt_ids):
+    for s, t in zip(src_ids, tgt_ids, strict=True):
         if _dropped(s, t, max_len):
             out.dropped += 1
         else:
@@ -246,7 +246,7 @@ class _Side(Sequence):
     """One side of a :class:`TokenCache`: row ``i`` is pair i's source (``column`` 0) or target (1)
     ids, a slice of the memory-mapped file."""
 
-    def __init__(self, cache: "TokenCache", column: int):
+    def __init__(self, cache: TokenCache, column: int):
         self.cache, self.column = cache, column
 
     def __len__(self) -> int:
@@ -283,7 +283,9 @@ class TokenCache:
             consistent = self.lengths.shape == (meta["pairs"], 2) and size == meta["ids"] * dtype.itemsize
             self.meta, self.dropped = meta, meta["dropped"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"token cache {stem} is missing or unreadable ({e}); delete {stem.parent} to rebuild it")
+            raise DataError(
+                f"token cache {stem} is missing or unreadable ({e}); delete {stem.parent} to rebuild it"
+            ) from e
         if not consistent:
             raise DataError(f"token cache {stem} is inconsistent with {meta_path}; delete {stem.parent} to rebuild it")
         sizes = self.lengths.sum(axis=1, dtype=np.int64)
@@ -309,7 +311,7 @@ class TokenCache:
         return len(self) + self.dropped
 
     @classmethod
-    def fingerprint(cls, pairs: PairStream, tokenizer, max_len: Optional[int]) -> dict:
+    def fingerprint(cls, pairs: PairStream, tokenizer, max_len: int | None) -> dict:
         digest = hashlib.sha256()
         for side in ("src", "tgt"):
             digest.update(tokenizer.side(side).to_str().encode())
@@ -318,8 +320,8 @@ class TokenCache:
 
     @classmethod
     def load_or_build(
-        cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int], chunk_pairs: int = 10_000
-    ) -> "TokenCache":
+        cls, stem, pairs: PairStream, tokenizer, max_len: int | None, chunk_pairs: int = 10_000
+    ) -> TokenCache:
         """The cache at ``stem`` if it was built from the same pairs, tokenizer and ``max_len``; else a new build."""
         fingerprint = cls.fingerprint(pairs, tokenizer, max_len)
         try:
@@ -331,9 +333,7 @@ class TokenCache:
         return cls.build(stem, pairs, tokenizer, max_len, chunk_pairs)
 
     @classmethod
-    def build(
-        cls, stem, pairs: PairStream, tokenizer, max_len: Optional[int], chunk_pairs: int = 10_000
-    ) -> "TokenCache":
+    def build(cls, stem, pairs: PairStream, tokenizer, max_len: int | None, chunk_pairs: int = 10_000) -> TokenCache:
         """Tokenise ``pairs`` in chunks (batch encoding) straight into the files at ``stem``; pairs that
         :func:`_dropped` rejects are counted, not stored. Memory: one chunk plus 8 bytes a pair."""
         stem = Path(stem)
@@ -351,7 +351,7 @@ class TokenCache:
                     src_ids = tokenizer.encode_batch([s for s, _ in chunk], side="src")
                     tgt_ids = tokenizer.encode_batch([t for _, t in chunk], side="tgt")
                     flat: list[int] = []
-                    for s, t in zip(src_ids, tgt_ids):
+                    for s, t in zip(src_ids, tgt_ids, strict=True):
                         if _dropped(s, t, max_len):
                             dropped += 1
                         else:
@@ -394,7 +394,7 @@ class Batch:
     tgt_out: torch.Tensor
     indices: list[int]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(
             self.src.to(device, non_blocking=True),
             self.tgt_in.to(device, non_blocking=True),
@@ -411,7 +411,7 @@ def collate(data, indices: Sequence[int], pad_id: int, bos_id: int, eos_id: int)
     src = np.full((len(indices), max(len(s) for s in src_rows)), pad_id, dtype=np.int64)
     tgt_in = np.full((len(indices), max(len(t) for t in tgt_rows) + 1), pad_id, dtype=np.int64)
     tgt_out = np.full_like(tgt_in, pad_id)
-    for row, (s, t) in enumerate(zip(src_rows, tgt_rows)):
+    for row, (s, t) in enumerate(zip(src_rows, tgt_rows, strict=True)):
         src[row, : len(s)] = s
         tgt_in[row, 0], tgt_in[row, 1 : len(t) + 1] = bos_id, t
         tgt_out[row, : len(t)], tgt_out[row, len(t)] = t, eos_id
@@ -465,7 +465,7 @@ class TokenBatcher:
         by_length = np.argsort(s.astype(np.int64) * (int(t.max()) + 1) + t, kind="stable")
         order = order[by_length]
         starts, count, s_max, t_max = [0], 0, 0, 0
-        for k, (s_k, t_k) in enumerate(zip(s[by_length].tolist(), t[by_length].tolist())):
+        for k, (s_k, t_k) in enumerate(zip(s[by_length].tolist(), t[by_length].tolist(), strict=True)):
             s_max, t_max = max(s_max, s_k), max(t_max, t_k)
             if count and (count + 1) * max(s_max, t_max) > self.max_tokens:
                 starts.append(k)

@@ -10,8 +10,8 @@ lines, handed to ``train_from_iterator``), so the corpus is never held in memory
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -48,7 +48,7 @@ class Tokenizer:
         return self.src is self.tgt
 
     @classmethod
-    def train(cls, pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool = True) -> "Tokenizer":
+    def train(cls, pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool = True) -> Tokenizer:
         """Learnt from text pairs: a list, or a stream that reads again on each pass (a
         :class:`~transformer_kernels.train.data.PairStream`): separate vocabularies take two passes."""
         if joint:
@@ -77,7 +77,7 @@ class Tokenizer:
         self.tgt.save(str(directory / "tokenizer-tgt.json"))
 
     @classmethod
-    def load(cls, directory, joint: bool) -> "Tokenizer":
+    def load(cls, directory, joint: bool) -> Tokenizer:
         directory = Path(directory)
         paths = [directory / "tokenizer-src.json", directory / "tokenizer-tgt.json"]
         for p in paths:

@@ -19,10 +19,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -46,14 +46,14 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 class TrainConfig:
     out_dir: str = "runs/synthetic"
     # data: none → the embedded synthetic task; "multi30k" + data_dir; or explicit files
-    data: Optional[str] = None
-    data_dir: Optional[str] = None
+    data: str | None = None
+    data_dir: str | None = None
     src_lang: str = "de"
     tgt_lang: str = "en"
-    train_src: Optional[str] = None
-    train_tgt: Optional[str] = None
-    val_src: Optional[str] = None
-    val_tgt: Optional[str] = None
+    train_src: str | None = None
+    train_tgt: str | None = None
+    val_src: str | None = None
+    val_tgt: str | None = None
     synthetic_train: int = 10000
     synthetic_val: int = 300
     vocab_size: int = 8000
@@ -61,10 +61,10 @@ class TrainConfig:
     max_len: int = 128  # tokens per side; longer pairs are dropped
     # model
     preset: str = "tiny"
-    d_model: Optional[int] = None
-    nhead: Optional[int] = None
-    dim_feedforward: Optional[int] = None
-    layers: Optional[int] = None
+    d_model: int | None = None
+    nhead: int | None = None
+    dim_feedforward: int | None = None
+    layers: int | None = None
     dropout: float = 0.1
     share_embeddings: bool = False
     norm_first: bool = False
@@ -72,8 +72,8 @@ class TrainConfig:
     batch_tokens: int = 4096
     accum_steps: int = 1
     max_steps: int = 100000
-    epochs: Optional[int] = None
-    time_limit: Optional[float] = None  # minutes of training
+    epochs: int | None = None
+    time_limit: float | None = None  # minutes of training
     lr_scale: float = 1.0
     warmup: int = 4000
     label_smoothing: float = 0.1
@@ -94,7 +94,7 @@ class TrainConfig:
     tensorboard: bool = True  # scalars in out_dir/tensorboard, when the tensorboard package is installed
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -139,7 +139,7 @@ def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) ->
 # ---------------------------------------------------------------------------------------- data
 
 
-def load_pairs(cfg: TrainConfig, split: str) -> Optional[PairStream]:
+def load_pairs(cfg: TrainConfig, split: str) -> PairStream | None:
     """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits) as a stream that
     reads the data again on each pass; None for 'val' when no validation files are given."""
     if cfg.data is None and cfg.train_src is None:
@@ -178,7 +178,7 @@ def translate(
     limit = model.config.max_positions
     ids = [s[:limit] for s in tokenizer.encode_batch(list(texts), side="src")]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[Optional[str]] = [None] * len(ids)
+    out: list[str | None] = [None] * len(ids)
     bar = _progress(total=len(ids), desc="translate", unit="sent", disable=not progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -191,7 +191,7 @@ def translate(
             if beam_size == 1
             else beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty)
         )
-        for i, text in zip(chunk, tokenizer.decode_batch(strip(tokens.cpu(), EOS_ID, PAD_ID), side="tgt")):
+        for i, text in zip(chunk, tokenizer.decode_batch(strip(tokens.cpu(), EOS_ID, PAD_ID), side="tgt"), strict=True):
             out[i] = text
         bar.update(len(chunk))
     bar.close()
@@ -327,7 +327,7 @@ def _full_state_options():
 class Trainer:
     """One training run in ``cfg.out_dir``: a new run, or (``resume=True``) the continuation of one."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, given: Optional[Iterable[str]] = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, given: Iterable[str] | None = None):
         """``given`` names the options the user set (default: all of ``cfg``'s); resuming, it warns of those
         that differ from the saved run's fixed ones (data, model, recipe, seed), which it keeps."""
         _check_config(cfg)
@@ -365,7 +365,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.step, self.best_val = 0, math.inf
         self.losses: list[float] = []  # per optimizer step, this process's run only
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -510,7 +510,7 @@ class Trainer:
 
     # ---- checkpoints: collective (every rank calls them; under FSDP they gather the shards), rank 0 writes
 
-    def _full_model(self) -> Optional[EncoderDecoder]:
+    def _full_model(self) -> EncoderDecoder | None:
         """The model with all its weights on rank 0, None elsewhere: under FSDP an unsharded copy on the
         CPU, gathered from the shards; otherwise the model itself."""
         if not self.cfg.fsdp:
@@ -525,7 +525,7 @@ class Trainer:
         model.load_state_dict(weights)
         return model
 
-    def state(self) -> Optional[dict]:
+    def state(self) -> dict | None:
         """What decides the next step besides the weights, on rank 0 (None elsewhere). The optimizer's
         state is whole and keyed by parameter name, so FSDP and unsharded runs resume each other's."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -546,10 +546,10 @@ class Trainer:
             },
         }
 
-    def save(self, val_loss: Optional[float] = None) -> Optional[Path]:
+    def save(self, val_loss: float | None = None) -> Path | None:
         return self._write_checkpoint(self._full_model(), val_loss)
 
-    def _write_checkpoint(self, model: Optional[EncoderDecoder], val_loss: Optional[float]) -> Optional[Path]:
+    def _write_checkpoint(self, model: EncoderDecoder | None, val_loss: float | None) -> Path | None:
         """Checkpoint ``model`` (``_full_model()``'s) with the run's state; the path on rank 0."""
         state = self.state()
         if self.rank != 0:
@@ -703,7 +703,7 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return float(t) / self.world_size
 
-    def _validate(self, records: Optional["_RunLog"]):
+    def _validate(self, records: _RunLog | None):
         """Validation loss and BLEU (greedy, first ``val_bleu_sentences``) on rank 0, then a checkpoint.
         Every rank calls it: under FSDP the model is gathered from all of them."""
         model = self._full_model()
@@ -755,7 +755,7 @@ class _RunLog:
             self.csv.writerow(["step", "epoch", *self.FORMATS])
         self.tensorboard = _summary_writer(out_dir / "tensorboard", step, log) if tensorboard else None
 
-    def write(self, step: int, epoch: int, **values: Optional[float]) -> None:
+    def write(self, step: int, epoch: int, **values: float | None) -> None:
         self.csv.writerow(
             [step, epoch, *("" if values.get(k) is None else format(values[k], f) for k, f in self.FORMATS.items())]
         )
@@ -786,7 +786,7 @@ def _summary_writer(log_dir: Path, step: int, log):
     return SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
 
 
-def plot_losses(out_dir) -> Optional[Path]:
+def plot_losses(out_dir) -> Path | None:
     """``loss.png`` from ``log.csv``: training loss and validation loss per step (needs matplotlib)."""
     try:
         import matplotlib
@@ -807,7 +807,7 @@ def plot_losses(out_dir) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, label in ((train, "train (label-smoothed)"), (val, "validation (NLL)")):
         if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per target token")
     ax.legend()

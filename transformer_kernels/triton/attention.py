@@ -28,7 +28,6 @@ Backward (the vector-Jacobian product), with P recomputed and Z = keep / (1 - p)
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -560,7 +559,7 @@ def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_padding_mask: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
@@ -617,7 +616,7 @@ def attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse2: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_padding_mask: torch.Tensor | None,
     causal: bool,
     dropout_p: float,
     softmax_scale: float,

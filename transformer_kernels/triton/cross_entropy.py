@@ -22,8 +22,6 @@ never read out of bounds).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -186,7 +184,7 @@ def linear_cross_entropy_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     scale: torch.Tensor,
     label_smoothing: float,
     ignore_index: int,

@@ -22,8 +22,6 @@ treats the two backends alike.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -186,9 +184,9 @@ def _launch_params(n: int) -> tuple[int, int]:
 
 def dropout_add_layer_norm_fwd(
     x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     dropout_p: float,
     eps: float,
     seed: int,
@@ -255,9 +253,9 @@ def _column_sum(partial: torch.Tensor) -> torch.Tensor:
 
 def dropout_add_layer_norm_bwd(
     dout: torch.Tensor,
-    ds_in: Optional[torch.Tensor],
+    ds_in: torch.Tensor | None,
     s: torch.Tensor,
-    weight: Optional[torch.Tensor],
+    weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     dropout_p: float,

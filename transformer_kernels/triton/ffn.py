@@ -28,7 +28,6 @@ tiles it loads anyway.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -263,7 +262,7 @@ def _dz_kernel(
 # Launchers: the signatures of tk_C::fused_linear_fwd / _bwd.
 
 
-def _dot_precision(dtype: torch.dtype) -> Optional[str]:
+def _dot_precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -305,7 +304,7 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
 
 
 def fused_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, dropout_p: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward GEMM with its epilogue.
 
