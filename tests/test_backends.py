@@ -51,7 +51,6 @@ def test_auto_on_cuda_follows_the_preference_order(monkeypatch):
     ops = backends._OPS["dropout_add_layer_norm"].backends
     for name, spec in list(ops.items()):
         monkeypatch.setitem(ops, name, backends.OpBackend(spec.devices, spec.dtypes, spec.check))
-    monkeypatch.setattr(backends, "_triton_devices", lambda: ("cuda",))
     monkeypatch.setitem(backends.AUTO_ORDER, "dropout_add_layer_norm", ("cuda", "triton", "reference"))
     cuda = torch.device("cuda")
     assert backends.resolve("dropout_add_layer_norm", None, cuda, torch.float16, hidden=1024) == "cuda"

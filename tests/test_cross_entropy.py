@@ -411,8 +411,8 @@ def test_opcheck_custom_ops(backend):
     h = torch.randn(5, 4, device=dev, requires_grad=True)
     w, b = torch.randn(9, 4, device=dev, requires_grad=True), torch.randn(9, device=dev, requires_grad=True)
     for reduction in ("mean", "none"):
-        torch.library.opcheck(_ce_fwd, (x, t, 0.1, IGNORE, reduction))
-        torch.library.opcheck(_lce_fwd, (h, w, t, b, 0.1, IGNORE, reduction, 2, reduction != "none"))
+        torch.library.opcheck(_ce_fwd, (x, t, 0.1, IGNORE, reduction, "triton"))
+        torch.library.opcheck(_lce_fwd, (h, w, t, b, 0.1, IGNORE, reduction, 2, reduction != "none", "triton"))
 
 
 # --- on a GPU: realistic sizes, and the memory the fusion saves --------------------------------

@@ -2,8 +2,10 @@
 
 Every op has the backends ``reference`` (pure PyTorch, the specification and the CPU fallback),
 ``triton`` and ``cuda`` (the compiled extension). Each backend of each op declares what it
-supports in one place (an :class:`OpBackend`); the dispatcher, the error messages, ``info`` and the
-tests all read those declarations instead of repeating them.
+supports in one place (an :class:`OpBackend`), in one :func:`register_op` call in the op's own
+file; the declaration also names the module of the backend's kernels, which :func:`kernel` imports
+on first use. The dispatcher, the error messages, ``info`` and the tests all read those
+declarations instead of repeating them.
 
 ``auto`` picks, for CPU tensors, ``reference``; for CUDA tensors, the first backend of the op's
 preference order (``AUTO_ORDER``, set from GPU measurements in ``benchmarks/results/``) that
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from .triton import triton_interpret
 
 BACKENDS = ("reference", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
@@ -31,11 +35,6 @@ DEFAULT_AUTO_ORDER = ("triton", "cuda", "reference")
 
 class BackendError(ValueError):
     """An op was asked to run on a backend that cannot serve its inputs."""
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run in the numpy interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Found once at import (cheaply, without importing triton): dynamo traces the checks below.
@@ -64,17 +63,65 @@ def cuda_unavailable() -> str | None:
 
 @dataclass(frozen=True)
 class OpBackend:
-    """What one backend of one op supports.
+    """What one backend of one op supports, and where its kernels live.
 
     ``devices``: device types of the input tensors it accepts. ``dtypes``: input dtypes.
     ``check``: extra, op-specific limits; returns a reason string when the inputs are out of them.
     ``unavailable``: returns why the backend cannot run on this machine at all, or None.
+    ``kernels``: the module that holds the backend's kernel functions, imported on first use
+    (``transformer_kernels.triton.<op>``, or ``torch.ops.tk_C`` for the extension); None for the
+    reference, which is plain differentiable PyTorch called by the op itself.
+    ``interpretable``: Triton kernels, which also take CPU tensors under ``TRITON_INTERPRET=1``
+    (that is how CI tests them).
     """
 
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     check: Callable[..., str | None] = lambda **_: None
     unavailable: Callable[[], str | None] = lambda: None
+    kernels: str | None = None
+    interpretable: bool = False
+
+    def device_types(self) -> tuple[str, ...]:
+        if self.interpretable and triton_interpret() and "cpu" not in self.devices:
+            return self.devices + ("cpu",)
+        return self.devices
+
+
+# The dtypes every kernel backend serves; the reference adds float64 (the tests' exact path).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def reference(dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)) -> OpBackend:
+    """The pure-PyTorch specification: every device, every dtype it is written for."""
+    return OpBackend(devices=("cpu", "cuda"), dtypes=dtypes)
+
+
+def triton_kernels(
+    module: str, check: Callable[..., str | None] | None = None, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+) -> OpBackend:
+    """Triton kernels in ``transformer_kernels.triton.<module>``."""
+    return OpBackend(
+        devices=("cuda",),
+        dtypes=dtypes,
+        check=check or (lambda **_: None),
+        unavailable=triton_unavailable,
+        kernels=f"{__package__}.triton.{module}",
+        interpretable=True,
+    )
+
+
+def cuda_kernels(
+    check: Callable[..., str | None] | None = None, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
+) -> OpBackend:
+    """Kernels of the compiled extension, ``torch.ops.tk_C.<name>``."""
+    return OpBackend(
+        devices=("cuda",),
+        dtypes=dtypes,
+        check=check or (lambda **_: None),
+        unavailable=cuda_unavailable,
+        kernels="torch.ops.tk_C",
+    )
 
 
 @dataclass
@@ -86,25 +133,40 @@ class Op:
 _OPS: dict[str, Op] = {}
 
 
-def register(op: str, backend: str, spec: OpBackend) -> None:
-    """Declare that ``backend`` implements ``op`` for the inputs ``spec`` describes."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _OPS.setdefault(op, Op(op)).backends[backend] = spec
+def register_op(op: str, **specs: OpBackend) -> None:
+    """Declare ``op`` and what each of its backends serves: ``register_op(name, reference=...,
+    triton=..., cuda=...)``. The one place an op's backends are named."""
+    unknown = set(specs) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"{op}: unknown backend(s) {sorted(unknown)}; expected some of {BACKENDS}")
+    _OPS[op] = Op(op, dict(specs))
 
 
 def ops() -> list[str]:
     return sorted(_OPS)
 
 
-def _triton_devices() -> tuple[str, ...]:
-    # Under the interpreter, Triton kernels take CPU tensors: that is how CI tests them.
-    return ("cuda", "cpu") if triton_interpret() else ("cuda",)
+def spec(op: str, backend: str) -> OpBackend:
+    """The declaration of ``backend`` for ``op``."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(ops())}")
+    if backend not in _OPS[op].backends:
+        raise ValueError(f"{op}: has no {backend!r} backend (it has {', '.join(_OPS[op].backends)})")
+    return _OPS[op].backends[backend]
 
 
-def supported_devices(op: str, backend: str) -> tuple[str, ...]:
-    spec = _OPS[op].backends[backend]
-    return _triton_devices() if backend == "triton" else spec.devices
+def kernel(op: str, backend: str, name: str) -> Callable[..., Any]:
+    """The kernel function ``name`` of ``op``'s ``backend`` (its module imported on first use).
+
+    Kernel backends of one op expose the same function names with the same signatures, so an op's
+    custom ops fetch their implementation with one call, whichever backend the caller chose.
+    """
+    module = spec(op, backend).kernels
+    if module is None:
+        raise ValueError(f"{op}: the {backend} backend has no kernels (it is called directly)")
+    if module == "torch.ops.tk_C":
+        return getattr(torch.ops.tk_C, name)
+    return getattr(importlib.import_module(module), name)
 
 
 def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> str | None:
@@ -115,7 +177,7 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **p
     reason = spec.unavailable()
     if reason:
         return reason
-    devices = supported_devices(op, backend)
+    devices = spec.device_types()
     if device.type not in devices:
         return f"{device.type} tensors are not supported (supported: {', '.join(devices)})"
     if dtype not in spec.dtypes:
@@ -161,7 +223,7 @@ def use_backend(name: str) -> Iterator[None]:
 def available_backends(op: str | None = None) -> list[str]:
     """The backends that can run on this machine: for ``op``, or for at least one op."""
     names = [op] if op is not None else ops()
-    usable = set()
+    usable: set[str] = set()
     for name in names:
         if name not in _OPS:
             raise ValueError(f"unknown op {name!r}; expected one of {', '.join(ops())}")

@@ -17,10 +17,10 @@ from torch import Tensor
 from .. import backends
 from ..reference.attention import attention_ref
 from . import autocast as amp
+from .custom_ops import kernel_op
 from .seed import draw_seed, seed_value
 
 OP = "attention"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -30,23 +30,11 @@ def _triton_check(head_dim: Optional[int] = None, **_) -> Optional[str]:
     return None
 
 
-backends.register(OP, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-backends.register(
+backends.register_op(
     OP,
-    "triton",
-    backends.OpBackend(
-        devices=("cuda",), dtypes=KERNEL_DTYPES, check=_triton_check, unavailable=backends.triton_unavailable
-    ),
+    reference=backends.reference(),
+    triton=backends.triton_kernels("attention", check=_triton_check),
 )
-
-
-def _kernels(backend: str):
-    """(fwd, bwd) of a kernel backend."""
-    if backend == "triton":
-        from ..triton import attention as tri
-
-        return tri.attention_fwd, tri.attention_bwd
-    raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +43,12 @@ def _kernels(backend: str):
 # what the backward needs (see triton/attention.py).
 
 
-@torch.library.custom_op("transformer_kernels::attention_fwd", mutates_args=())
+def _fwd_fake(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
+    b, lq, hq, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty((b, hq, lq), dtype=torch.float32)
+
+
+@kernel_op("attention_fwd", _fwd_fake)
 def _fwd(
     q: Tensor,
     k: Tensor,
@@ -67,18 +60,16 @@ def _fwd(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = _kernels(backend)
+    fwd = backends.kernel(OP, backend, "attention_fwd")
     with amp.disabled(q.device):
         return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
 
 
-@_fwd.register_fake
-def _fwd_fake(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
-    b, lq, hq, _ = q.shape
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty((b, hq, lq), dtype=torch.float32)
+def _bwd_fake(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-@torch.library.custom_op("transformer_kernels::attention_bwd", mutates_args=())
+@kernel_op("attention_bwd", _bwd_fake)
 def _bwd(
     dout: Tensor,
     q: Tensor,
@@ -93,14 +84,9 @@ def _bwd(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = _kernels(backend)
+    bwd = backends.kernel(OP, backend, "attention_bwd")
     with amp.disabled(q.device):
         return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
-
-
-@_bwd.register_fake
-def _bwd_fake(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

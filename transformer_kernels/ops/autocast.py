@@ -16,7 +16,7 @@ calls (``torch.mm(..., out=fp32)`` then fails). So each functional op, on entry:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ def norm_dtype(x: Tensor, residual: Optional[Tensor]) -> Optional[torch.dtype]:
     return None if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def cast(dtype: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+def cast(dtype: Optional[torch.dtype], *tensors: Any) -> tuple[Any, ...]:
     """``tensors`` with their fp16/bf16/fp32 ones cast to ``dtype`` (all unchanged when it is None)."""
     if dtype is None:
         return tensors

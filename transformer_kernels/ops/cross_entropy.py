@@ -20,7 +20,7 @@ and, on the reference backend, in eager mode only.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -28,26 +28,14 @@ from torch import Tensor
 from .. import backends
 from ..reference.cross_entropy import REDUCTIONS, cross_entropy_ref, linear_cross_entropy_ref
 from . import autocast as amp
+from .custom_ops import kernel_op
 
 CE_OP = "cross_entropy"
 LCE_OP = "linear_cross_entropy"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# linear_cross_entropy's kernels live in cross_entropy's kernel file, so both ops declare the same backends.
 for _op in (CE_OP, LCE_OP):
-    backends.register(
-        _op, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,))
-    )
-    backends.register(
-        _op,
-        "triton",
-        backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable),
-    )
-
-
-def _triton():
-    from ..triton import cross_entropy as tri
-
-    return tri
+    backends.register_op(_op, reference=backends.reference(), triton=backends.triton_kernels("cross_entropy"))
 
 
 def _check_targets(op: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -95,47 +83,54 @@ def _scale_by(grad: Tensor, dloss: Tensor) -> Tensor:
 # cross_entropy
 
 
-@torch.library.custom_op("transformer_kernels::cross_entropy_fwd", mutates_args=())
-def _ce_fwd(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, reduction: str) -> Tensor:
-    _check_targets(CE_OP, target, logits.shape[1], ignore_index)
-    n_valid, scale = _grad_scale(target, ignore_index, reduction)
-    with amp.disabled(logits.device):
-        loss, _ = _triton().cross_entropy_fwd(logits, target, scale, label_smoothing, ignore_index, False)
-        return _reduce(loss, n_valid, reduction)
-
-
-@_ce_fwd.register_fake
-def _ce_fwd_fake(logits, target, label_smoothing, ignore_index, reduction):
+def _ce_fwd_fake(logits, target, label_smoothing, ignore_index, reduction, backend):
     return _loss_fake(logits, logits.shape[0], reduction)
 
 
-@torch.library.custom_op("transformer_kernels::cross_entropy_bwd", mutates_args=())
+@kernel_op("cross_entropy_fwd", _ce_fwd_fake)
+def _ce_fwd(
+    logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, reduction: str, backend: str
+) -> Tensor:
+    _check_targets(CE_OP, target, logits.shape[1], ignore_index)
+    n_valid, scale = _grad_scale(target, ignore_index, reduction)
+    with amp.disabled(logits.device):
+        kernel = backends.kernel(CE_OP, backend, "cross_entropy_fwd")
+        loss, _ = kernel(logits, target, scale, label_smoothing, ignore_index, False)
+        return _reduce(loss, n_valid, reduction)
+
+
+def _ce_bwd_fake(dloss, logits, target, label_smoothing, ignore_index, reduction, backend):
+    return logits.new_empty(logits.shape)
+
+
+@kernel_op("cross_entropy_bwd", _ce_bwd_fake)
 def _ce_bwd(
-    dloss: Tensor, logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int, reduction: str
+    dloss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
 ) -> Tensor:
     """The gradient of ``<dloss, loss>`` w.r.t. the logits, rounded once to their dtype."""
     _, scale = _grad_scale(target, ignore_index, reduction)
     with amp.disabled(logits.device):
-        _, grad = _triton().cross_entropy_fwd(
+        _, grad = backends.kernel(CE_OP, backend, "cross_entropy_fwd")(
             logits, target, (dloss.float() * scale).contiguous(), label_smoothing, ignore_index, True
         )
     return grad
 
 
-@_ce_bwd.register_fake
-def _ce_bwd_fake(dloss, logits, target, label_smoothing, ignore_index, reduction):
-    return logits.new_empty(logits.shape)
-
-
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, *args = inputs
+    logits, target, *args = inputs  # label_smoothing, ignore_index, reduction, backend
     ctx.save_for_backward(logits, target)
     ctx.args = args
 
 
 def _ce_backward(ctx, dloss):
     logits, target = ctx.saved_tensors
-    return _ce_bwd(dloss, logits, target, *ctx.args), None, None, None, None
+    return _ce_bwd(dloss, logits, target, *ctx.args), None, None, None, None, None
 
 
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -145,7 +140,17 @@ _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 # linear_cross_entropy. `chunk_size` 0 means: chosen by the launcher.
 
 
-@torch.library.custom_op("transformer_kernels::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd_fake(
+    hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size, compute_grad, backend
+):
+    loss = _loss_fake(hidden, hidden.shape[0], reduction)
+    if not compute_grad:
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
+    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
+
+
+@kernel_op("linear_cross_entropy_fwd", _lce_fwd_fake)
 def _lce_fwd(
     hidden: Tensor,
     weight: Tensor,
@@ -156,26 +161,23 @@ def _lce_fwd(
     reduction: str,
     chunk_size: int,
     compute_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_targets(LCE_OP, target, weight.shape[0], ignore_index)
     n_valid, scale = _grad_scale(target, ignore_index, reduction)
     with amp.disabled(hidden.device):
-        loss, dh, dw, db = _triton().linear_cross_entropy_fwd(
+        loss, dh, dw, db = backends.kernel(LCE_OP, backend, "linear_cross_entropy_fwd")(
             hidden, weight, target, bias, scale, label_smoothing, ignore_index, compute_grad, chunk_size
         )
         return _reduce(loss, n_valid, reduction), dh, dw, db
 
 
-@_lce_fwd.register_fake
-def _lce_fwd_fake(hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size, compute_grad):
-    loss = _loss_fake(hidden, hidden.shape[0], reduction)
-    if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+def _lce_bwd_fake(dloss, hidden, weight, target, bias, label_smoothing, ignore_index, chunk_size, backend):
     db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
 
 
-@torch.library.custom_op("transformer_kernels::linear_cross_entropy_bwd", mutates_args=())
+@kernel_op("linear_cross_entropy_bwd", _lce_bwd_fake)
 def _lce_bwd(
     dloss: Tensor,
     hidden: Tensor,
@@ -185,28 +187,23 @@ def _lce_bwd(
     label_smoothing: float,
     ignore_index: int,
     chunk_size: int,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``Σ dloss · loss`` for ``reduction="none"``: the chunks recomputed."""
     with amp.disabled(hidden.device):
-        _, dh, dw, db = _triton().linear_cross_entropy_fwd(
+        _, dh, dw, db = backends.kernel(LCE_OP, backend, "linear_cross_entropy_fwd")(
             hidden, weight, target, bias, dloss.float().contiguous(), label_smoothing, ignore_index, True, chunk_size
         )
     return dh, dw, db
 
 
-@_lce_bwd.register_fake
-def _lce_bwd_fake(dloss, hidden, weight, target, bias, label_smoothing, ignore_index, chunk_size):
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
-
-
 def _lce_setup_context(ctx, inputs, output):
-    hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size, _ = inputs
+    hidden, weight, target, bias, label_smoothing, ignore_index, reduction, chunk_size, _, backend = inputs
     ctx.has_bias = bias is not None
     ctx.recompute = reduction == "none"
     if ctx.recompute:
         ctx.save_for_backward(hidden, weight, target, bias)
-        ctx.args = (label_smoothing, ignore_index, chunk_size)
+        ctx.args = (label_smoothing, ignore_index, chunk_size, backend)
     else:
         ctx.save_for_backward(*output[1:])
 
@@ -217,7 +214,7 @@ def _lce_backward(ctx, dloss, _dh, _dw, _db):
         dh, dw, db = _lce_bwd(dloss, hidden, weight, target, bias, *ctx.args)
     else:
         dh, dw, db = (_scale_by(g, dloss) for g in ctx.saved_tensors)
-    return dh, dw, None, db if ctx.has_bias else None, None, None, None, None, None
+    return dh, dw, None, db if ctx.has_bias else None, None, None, None, None, None, None
 
 
 _lce_fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -284,13 +281,13 @@ def cross_entropy(
     _check_target(CE_OP, target, n, logits.device)
     _check_options(CE_OP, label_smoothing, ignore_index, reduction)
     name = backends.resolve(CE_OP, backend, logits.device, logits.dtype, vocab=v)
-    kw = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    kw: dict[str, Any] = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     if name == "reference":  # no cast under autocast: computed in fp32 from any dtype, as torch's upcast
         if not torch.compiler.is_compiling():
             _check_targets(CE_OP, target, v, ignore_index)
         with amp.disabled(logits.device):
             return cross_entropy_ref(logits, target, **kw)
-    return _ce_fwd(logits.contiguous(), target.contiguous(), float(label_smoothing), ignore_index, reduction)
+    return _ce_fwd(logits.contiguous(), target.contiguous(), float(label_smoothing), ignore_index, reduction, name)
 
 
 def linear_cross_entropy(
@@ -339,7 +336,7 @@ def linear_cross_entropy(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{LCE_OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     name = backends.resolve(LCE_OP, backend, hidden.device, hidden.dtype, vocab=v)
-    kw = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    kw: dict[str, Any] = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     if name == "reference":
         if not torch.compiler.is_compiling():
             _check_targets(LCE_OP, target, v, ignore_index)
@@ -360,5 +357,6 @@ def linear_cross_entropy(
         reduction,
         chunk_size or 0,
         compute_grad,
+        name,
     )
     return loss

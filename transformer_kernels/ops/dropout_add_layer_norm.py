@@ -14,13 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._extension import loaded as _extension_loaded
 from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
 from . import autocast as amp
+from .custom_ops import kernel_op
 from .seed import draw_seed, seed_value
 
 OP = "dropout_add_layer_norm"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HIDDEN = 65536
 CUDA_MAX_HIDDEN = 16384
 
@@ -32,38 +31,12 @@ def _max_hidden(limit: int):
     return check
 
 
-backends.register(OP, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,)))
-backends.register(
+backends.register_op(
     OP,
-    "triton",
-    backends.OpBackend(
-        devices=("cuda",),
-        dtypes=KERNEL_DTYPES,
-        check=_max_hidden(TRITON_MAX_HIDDEN),
-        unavailable=backends.triton_unavailable,
-    ),
+    reference=backends.reference(),
+    triton=backends.triton_kernels("dropout_add_layer_norm", check=_max_hidden(TRITON_MAX_HIDDEN)),
+    cuda=backends.cuda_kernels(check=_max_hidden(CUDA_MAX_HIDDEN)),
 )
-backends.register(
-    OP,
-    "cuda",
-    backends.OpBackend(
-        devices=("cuda",),
-        dtypes=KERNEL_DTYPES,
-        check=_max_hidden(CUDA_MAX_HIDDEN),
-        unavailable=backends.cuda_unavailable,
-    ),
-)
-
-
-def _kernels(backend: str):
-    """(fwd, bwd) of a kernel backend; both take and return what the tk_C ops do."""
-    if backend == "triton":
-        from ..triton import dropout_add_layer_norm as tri
-
-        return tri.dropout_add_layer_norm_fwd, tri.dropout_add_layer_norm_bwd
-    if backend == "cuda":
-        return torch.ops.tk_C.dropout_add_layer_norm_fwd, torch.ops.tk_C.dropout_add_layer_norm_bwd
-    raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +44,17 @@ def _kernels(backend: str):
 # dropout), so drawing it stays inside a compiled graph.
 
 
-@torch.library.custom_op("transformer_kernels::dropout_add_layer_norm_fwd", mutates_args=())
+def _fwd_fake(x, residual, weight, bias, dropout_p, eps, seed, rms_norm, store_s, backend):
+    m = x.shape[0]
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x) if store_s else x.new_empty(0),
+        x.new_empty(0 if rms_norm else m, dtype=torch.float32),
+        x.new_empty(m, dtype=torch.float32),
+    )
+
+
+@kernel_op("dropout_add_layer_norm_fwd", _fwd_fake)
 def _fwd(
     x: Tensor,
     residual: Optional[Tensor],
@@ -84,23 +67,22 @@ def _fwd(
     store_s: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fwd, _ = _kernels(backend)
+    fwd = backends.kernel(OP, backend, "dropout_add_layer_norm_fwd")
     with amp.disabled(x.device):
         return fwd(x, residual, weight, bias, dropout_p, eps, seed_value(seed), rms_norm, store_s)
 
 
-@_fwd.register_fake
-def _fwd_fake(x, residual, weight, bias, dropout_p, eps, seed, rms_norm, store_s, backend):
-    m = x.shape[0]
+def _bwd_fake(dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm, has_bias, backend):
+    n = dout.shape[1]
     return (
-        torch.empty_like(x),
-        torch.empty_like(x) if store_s else x.new_empty(0),
-        x.new_empty(0 if rms_norm else m, dtype=torch.float32),
-        x.new_empty(m, dtype=torch.float32),
+        torch.empty_like(dout),
+        torch.empty_like(dout) if dropout_p > 0.0 else dout.new_empty(0),
+        dout.new_empty(n if weight is not None else 0, dtype=torch.float32),
+        dout.new_empty(n if has_bias else 0, dtype=torch.float32),
     )
 
 
-@torch.library.custom_op("transformer_kernels::dropout_add_layer_norm_bwd", mutates_args=())
+@kernel_op("dropout_add_layer_norm_bwd", _bwd_fake)
 def _bwd(
     dout: Tensor,
     ds_in: Optional[Tensor],
@@ -114,20 +96,9 @@ def _bwd(
     has_bias: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, bwd = _kernels(backend)
+    bwd = backends.kernel(OP, backend, "dropout_add_layer_norm_bwd")
     with amp.disabled(dout.device):
         return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_value(seed), rms_norm, has_bias)
-
-
-@_bwd.register_fake
-def _bwd_fake(dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm, has_bias, backend):
-    n = dout.shape[1]
-    return (
-        torch.empty_like(dout),
-        torch.empty_like(dout) if dropout_p > 0.0 else dout.new_empty(0),
-        dout.new_empty(n if weight is not None else 0, dtype=torch.float32),
-        dout.new_empty(n if has_bias else 0, dtype=torch.float32),
-    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -276,22 +247,3 @@ def dropout_add_layer_norm(
     if not prenorm:
         return out
     return out, (s.view(x.shape) if s_differs else x)
-
-
-def _register_extension_fakes() -> None:
-    """Register fake implementations of the extension's own ops (for tracing them directly)."""
-    if not _extension_loaded():
-        return
-    torch.library.register_fake("tk_C::dropout_add_layer_norm_fwd")(
-        lambda x, residual, weight, bias, dropout_p, eps, seed, rms_norm, store_s: _fwd_fake(
-            x, residual, weight, bias, dropout_p, eps, None, rms_norm, store_s, "cuda"
-        )
-    )
-    torch.library.register_fake("tk_C::dropout_add_layer_norm_bwd")(
-        lambda dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm, has_bias: _bwd_fake(
-            dout, ds_in, s, weight, mean, rstd, dropout_p, None, rms_norm, has_bias, "cuda"
-        )
-    )
-
-
-_register_extension_fakes()

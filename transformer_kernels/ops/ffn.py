@@ -15,39 +15,21 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._extension import loaded as _extension_loaded
 from ..reference.ffn import ACTIVATIONS, ffn_ref, fused_linear_ref
 from . import autocast as amp
+from .custom_ops import kernel_op
 from .seed import draw_seed, seed_value
 
 OP = "fused_linear"
 FFN_OP = "ffn"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 # ffn runs on fused_linear's kernels, so both ops declare the same backends.
 for _op in (OP, FFN_OP):
-    backends.register(
-        _op, "reference", backends.OpBackend(devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,))
-    )
-    backends.register(
+    backends.register_op(
         _op,
-        "triton",
-        backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.triton_unavailable),
+        reference=backends.reference(),
+        triton=backends.triton_kernels("ffn"),
+        cuda=backends.cuda_kernels(),
     )
-    backends.register(
-        _op, "cuda", backends.OpBackend(devices=("cuda",), dtypes=KERNEL_DTYPES, unavailable=backends.cuda_unavailable)
-    )
-
-
-def _kernels(backend: str):
-    """(fwd, bwd) of a kernel backend; both take and return what the tk_C ops do."""
-    if backend == "triton":
-        from ..triton import ffn as tri
-
-        return tri.fused_linear_fwd, tri.fused_linear_bwd
-    if backend == "cuda":
-        return torch.ops.tk_C.fused_linear_fwd, torch.ops.tk_C.fused_linear_bwd
-    raise ValueError(f"{OP}: {backend!r} is not a kernel backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +37,12 @@ def _kernels(backend: str):
 # `seed` is a 0-dim int64 CPU tensor (or None without dropout), so drawing it stays in the graph.
 
 
-@torch.library.custom_op("transformer_kernels::fused_linear_fwd", mutates_args=())
+def _fwd_fake(x, weight, bias, activation, dropout_p, seed, backend):
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    return out, torch.empty_like(out) if activation in ("gelu", "gelu_tanh") else x.new_empty(0)
+
+
+@kernel_op("fused_linear_fwd", _fwd_fake)
 def _fwd(
     x: Tensor,
     weight: Tensor,
@@ -65,18 +52,16 @@ def _fwd(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = _kernels(backend)
+    fwd = backends.kernel(OP, backend, "fused_linear_fwd")
     with amp.disabled(x.device):
         return fwd(x, weight, bias, activation, dropout_p, seed_value(seed))
 
 
-@_fwd.register_fake
-def _fwd_fake(x, weight, bias, activation, dropout_p, seed, backend):
-    out = x.new_empty(x.shape[0], weight.shape[0])
-    return out, torch.empty_like(out) if activation in ("gelu", "gelu_tanh") else x.new_empty(0)
+def _bwd_fake(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed, backend):
+    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(weight.shape[0] if has_bias else 0)
 
 
-@torch.library.custom_op("transformer_kernels::fused_linear_bwd", mutates_args=())
+@kernel_op("fused_linear_bwd", _bwd_fake)
 def _bwd(
     dout: Tensor,
     x: Tensor,
@@ -89,14 +74,9 @@ def _bwd(
     seed: Optional[Tensor],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = _kernels(backend)
+    bwd = backends.kernel(OP, backend, "fused_linear_bwd")
     with amp.disabled(x.device):
         return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_value(seed))
-
-
-@_bwd.register_fake
-def _bwd_fake(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed, backend):
-    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -257,23 +237,3 @@ def ffn(
     h = _linear(_rows(x), w1, b1, activation, dropout_p, seed, name)
     out = _linear(h, w2, b2, None, 0.0, None, name)
     return out.view(*x.shape[:-1], w2.shape[0])
-
-
-def _register_extension_fakes() -> None:
-    """Register fake implementations of the extension's own ops (for tracing them directly), once
-    the extension that declares them is built."""
-    if not (_extension_loaded() and hasattr(torch.ops.tk_C, "fused_linear_fwd")):
-        return
-    torch.library.register_fake("tk_C::fused_linear_fwd")(
-        lambda x, weight, bias, activation, dropout_p, seed: _fwd_fake(
-            x, weight, bias, activation, dropout_p, None, "cuda"
-        )
-    )
-    torch.library.register_fake("tk_C::fused_linear_bwd")(
-        lambda dout, x, weight, out, preact, has_bias, activation, dropout_p, seed: _bwd_fake(
-            dout, x, weight, out, preact, has_bias, activation, dropout_p, None, "cuda"
-        )
-    )
-
-
-_register_extension_fakes()
