@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpret
 from ..reference.philox import dropout_scale, dropout_threshold
+from . import triton_interpret
 from .launch import device_ctx
 from .philox import dropout_keep
 
