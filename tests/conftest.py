@@ -9,10 +9,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -85,7 +85,7 @@ def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: int | None = None
         finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         cache = DecoderCache(model, memory, src_kpm, max_len) if use_cache else None
         for t in range(max_len):
-            if use_cache:
+            if cache is not None:
                 h = decode_step(model, cache, tokens[:, -1], t)
             else:
                 h = model.decode(tokens, memory, src_kpm)[:, -1]

@@ -81,6 +81,8 @@ class EncoderDecoder(torch.nn.Module):
     ``[B, T, d]``; ``loss(...)`` the label-smoothed cross-entropy; ``transformer_kernels.models.
     decoding`` turns it into greedy and beam-search translation with KV caches."""
 
+    positions: Tensor  # [max_positions, d_model], a non-persistent buffer
+
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
         self.config = c = config

@@ -10,6 +10,8 @@ own forward, counted by :func:`transformer_kernels.nn.fallback_counts`.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -123,17 +125,27 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return y.view(*x.shape[:2], count, self.num_heads, self.head_dim).squeeze(2)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self._project(x, 0, 3).unbind(2)
+        q, k, v = self._project(x, 0, 3).unbind(2)
+        return q, k, v
 
     def project_q(self, x: Tensor) -> Tensor:
         return self._project(x, 0, 1)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._project(x, 1, 2).unbind(2)
+        k, v = self._project(x, 1, 2).unbind(2)
+        return k, v
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         """Attention over projected heads ([B, L, H, D]), then the output projection: [B, Lq, E]."""
-        o = attention(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0
+        o = cast(  # a Tensor: return_lse is off
+            Tensor,
+            attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+            ),
         )
         return fused_linear(o.reshape(*q.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)

@@ -7,11 +7,12 @@ keys, ``repr`` and ``isinstance`` checks are exactly torch's; only ``forward`` d
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from ..ops import dropout_add_layer_norm
+from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 
 
 def _normalize(module, x: Tensor, bias, eps: float, rms_norm: bool) -> Tensor:
@@ -24,8 +25,11 @@ def _normalize(module, x: Tensor, bias, eps: float, rms_norm: bool) -> Tensor:
     n = math.prod(shape)
     weight = None if module.weight is None else module.weight.reshape(n)
     bias = None if bias is None else bias.reshape(n)
-    out = dropout_add_layer_norm(
-        x.reshape(*x.shape[: x.dim() - len(shape)], n), None, weight, bias, eps=eps, rms_norm=rms_norm
+    out = cast(  # a Tensor: prenorm is off
+        Tensor,
+        dropout_add_layer_norm(
+            x.reshape(*x.shape[: x.dim() - len(shape)], n), None, weight, bias, eps=eps, rms_norm=rms_norm
+        ),
     )
     return out.view(x.shape)
 

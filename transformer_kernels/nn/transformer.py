@@ -15,6 +15,8 @@ own forward instead, counted by :func:`transformer_kernels.nn.fallback_counts`.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,7 +46,7 @@ def _self_attn_causal(mask: Tensor | None, is_causal: bool | None, length: int) 
 
 
 def _norm(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
-    return dropout_add_layer_norm(x, None, norm.weight, norm.bias, 0.0, norm.eps)
+    return cast(Tensor, dropout_add_layer_norm(x, None, norm.weight, norm.bias, 0.0, norm.eps))
 
 
 def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, p: float, training: bool, prenorm=False):
@@ -53,6 +55,14 @@ def _add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, p: float, t
 
 class _FusedLayer:
     """What the encoder and decoder layers share: the FFN block and the fused-path checks."""
+
+    # Set by the torch.nn layer this is mixed into (and its convert()).
+    linear1: torch.nn.Linear
+    linear2: torch.nn.Linear
+    dropout: torch.nn.Dropout
+    activation: Any
+    training: bool
+    self_attn: Any
 
     def _ffn(self, x: Tensor) -> Tensor:
         return ffn(
@@ -100,6 +110,7 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
         if reason is not None:
             fallback.record("TransformerEncoderLayer", reason)
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        assert causal is not None  # a None is a reason above
         x, kpm, train = src, src_key_padding_mask, self.training
         if self.norm_first:
             h = _norm(x, self.norm1)
@@ -113,6 +124,8 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
 
 class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
     """Drop-in for :class:`torch.nn.TransformerDecoderLayer`."""
+
+    multihead_attn: Any  # our MultiheadAttention, after convert()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,6 +160,7 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
                 tgt_is_causal,
                 memory_is_causal,
             )
+        assert causal is not None  # a None is a reason above
         return self.blocks(
             tgt,
             lambda h: self.self_attn.attend(h, h, h, tgt_key_padding_mask, causal),
