@@ -130,8 +130,9 @@ def bars(report: Report, path: Path) -> Path:
     width = 0.8 / len(impls)
     keys = report.panels or list(report.rows[0].case)
     labels = ["\n".join(f"{k}={dict(c)[k]}" for k in keys) for c in cases]
+    # One panel, or two with memory: the zip stops at the panels there are.
     for ax, value, ylabel in zip(
-        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs"), strict=True
+        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs"), strict=False
     ):
         for j, impl in enumerate(impls):
             xs = [i + j * width for i in range(len(cases))]
