@@ -79,7 +79,7 @@ def _finish(fig, report: Report, what: str, path: Path) -> Path:
 def speedup(report: Report, path: Path) -> Path:
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items(), strict=True):
+    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid may have spare axes
         if _lines(ax, rows, report.x, lambda r: r.speedup, skip=(report.baseline,)):
             ax.legend(fontsize=7)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
@@ -100,7 +100,7 @@ def roofline(report: Report, path: Path) -> Path:
     scale = peak or 1.0
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items(), strict=True):
+    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid may have spare axes
         _lines(ax, rows, report.x, lambda r: None if r.rate is None else r.rate / scale)
         ax.set_ylim(bottom=0)
         if peak:
