@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from transformer_kernels.models import TransformerConfig
-from transformer_kernels.train.data import (
+from transformer_kernels.train.sources import (
     DataError,
     PairStream,
     SyntheticTask,

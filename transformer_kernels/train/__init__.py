@@ -2,7 +2,7 @@
 and the ``train`` / ``translate`` / ``evaluate`` command line."""
 
 from .checkpoint import CheckpointError
-from .data import DataError, SyntheticTask, TokenBatcher, read_parallel
+from .sources import DataError, SyntheticTask, TokenBatcher, read_parallel
 from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 
 from .checkpoint import CheckpointError
-from .data import DataError, multi30k_paths, read_lines, read_parallel, tokenize_pairs
+from .sources import DataError, multi30k_paths, read_lines, read_parallel, tokenize_pairs
 from .trainer import TrainConfig
 
 USER_ERRORS = (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
@@ -188,7 +188,7 @@ def run_translate(args) -> int:
 
 
 def _test_pairs(args, run: dict):
-    from .data import SyntheticTask
+    from .sources import SyntheticTask
 
     train = run["train"]
     if args.src or args.ref:

@@ -28,7 +28,7 @@ import torch
 
 from ..models import EncoderDecoder, TransformerConfig, beam_search, build_model, greedy_decode, strip
 from . import checkpoint as ckpt
-from .data import (
+from .sources import (
     DataError,
     PairStream,
     SyntheticTask,
