@@ -13,20 +13,18 @@ import pytest
 import torch
 
 from transformer_kernels.models import TransformerConfig
+from transformer_kernels.train.batching import TokenBatcher, collate
 from transformer_kernels.train.sources import (
     DataError,
     PairStream,
     SyntheticTask,
-    TokenBatcher,
-    TokenCache,
-    collate,
     multi30k_paths,
     parallel_files,
     read_lines,
     read_parallel,
     stream_parallel,
-    tokenize_pairs,
 )
+from transformer_kernels.train.tokenized import TokenCache, tokenize_pairs
 from transformer_kernels.train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer
 
 SRC = ["Ein Hund läuft.", "Zwei Männer, im Freien!", "Eine Frau liest ein Buch."]
@@ -397,7 +395,7 @@ def test_collate_adds_bos_eos_and_padding():
 
 
 def test_a_run_builds_its_cache_once_and_resumes_from_it(tmp_path, monkeypatch):
-    from transformer_kernels.train.trainer import TrainConfig, Trainer
+    from transformer_kernels.train import TrainConfig, Trainer
 
     cfg = dict(
         out_dir=str(tmp_path / "run"),

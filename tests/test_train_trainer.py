@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from transformer_kernels.models import build_model
+from transformer_kernels.train import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
 from transformer_kernels.train import checkpoint as ckpt
-from transformer_kernels.train.trainer import (
-    TrainConfig,
-    Trainer,
-    _RunLog,
-    inverse_sqrt_lr,
-    load_for_inference,
-    translate,
-)
+from transformer_kernels.train.runlog import RunLog
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
@@ -211,14 +205,14 @@ def test_tensorboard_scalars_and_a_resume_that_retakes_steps(tmp_path):
 def test_without_tensorboard_logging_is_off_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     lines = []
-    records = _RunLog(tmp_path, 0, tensorboard=True, log=lines.append)
+    records = RunLog(tmp_path, 0, tensorboard=True, log=lines.append)
     records.write(1, 0, loss=2.5, lr=1e-3)
     records.close()
     assert len(lines) == 1 and lines[0].startswith("TensorBoard logging is off: ") and "pip install" in lines[0]
     assert not (tmp_path / "tensorboard").exists()
     assert (tmp_path / "log.csv").read_text().splitlines()[1] == "1,0,2.50000,0.001,,,,"
     lines.clear()
-    _RunLog(tmp_path, 0, tensorboard=False, log=lines.append).close()
+    RunLog(tmp_path, 0, tensorboard=False, log=lines.append).close()
     assert lines == []
 
 

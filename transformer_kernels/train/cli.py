@@ -12,8 +12,9 @@ import sys
 from dataclasses import fields
 
 from .checkpoint import CheckpointError
-from .sources import DataError, multi30k_paths, read_lines, read_parallel, tokenize_pairs
-from .trainer import TrainConfig
+from .config import TrainConfig
+from .sources import DataError, multi30k_paths, read_lines, read_parallel
+from .tokenized import tokenize_pairs
 
 USER_ERRORS = (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
@@ -167,7 +168,7 @@ def run_train(args) -> int:
 
 
 def run_translate(args) -> int:
-    from .trainer import load_for_inference, translate
+    from .inference import load_for_inference, translate
 
     try:
         _set_backend(args.backend)
@@ -206,7 +207,7 @@ def _test_pairs(args, run: dict):
 
 
 def run_evaluate(args) -> int:
-    from .trainer import bleu, evaluate_loss, load_for_inference, translate
+    from .inference import bleu, evaluate_loss, load_for_inference, translate
 
     try:
         _set_backend(args.backend)
