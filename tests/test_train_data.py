@@ -94,6 +94,13 @@ def test_multi30k_layout(tmp_path):
         multi30k_paths(tmp_path, "dev", "de", "en")
 
 
+def test_multi30k_has_every_test_split():
+    splits = ("test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco")
+    for split in splits:
+        src, tgt = multi30k_paths("DIR", split, "de", "en")
+        assert (src.name, tgt.name) == (f"{split}.de.gz", f"{split}.en.gz")
+
+
 def test_synthetic_task_is_deterministic_and_consistent():
     task = SyntheticTask(seed=3)
     pairs = task.pairs("train", 50)

@@ -141,7 +141,8 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
         default=None,
-        help="Multi30k: test_2016_flickr (default), test_2017_flickr, val; synthetic: test (default), val",
+        help="Multi30k: test_2016_flickr (default), test_2017_flickr, test_2018_flickr, test_2017_mscoco, val; "
+        "synthetic: test (default), val",
     )
     parser.add_argument("--synthetic-test", type=int, default=1000, help="synthetic test pairs")
 

@@ -2,7 +2,7 @@
 layout, or the embedded synthetic task; and the choice among them that a run's options make.
 
 Nothing here holds a corpus in memory. Text is read as a stream of pairs, again for each pass (the
-tokenizer's training, then the token cache's build: :mod:`.tokenized`).
+tokenizer's training, then the token cache's build in ``tokenized.py``).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def parallel_files(src_path, tgt_path) -> PairStream:
     return PairStream(lambda: stream_parallel(*paths), identity)
 
 
-MULTI30K_SPLITS = ("train", "val", "test_2016_flickr", "test_2017_flickr")
+# Multi30k task 1's splits as the multi30k/dataset repository names them (data/task1/raw/)
+MULTI30K_SPLITS = ("train", "val", "test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco")
 
 
 def multi30k_paths(data_dir, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path]:
