@@ -1,4 +1,4 @@
-"""Training the paper's model: its recipe, checkpoints that resume the same run, and translation.
+"""Training the paper's model: its recipe, and runs whose checkpoints resume the same run.
 
 The recipe (Vaswani et al., 2017, §5.3–5.4): Adam with β = (0.9, 0.98), ε = 1e-9; learning rate
 ``scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)``; label smoothing 0.1; dropout 0.1.
