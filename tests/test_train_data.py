@@ -94,11 +94,13 @@ def test_multi30k_layout(tmp_path):
         multi30k_paths(tmp_path, "dev", "de", "en")
 
 
-def test_multi30k_has_every_test_split():
-    splits = ("test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco")
-    for split in splits:
-        src, tgt = multi30k_paths("DIR", split, "de", "en")
-        assert (src.name, tgt.name) == (f"{split}.de.gz", f"{split}.en.gz")
+def test_multi30k_has_every_test_split(tmp_path):
+    for split in ("test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco"):
+        with pytest.raises(DataError, match=rf"{split}.de.gz .* does not exist; .*github.com/multi30k/dataset"):
+            multi30k_paths(tmp_path, split, "de", "en")
+        write(tmp_path / f"{split}.de.gz", SRC, gz=True)
+        write(tmp_path / f"{split}.en.gz", TGT, gz=True)
+        assert read_parallel(*multi30k_paths(tmp_path, split, "de", "en")) == list(zip(SRC, TGT, strict=True))
 
 
 def test_synthetic_task_is_deterministic_and_consistent():

@@ -119,13 +119,19 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr", "test_2017_flickr", "test
 
 
 def multi30k_paths(data_dir, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path]:
-    """The Multi30k layout: ``DIR/{split}.{lang}.gz`` (or without ``.gz``)."""
+    """The Multi30k layout: ``DIR/{split}.{lang}.gz`` (or without ``.gz``). A missing file is an error
+    that says where the release is."""
     if split not in MULTI30K_SPLITS:
         raise DataError(f"unknown Multi30k split {split!r}; expected one of {', '.join(MULTI30K_SPLITS)}")
     paths = []
     for lang in (src_lang, tgt_lang):
         gz = Path(data_dir) / f"{split}.{lang}.gz"
-        paths.append(gz if gz.exists() or not gz.with_suffix("").exists() else gz.with_suffix(""))
+        if not gz.exists() and not gz.with_suffix("").exists():
+            raise DataError(
+                f"Multi30k file {gz} (or {gz.name.removesuffix('.gz')}) does not exist; the files are "
+                "those of data/task1/raw/ in https://github.com/multi30k/dataset"
+            )
+        paths.append(gz if gz.exists() else gz.with_suffix(""))
     return paths[0], paths[1]
 
 
