@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
-# The whole script keeps to TK_GPU_CHECK_BUDGET seconds (default 540, under the device tool's
-# 10-minute command limit): each step's timeout is cut to what is left, and steps that no longer
-# fit are recorded as skipped, so the summary always comes back. Steps run in priority order.
+# The whole script keeps to TK_GPU_CHECK_BUDGET seconds (default 540; set it to what your GPU job
+# may take): each step's timeout is cut to what is left, and steps that no longer fit are recorded
+# as skipped, so the summary always comes back. Steps run in priority order.
 # Tests use pytest-xdist (-n 8) when it is installed: most of their time is Triton compiling. The
 # kernel tests run before the benchmarks, the other tests after them.
 # The suite (benchmarks/suite.py) runs one benchmark per process, so that a crash, a poisoned CUDA
@@ -18,8 +18,8 @@
 # measured, every table); OUT_DIR/README.md previews benchmarks/results/README.md. To publish, move
 # OUT_DIR to benchmarks/results/<card>-<date>/, run `python benchmarks/results_readme.py
 # benchmarks/results/<card>-<date>` (it rewrites benchmarks/results/README.md), commit both.
-# Through the device tool, which returns at most 8 files from $OUT, pack the folder:
-#   bash benchmarks/gpu_check.sh /tmp/gc; tar -C /tmp -czf $OUT/gpu_check.tgz gc; cp /tmp/gc/summary.md $OUT/
+# To bring the results back from a remote GPU machine as one file:
+#   bash benchmarks/gpu_check.sh /tmp/gc; tar -C /tmp -czf gpu_check.tgz gc
 set -u
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT_DIR"

@@ -1,4 +1,4 @@
-"""Renders ``benchmarks/results/README.md`` from a results folder: card, date, commit, each issue's
+"""Renders ``benchmarks/results/README.md`` from a results folder: card, date, commit, each kernel's
 performance target beside what was measured (misses as plainly as wins), every table and plot.
 
     python benchmarks/results_readme.py [RESULTS_DIR] [--output benchmarks/results/README.md]
@@ -8,7 +8,7 @@ folder of ``gpu_check.sh``, which keeps the suite's results in ``bench/``. Witho
 GPU results under ``benchmarks/results/`` are used. When there are none (or the folder holds CPU
 smoke runs only), the README says that no GPU results exist yet and how to produce them.
 
-The targets are data (:data:`TARGETS`): the text of each kernel issue's target and a function
+The targets are data (:data:`TARGETS`): the text of each kernel's performance target and a function
 reading what was measured from the reports.
 """
 
@@ -35,7 +35,7 @@ Measured = tuple[str, bool | None]  # (what was measured, whether the target is 
 
 @dataclass(frozen=True)
 class Target:
-    text: str  # the target, as its issue states it
+    text: str  # the target, as the results page states it
     measure: Callable[[Reports], Measured | None]  # None when the results do not cover it
 
 
@@ -218,7 +218,7 @@ TARGETS = (
         layers,
     ),
     Target(
-        "training throughput of the base model (issue #8): no target; the package (`auto`) against "
+        "training throughput of the base model: no target; the package (`auto`) against "
         "`torch.nn.Transformer` eager and compiled",
         training,
     ),
@@ -254,7 +254,7 @@ def newest_gpu_results(root: Path = RESULTS) -> Path | None:
 
 
 def _targets_table(reports: Reports) -> list[str]:
-    lines = ["| target (from the issues) | measured | verdict |", "|---|---|---|"]
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
     for t in TARGETS:
         measured = t.measure(reports) if reports else None
         text, met = measured if measured else ("pending", None)
@@ -283,8 +283,8 @@ def render(results: Path | None, readme_dir: Path = RESULTS) -> str:
     lines = ["# Benchmark results", ""]
     if not gpu:
         lines += [
-            "**No GPU results yet.** No GPU has been lent to the issues that built these kernels, so every "
-            "rate, speed-up and performance target below is still unmeasured."
+            "**No GPU results yet.** No GPU run of the benchmarks has been published here, so every rate, speed-up "
+            "and performance target below is still unmeasured."
         ]
         if loaded:
             env = loaded[0].environment

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the test suite, Triton kernels in the interpreter, under the GPU machine's versions
-# (torch 2.11, Triton 3.6; see ../shared/GPU.md) in a venv of its own, so that an API the GPU
-# image lacks is found here and not in a scarce GPU window. Not part of CI: the venv costs a
+# Runs the test suite, Triton kernels in the interpreter, under the older of the two version pairs
+# the package is tested with (torch 2.11 + Triton 3.6; the other is torch 2.14 + Triton 3.8) in a
+# venv of its own, so that an API the older pair lacks shows up on a CPU. Not part of CI: the venv costs a
 # ~3 GB download. numpy < 2.3, because Triton 3.6's interpreter converts 1-element arrays with
 # int(), which newer numpy refuses. Extra arguments go to pytest.
 #

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import subprocess
 import sys
 
 from transformer_kernels.__main__ import main
+from transformer_kernels.train import SyntheticTask
 
 TINY = [
     "--synthetic-train",
@@ -63,6 +65,18 @@ def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "BLEU" in r.stdout and "signature: nrefs:1" in r.stdout and "loss" in r.stdout
     assert "100%" not in r.stderr
+
+    # every Multi30k test split a user has, in the Multi30k layout (gzip or plain)
+    data_dir = tmp_path / "multi30k"
+    data_dir.mkdir()
+    pairs = SyntheticTask(seed=1).pairs("test", 3)
+    for split, suffix in (("test_2018_flickr", ".gz"), ("test_2017_mscoco", "")):
+        for lang, lines in (("de", [s for s, _ in pairs]), ("en", [t for _, t in pairs])):
+            with (gzip.open if suffix else open)(data_dir / f"{split}.{lang}{suffix}", "wt", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
+        args = ["evaluate", "--model", str(out), "--data-dir", str(data_dir), "--split", split, "--beam-size", "1"]
+        assert main(args) == 0
+        assert f"{split}: 3 sentences" in capsys.readouterr().out
 
     # resume extends the same run, warning of a given flag the run fixes (not of those left out, whose
     # defaults differ from the run's too); a second run into the same directory is refused (in-process: faster)

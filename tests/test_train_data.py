@@ -13,20 +13,18 @@ import pytest
 import torch
 
 from transformer_kernels.models import TransformerConfig
-from transformer_kernels.train.data import (
+from transformer_kernels.train.batching import TokenBatcher, collate
+from transformer_kernels.train.sources import (
     DataError,
     PairStream,
     SyntheticTask,
-    TokenBatcher,
-    TokenCache,
-    collate,
     multi30k_paths,
     parallel_files,
     read_lines,
     read_parallel,
     stream_parallel,
-    tokenize_pairs,
 )
+from transformer_kernels.train.tokenized import TokenCache, tokenize_pairs
 from transformer_kernels.train.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer
 
 SRC = ["Ein Hund läuft.", "Zwei Männer, im Freien!", "Eine Frau liest ein Buch."]
@@ -94,6 +92,15 @@ def test_multi30k_layout(tmp_path):
     assert read_parallel(*multi30k_paths(tmp_path, "val", "en", "de")) == [(TGT[0], SRC[0])]
     with pytest.raises(DataError, match="unknown Multi30k split"):
         multi30k_paths(tmp_path, "dev", "de", "en")
+
+
+def test_multi30k_has_every_test_split(tmp_path):
+    for split in ("test_2016_flickr", "test_2017_flickr", "test_2018_flickr", "test_2017_mscoco"):
+        with pytest.raises(DataError, match=rf"{split}.de.gz .* does not exist; .*github.com/multi30k/dataset"):
+            multi30k_paths(tmp_path, split, "de", "en")
+        write(tmp_path / f"{split}.de.gz", SRC, gz=True)
+        write(tmp_path / f"{split}.en.gz", TGT, gz=True)
+        assert read_parallel(*multi30k_paths(tmp_path, split, "de", "en")) == list(zip(SRC, TGT, strict=True))
 
 
 def test_synthetic_task_is_deterministic_and_consistent():
@@ -397,7 +404,7 @@ def test_collate_adds_bos_eos_and_padding():
 
 
 def test_a_run_builds_its_cache_once_and_resumes_from_it(tmp_path, monkeypatch):
-    from transformer_kernels.train.trainer import TrainConfig, Trainer
+    from transformer_kernels.train import TrainConfig, Trainer
 
     cfg = dict(
         out_dir=str(tmp_path / "run"),

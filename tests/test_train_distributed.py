@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from transformer_kernels.train import TrainConfig, Trainer, load_for_inference
 from transformer_kernels.train import checkpoint as ckpt
-from transformer_kernels.train.trainer import TrainConfig, Trainer, load_for_inference
 
 ARGS = dict(
     synthetic_train=160,

@@ -1,10 +1,13 @@
 """Training pipeline: data and batching, BPE tokenisation, the paper's training recipe, checkpoints,
 and the ``train`` / ``translate`` / ``evaluate`` command line."""
 
+from .batching import TokenBatcher
 from .checkpoint import CheckpointError
-from .data import DataError, SyntheticTask, TokenBatcher, read_parallel
+from .config import TrainConfig
+from .inference import load_for_inference, translate
+from .sources import DataError, SyntheticTask, read_parallel
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
+from .trainer import Trainer, inverse_sqrt_lr
 
 __all__ = [
     "CheckpointError",

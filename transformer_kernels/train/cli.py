@@ -12,8 +12,9 @@ import sys
 from dataclasses import fields
 
 from .checkpoint import CheckpointError
-from .data import DataError, multi30k_paths, read_lines, read_parallel, tokenize_pairs
-from .trainer import TrainConfig
+from .config import TrainConfig
+from .sources import DataError, multi30k_paths, read_lines, read_parallel
+from .tokenized import tokenize_pairs
 
 USER_ERRORS = (DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
@@ -140,7 +141,8 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
         default=None,
-        help="Multi30k: test_2016_flickr (default), test_2017_flickr, val; synthetic: test (default), val",
+        help="Multi30k: test_2016_flickr (default), test_2017_flickr, test_2018_flickr, test_2017_mscoco, val; "
+        "synthetic: test (default), val",
     )
     parser.add_argument("--synthetic-test", type=int, default=1000, help="synthetic test pairs")
 
@@ -167,7 +169,7 @@ def run_train(args) -> int:
 
 
 def run_translate(args) -> int:
-    from .trainer import load_for_inference, translate
+    from .inference import load_for_inference, translate
 
     try:
         _set_backend(args.backend)
@@ -188,7 +190,7 @@ def run_translate(args) -> int:
 
 
 def _test_pairs(args, run: dict):
-    from .data import SyntheticTask
+    from .sources import SyntheticTask
 
     train = run["train"]
     if args.src or args.ref:
@@ -206,7 +208,7 @@ def _test_pairs(args, run: dict):
 
 
 def run_evaluate(args) -> int:
-    from .trainer import bleu, evaluate_loss, load_for_inference, translate
+    from .inference import bleu, evaluate_loss, load_for_inference, translate
 
     try:
         _set_backend(args.backend)

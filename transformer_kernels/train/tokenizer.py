@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from .data import chunked
+from .sources import chunked
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -50,7 +50,7 @@ class Tokenizer:
     @classmethod
     def train(cls, pairs: Iterable[tuple[str, str]], vocab_size: int, joint: bool = True) -> Tokenizer:
         """Learnt from text pairs: a list, or a stream that reads again on each pass (a
-        :class:`~transformer_kernels.train.data.PairStream`): separate vocabularies take two passes."""
+        :class:`~transformer_kernels.train.sources.PairStream`): separate vocabularies take two passes."""
         if joint:
             tok = train_bpe((text for pair in pairs for text in pair), vocab_size)
             return cls(tok, tok)

@@ -1,4 +1,4 @@
-"""Training the paper's model: its recipe, checkpoints that resume the same run, and translation.
+"""Training the paper's model: its recipe, and runs whose checkpoints resume the same run.
 
 The recipe (Vaswani et al., 2017, §5.3–5.4): Adam with β = (0.9, 0.98), ε = 1e-9; learning rate
 ``scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)``; label smoothing 0.1; dropout 0.1.
@@ -11,7 +11,6 @@ are whole even when FSDP shards the model in training, so sharded and unsharded 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -19,232 +18,29 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from ..models import EncoderDecoder, TransformerConfig, beam_search, build_model, greedy_decode, strip
+from ..models import EncoderDecoder, TransformerConfig, build_model
 from . import checkpoint as ckpt
-from .data import (
-    DataError,
-    PairStream,
-    SyntheticTask,
-    TokenBatcher,
-    TokenCache,
-    TokenizedPairs,
-    collate,
-    multi30k_paths,
-    parallel_files,
-)
+from .batching import TokenBatcher, collate
+from .config import RESUME_OPTIONS, TrainConfig, check_config, option_flag, pick_device, pick_precision
+from .inference import bleu, evaluate_loss, translate
+from .progress import progress_bar
+from .runlog import RunLog
+from .sources import DataError, load_pairs
+from .tokenized import TokenCache
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/synthetic"
-    # data: none → the embedded synthetic task; "multi30k" + data_dir; or explicit files
-    data: str | None = None
-    data_dir: str | None = None
-    src_lang: str = "de"
-    tgt_lang: str = "en"
-    train_src: str | None = None
-    train_tgt: str | None = None
-    val_src: str | None = None
-    val_tgt: str | None = None
-    synthetic_train: int = 10000
-    synthetic_val: int = 300
-    vocab_size: int = 8000
-    joint_vocab: bool = True
-    max_len: int = 128  # tokens per side; longer pairs are dropped
-    # model
-    preset: str = "tiny"
-    d_model: int | None = None
-    nhead: int | None = None
-    dim_feedforward: int | None = None
-    layers: int | None = None
-    dropout: float = 0.1
-    share_embeddings: bool = False
-    norm_first: bool = False
-    # optimisation
-    batch_tokens: int = 4096
-    accum_steps: int = 1
-    max_steps: int = 100000
-    epochs: int | None = None
-    time_limit: float | None = None  # minutes of training
-    lr_scale: float = 1.0
-    warmup: int = 4000
-    label_smoothing: float = 0.1
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    device: str = "auto"
-    seed: int = 1
-    # memory: what a step keeps, and where; not the steps taken (FSDP: up to fp32 rounding)
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (else DDP)
-    # bookkeeping
-    log_interval: int = 100
-    eval_interval: int = 1000  # 0: at the end of each epoch
-    save_interval: int = 1000
-    keep_last: int = 5
-    val_bleu_sentences: int = 200
-    tensorboard: bool = True  # scalars in out_dir/tensorboard, when the tensorboard package is installed
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# What a resumed run may take from its command line (when given; else it keeps the saved run's): how, where
-# and for how long it trains. The other options fix what the run is (data, tokenizer, model, recipe, seed);
-# it keeps those it was started with.
-RESUME_OPTIONS = (
-    "out_dir",
-    "max_steps",
-    "epochs",
-    "time_limit",
-    "log_interval",
-    "eval_interval",
-    "save_interval",
-    "keep_last",
-    "val_bleu_sentences",
-    "tensorboard",
-    "device",
-    "precision",
-    "activation_checkpointing",
-    "fsdp",
-)
-
-
-def _flag(name: str, value) -> str:
-    """Option ``name`` set to ``value``, as the command line spells it."""
-    if name == "joint_vocab":  # its flag is the negation
-        name, value = "separate_vocab", not value
-    flag = "--" + name.replace("_", "-")
-    if value is None or value is False:
-        return f"no {flag}"
-    return flag if value is True else f"{flag} {value}"
 
 
 def inverse_sqrt_lr(step: int, d_model: int, warmup: int, scale: float = 1.0) -> float:
     """The paper's schedule at ``step`` (1-based): linear warm-up, then ∝ step^-0.5."""
     step = max(step, 1)
     return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-
-
-# ---------------------------------------------------------------------------------------- data
-
-
-def load_pairs(cfg: TrainConfig, split: str) -> PairStream | None:
-    """Text pairs of ``split`` ('train' or 'val'; Multi30k also has its test splits) as a stream that
-    reads the data again on each pass; None for 'val' when no validation files are given."""
-    if cfg.data is None and cfg.train_src is None:
-        task = SyntheticTask(seed=cfg.seed)
-        return task.stream(split, cfg.synthetic_train if split == "train" else cfg.synthetic_val)
-    if cfg.data == "multi30k":
-        if cfg.data_dir is None:
-            raise DataError("--data multi30k needs --data-dir DIR (with train.de.gz, val.en.gz, ...)")
-        return parallel_files(*multi30k_paths(cfg.data_dir, split, cfg.src_lang, cfg.tgt_lang))
-    if cfg.data is not None:
-        raise DataError(f"unknown --data {cfg.data!r}; expected 'multi30k', or give --train-src/--train-tgt")
-    if cfg.train_src is None or cfg.train_tgt is None:
-        raise DataError("give both --train-src and --train-tgt")
-    if split == "train":
-        return parallel_files(cfg.train_src, cfg.train_tgt)
-    if cfg.val_src is None or cfg.val_tgt is None:
-        return None
-    return parallel_files(cfg.val_src, cfg.val_tgt)
-
-
-# --------------------------------------------------------------------------------- translation
-
-
-@torch.inference_mode()
-def translate(
-    model: EncoderDecoder,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    beam_size: int = 4,
-    length_penalty: float = 0.6,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> list[str]:
-    """Translations of ``texts``: sorted by length into batches (little padding), returned in order."""
-    device = next(model.parameters()).device
-    limit = model.config.max_positions
-    ids = [s[:limit] for s in tokenizer.encode_batch(list(texts), side="src")]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str | None] = [None] * len(ids)
-    bar = _progress(total=len(ids), desc="translate", unit="sent", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        src = torch.full((len(chunk), max(1, max(len(ids[i]) for i in chunk))), PAD_ID, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            src[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-        src = src.to(device)
-        tokens = (
-            greedy_decode(model, src)
-            if beam_size == 1
-            else beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty)
-        )
-        for i, text in zip(chunk, tokenizer.decode_batch(strip(tokens.cpu(), EOS_ID, PAD_ID), side="tgt"), strict=True):
-            out[i] = text
-        bar.update(len(chunk))
-    bar.close()
-    return out
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str]):
-    """sacreBLEU's corpus BLEU (default 13a tokenisation) and its signature."""
-    import sacrebleu
-
-    metric = sacrebleu.BLEU()
-    return metric.corpus_score(list(hypotheses), [list(references)]), metric.get_signature()
-
-
-@torch.inference_mode()
-def evaluate_loss(model: EncoderDecoder, data: TokenizedPairs, batch_tokens: int) -> float:
-    """Per-token negative log-likelihood (no label smoothing) over ``data``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batcher = TokenBatcher([len(s) for s in data.src], [len(t) for t in data.tgt], batch_tokens, shuffle=False)
-    total, count = 0.0, 0
-    for indices in batcher.epoch_batches(0):
-        b = collate(data, indices, PAD_ID, BOS_ID, EOS_ID).to(device)
-        total += float(model.loss(b.src, b.tgt_in, b.tgt_out, reduction="sum"))
-        count += int((b.tgt_out != PAD_ID).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def _progress(**kw):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # optional: plain runs work without it
-        kw["disable"] = True
-        tqdm = None
-    if tqdm is None or kw.get("disable"):
-
-        class _Null:
-            def update(self, n=1):
-                pass
-
-            def set_postfix_str(self, s):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
-    return tqdm(**kw)
-
-
-# ------------------------------------------------------------------------------------ the loop
 
 
 class _LossModule(torch.nn.Module):
@@ -256,51 +52,6 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, src, tgt_in, tgt_out, label_smoothing: float):
         return self.model.loss(src, tgt_in, tgt_out, label_smoothing=label_smoothing, reduction="sum")
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _pick_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {name!r}; expected auto, fp32, bf16 or fp16")
-    if name != "fp32" and device.type != "cuda":
-        raise ValueError(f"precision {name} needs a CUDA device; on the CPU training runs in fp32")
-    return name
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    """Options out of range, named as the command line spells them (before anything is written)."""
-    at_least = {
-        "batch_tokens": 1,
-        "accum_steps": 1,
-        "max_steps": 1,
-        "log_interval": 1,
-        "save_interval": 1,
-        "keep_last": 1,
-        "warmup": 1,
-        "eval_interval": 0,
-        "val_bleu_sentences": 0,
-        "max_len": 1,
-        "vocab_size": 1,
-    }
-    for name, low in at_least.items():
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{_flag(name, value)}: must be an integer >= {low}")
-    for name in ("dropout", "label_smoothing"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"{_flag(name, getattr(cfg, name))}: must be in [0, 1)")
-    for name in ("lr_scale", "time_limit"):
-        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
-            raise ValueError(f"{_flag(name, getattr(cfg, name))}: must be > 0")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise ValueError(f"{_flag('epochs', cfg.epochs)}: must be >= 1")
 
 
 def _check_fsdp(world_size: int, precision: str) -> None:
@@ -330,15 +81,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, given: Iterable[str] | None = None):
         """``given`` names the options the user set (default: all of ``cfg``'s); resuming, it warns of those
         that differ from the saved run's fixed ones (data, model, recipe, seed), which it keeps."""
-        _check_config(cfg)
+        check_config(cfg)
         self.cfg, self.log = cfg, log
         self.given = {f.name for f in fields(TrainConfig)} if given is None else set(given)
         self.out = Path(cfg.out_dir)
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.device = _pick_device(cfg.device)
+        self.device = pick_device(cfg.device)
         if self.world_size > 1:
             self._init_distributed()
-        self.precision = _pick_precision(cfg.precision, self.device)
+        self.precision = pick_precision(cfg.precision, self.device)
         if cfg.fsdp:
             _check_fsdp(self.world_size, self.precision)
         if resume:
@@ -434,8 +185,8 @@ class Trainer:
         if self.rank == 0:
             for name in ignored:
                 self.log(
-                    f"warning: {_flag(name, getattr(self.cfg, name))} is ignored: {self.out} holds a run "
-                    f"started with {_flag(name, getattr(saved, name))}, which --resume continues unchanged"
+                    f"warning: {option_flag(name, getattr(self.cfg, name))} is ignored: {self.out} holds a run "
+                    f"started with {option_flag(name, getattr(saved, name))}, which --resume continues unchanged"
                 )
         self.cfg = saved
         torch.manual_seed(saved.seed)
@@ -603,8 +354,8 @@ class Trainer:
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        records = _RunLog(self.out, self.step, cfg.tensorboard, self.log) if self.rank == 0 else None
-        bar = _progress(
+        records = RunLog(self.out, self.step, cfg.tensorboard, self.log) if self.rank == 0 else None
+        bar = progress_bar(
             total=cfg.max_steps,
             initial=self.step,
             desc="train",
@@ -703,7 +454,7 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return float(t) / self.world_size
 
-    def _validate(self, records: _RunLog | None):
+    def _validate(self, records: RunLog | None):
         """Validation loss and BLEU (greedy, first ``val_bleu_sentences``) on rank 0, then a checkpoint.
         Every rank calls it: under FSDP the model is gathered from all of them."""
         model = self._full_model()
@@ -724,110 +475,3 @@ class Trainer:
         path = self._write_checkpoint(model, val_loss)
         if self.rank == 0:
             self.log(f"saved {path}")
-
-
-class _RunLog:
-    """Rank 0's record of a run's numbers: rows of ``log.csv`` (appended to on resume; ``plot_losses``
-    draws it) and, unless turned off or not installed, the same scalars for TensorBoard in ``tensorboard/``."""
-
-    FORMATS = {
-        "loss": ".5f",
-        "lr": ".6g",
-        "grad_norm": ".4f",
-        "tokens_per_s": ".0f",
-        "val_loss": ".5f",
-        "val_bleu": ".2f",
-    }
-    TAGS = {
-        "loss": "train/loss",
-        "lr": "train/lr",
-        "grad_norm": "train/grad_norm",
-        "tokens_per_s": "train/tokens_per_s",
-        "val_loss": "val/loss",
-        "val_bleu": "val/bleu",
-    }
-
-    def __init__(self, out_dir: Path, step: int, tensorboard: bool = True, log=print):
-        self.out_dir = out_dir
-        self.file = open(out_dir / "log.csv", "a", newline="")
-        self.csv = csv.writer(self.file)
-        if self.file.tell() == 0:
-            self.csv.writerow(["step", "epoch", *self.FORMATS])
-        self.tensorboard = _summary_writer(out_dir / "tensorboard", step, log) if tensorboard else None
-
-    def write(self, step: int, epoch: int, **values: float | None) -> None:
-        self.csv.writerow(
-            [step, epoch, *("" if values.get(k) is None else format(values[k], f) for k, f in self.FORMATS.items())]
-        )
-        self.file.flush()
-        if self.tensorboard is not None:
-            for name, value in values.items():
-                if value is not None:
-                    self.tensorboard.add_scalar(self.TAGS[name], value, step)
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        plot_losses(self.out_dir)
-
-
-def _summary_writer(log_dir: Path, step: int, log):
-    """TensorBoard's writer on ``log_dir``, or None (saying why) without the tensorboard package. Resuming
-    at ``step`` purges the events logged after it: those of the interrupted run's steps, which it retakes."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        log(
-            f"TensorBoard logging is off: {e} (pip install tensorboard to turn it on, --no-tensorboard to silence this)"
-        )
-        return None
-    return SummaryWriter(str(log_dir), purge_step=step + 1 if step else None)
-
-
-def plot_losses(out_dir) -> Path | None:
-    """``loss.png`` from ``log.csv``: training loss and validation loss per step (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    train, val = [], []
-    with open(Path(out_dir) / "log.csv") as f:
-        for row in csv.DictReader(f):
-            if row["loss"]:
-                train.append((int(row["step"]), float(row["loss"])))
-            if row["val_loss"]:
-                val.append((int(row["step"]), float(row["val_loss"])))
-    if not train and not val:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "train (label-smoothed)"), (val, "validation (NLL)")):
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per target token")
-    ax.legend()
-    path = Path(out_dir) / "loss.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def load_for_inference(out_dir, which: str = "best", average: int = 1, device: str = "auto"):
-    """(model in eval mode, tokenizer, run record) of a training output directory; ``average`` > 1
-    averages the last that many checkpoints' weights."""
-    run = ckpt.read_run(out_dir)
-    model = EncoderDecoder(TransformerConfig(**run["model"]))
-    if average > 1:
-        paths = ckpt.last_checkpoints(out_dir, average)
-        if not paths:
-            raise ckpt.CheckpointError(f"{out_dir} has no checkpoint yet")
-        ckpt.apply_weights(model, ckpt.average_weights(paths), f"average of {len(paths)} checkpoints")
-    else:
-        ckpt.load_weights(model, ckpt.resolve_checkpoint(out_dir, which))
-    tokenizer = Tokenizer.load(out_dir, joint=run["joint_vocab"])
-    return model.to(_pick_device(device)).eval(), tokenizer, run
