@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_layer_norm, results_readme, suite  # noqa: E402
+from transformer_kernels.bench import bench_layer_norm, results_readme, suite
 
 REPORTS = {  # benchmark -> the reports it writes
     "layer_norm": ["bench_layer_norm"],
@@ -85,7 +81,7 @@ def test_suite_draws_plots(suite_out):
     } <= plots
     for name in plots:
         assert f"plots/{name}" in (out / "summary.md").read_text()
-    from benchmarks import plots as plots_module
+    from transformer_kernels.bench import plots as plots_module
 
     shutil.rmtree(out / "plots")
     assert plots_module.main([str(out)]) == 0  # re-rendered from the JSON files alone
@@ -130,7 +126,8 @@ def test_bench_script_runs_on_its_own(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "bench_layer_norm.py"),
+            "-m",
+            "transformer_kernels.bench.bench_layer_norm",
             "--quick",
             "--hidden",
             "64",
@@ -158,7 +155,7 @@ def test_bench_script_runs_on_its_own(tmp_path):
     ],
 )
 def test_bench_command_lines(module, args, tmp_path):
-    main = __import__(f"benchmarks.{module}", fromlist=["main"]).main
+    main = __import__(f"transformer_kernels.bench.{module}", fromlist=["main"]).main
     assert main(["--quick", "--no-plot", "--out", str(tmp_path), *args]) == 0
     assert list(tmp_path.glob("*.json"))
 

@@ -10,7 +10,7 @@ layout of a fused projection (SDPA gets [B, H, L, D] views of the same tensors, 
 With a padding mask, SDPA gets the equivalent boolean attn_mask [B, 1, 1, L] (which takes it off
 its flash path) and ours the key_padding_mask. On a CPU only sdpa and the reference run (tiny sizes).
 
-    python benchmarks/bench_attention.py [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_attention [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
 Tile configs: autotuned by default, each bucket's first candidate with --quick (autotuning every
 case costs minutes of compiles); --autotune / --no-autotune override.
@@ -22,22 +22,19 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
     Report,
     autotune,
     chosen_dtypes,
     default_device,
-    input_sets,  # noqa: E402
+    input_sets,
     label,
     peak_mib,
     standalone_parser,
@@ -231,7 +228,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, "a few sizes and repeats")
     parser.add_argument("--seqlen", nargs="+", type=int, default=None)

@@ -8,7 +8,7 @@
 - ``<report>.png``: bars of the rate (and of peak memory, where measured) per implementation, for
   reports without a sweep (training throughput, decoding).
 
-    python benchmarks/plots.py DIR        (writes DIR/plots/)
+    python -m transformer_kernels.bench.plots DIR        (writes DIR/plots/)
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ import math
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from benchmarks.common import Report, Row, load_reports, peak_dram_gbps  # noqa: E402
+from .common import Report, Row, load_reports, peak_dram_gbps
 
 
 def _panels(report: Report) -> dict[tuple, list[Row]]:

@@ -7,30 +7,27 @@ Implementations, all measured in the same run on the same device:
   cuda     transformer_kernels, backend='cuda'
 On a CPU only the eager baseline and the package's reference backend run (smoke sizes).
 
-    python benchmarks/bench_layer_norm.py [--quick] [--dtype bf16 ...] [--hidden 1024 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_layer_norm [--quick] [--dtype bf16 ...] [--hidden 1024 ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     DTYPES,
     PASSES,
     Report,
     chosen_dtypes,
     default_device,
     input_sets,
-    label,  # noqa: E402
+    label,
     mark_not_run,
     standalone_parser,
     time_ms,
@@ -166,7 +163,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__)
     parser.add_argument("--hidden", nargs="+", type=int, default=None)

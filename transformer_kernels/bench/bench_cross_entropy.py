@@ -14,29 +14,26 @@ On a CPU only eager and the package's reference backend run (smoke sizes).
 Peak memory: torch.cuda.max_memory_allocated() during one loss + backward, minus what was allocated
 before it (the inputs); on a CPU it is not measured.
 
-    python benchmarks/bench_cross_entropy.py [--quick] [--dtype bf16 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_cross_entropy [--quick] [--dtype bf16 ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
     Report,
     chosen_dtypes,
     default_device,
     input_sets,
-    label,  # noqa: E402
+    label,
     mark_not_run,
     peak_mib,
     standalone_parser,
@@ -213,7 +210,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__)
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ Implementations, all measured in the same run on the same device:
            2 in the forward, 4 in the backward; the ceiling a fused FFN can reach
 On a CPU only eager, gemm and the package's reference backend run (smoke sizes).
 
-    python benchmarks/bench_ffn.py [--quick] [--dtype bf16 ...] [--d-model 1024 ...] [--tokens 16384 ...]
+    python -m transformer_kernels.bench.bench_ffn [--quick] [--dtype bf16 ...] [--d-model 1024 ...] [--tokens 16384 ...]
                                    [--activation relu] [--dropout 0.1] [--out DIR]
 
 Tile configs: autotuned by default, the first candidate with --quick (autotuning every case costs
@@ -21,22 +21,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
     Report,
     autotune,
     chosen_dtypes,
     default_device,
-    input_sets,  # noqa: E402
+    input_sets,
     label,
     mark_not_run,
     standalone_parser,
@@ -202,7 +199,7 @@ def _note_fraction_of_gemm(report: Report) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, "fewer sizes and repeats, no autotuning")
     parser.add_argument("--d-model", nargs="+", type=int, default=None)
