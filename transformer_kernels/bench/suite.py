@@ -1,6 +1,6 @@
 """The benchmark suite: the op benchmarks, the layers and the end-to-end training step, in one run.
 
-    python -m transformer_kernels bench [ops...] [--quick] [--dtype bfloat16] [--out DIR] [--device cuda]
+    python -m transformer_kernels bench [ops...] [--quick] [--dtype bf16] [--out DIR] [--device cuda]
     python -m transformer_kernels.bench.suite [ops...] ...                     (the same)
 
 ops: any of layer_norm, attention, ffn, cross_entropy, layers, training (default: all). Each runs
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Report, card, default_device, load_reports, run_environment
+from .common import DTYPE_METAVAR, Report, card, default_device, label, load_reports, parse_dtype, run_environment
 
 # op name on the command line -> its module in this package (each has run(quick, dtypes, device) -> [Report])
 BENCHMARKS = {
@@ -39,7 +39,6 @@ BENCHMARKS = {
     "layers": "bench_layers",
     "training": "bench_training",
 }
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATUS_FILE = "suite.json"
 
 
@@ -91,7 +90,7 @@ def _load_status(out: Path) -> dict:
 def run_benchmark(op: str, quick: bool, dtype: torch.dtype, device: torch.device, out: Path) -> dict:
     """Run one benchmark, write its reports; its status entry, a failure included (never raises)."""
     t0 = time.perf_counter()
-    entry = {"quick": quick, "dtype": str(dtype).removeprefix("torch."), "device": str(device), "reports": []}
+    entry = {"quick": quick, "dtype": label(dtype), "device": str(device), "reports": []}
     try:
         module = importlib.import_module(f".{BENCHMARKS[op]}", __package__)
         reports = module.run(quick, [dtype], device)
@@ -143,7 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("ops", nargs="*", metavar="op", help=f"any of: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (what gpu_check.sh runs)")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on a GPU, float32 on a CPU"
+        "--dtype",
+        type=parse_dtype,
+        metavar=DTYPE_METAVAR,
+        default=None,
+        help="default: bf16 on a GPU, fp32 on a CPU (torch's names, bfloat16 and so on, work too)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder (default: benchmarks/results/<card or cpu>-<date>)"
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
         parser.error(f"--device {args.device}: no CUDA device is available")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # do_bench and the memory statistics use the current device
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = args.out or default_out(device)
     out.mkdir(parents=True, exist_ok=True)
 
