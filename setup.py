@@ -11,6 +11,10 @@ package installs alone (the 'cuda' backend then reports itself unavailable).
     TORCH_CUDA_ARCH_LIST="8.0;9.0"   target GPUs; defaults to that list when no GPU is visible
 
 Install with `pip install --no-build-isolation [-e] .` so the build sees the installed torch.
+
+Where torch's CUDA pieces live (the nvidia-* wheels' headers, cuBLASLt) is found here only:
+scripts/cmake_build.sh imports this file (`import setup`, which builds nothing) and passes
+:func:`cmake_cache_args` to CMake.
 """
 
 import glob
@@ -128,20 +132,57 @@ def nvidia_wheel_include_dirs(cuda_major: str) -> list[str]:
     return found
 
 
-def cublaslt_link(cuda_home: str, cuda_major: str) -> dict:
-    """Links cuBLASLt (used by fused_linear): the toolkit's libcublasLt.so, else the nvidia wheel's
-    libcublasLt.so.<major> that torch itself loads (a toolkit without the math libraries), by path.
-    Found neither: the symbols still resolve through libtorch_cuda.so, which depends on it."""
-    toolkit_libs = (os.path.join(cuda_home, lib, "libcublasLt.so") for lib in ("lib64", "lib"))
-    if any(os.path.isfile(path) for path in toolkit_libs):
-        return {"libraries": ["cublasLt"]}
+def cublaslt_library(cuda_home: str, cuda_major: str) -> str | None:
+    """The cuBLASLt to link (used by fused_linear): the toolkit's libcublasLt.so, else the nvidia
+    wheel's libcublasLt.so.<major> that torch itself loads (a toolkit without the math libraries).
+    None, found neither: the symbols still resolve through libtorch_cuda.so, which depends on it."""
+    for lib in ("lib64", "lib"):
+        path = os.path.join(cuda_home, lib, "libcublasLt.so")
+        if os.path.isfile(path):
+            return path
     name = f"libcublasLt.so.{cuda_major}"
     for include in nvidia_wheel_include_dirs(cuda_major):
         path = os.path.join(os.path.dirname(include), "lib", name)
         if os.path.isfile(path):
-            return {"extra_link_args": [path]}
-    log(f"no libcublasLt.so in {cuda_home} nor {name} in the nvidia wheels: relying on torch's")
-    return {}
+            return path
+    return None
+
+
+def cublaslt_link(cuda_home: str, cuda_major: str) -> dict:
+    """The extension's link arguments for :func:`cublaslt_library`."""
+    path = cublaslt_library(cuda_home, cuda_major)
+    if path is None:
+        log(f"no libcublasLt.so in {cuda_home}, no .so.{cuda_major} in the nvidia wheels: relying on torch's")
+        return {}
+    if os.path.dirname(path) in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")):
+        return {"libraries": ["cublasLt"]}  # the toolkit's lib directory is on the link path
+    return {"extra_link_args": [path]}
+
+
+def cmake_cache_args(cuda_home: str) -> list[str]:
+    """The -D arguments CMakeLists.txt takes from the torch install: its CMake package, the
+    nvidia-* wheels' headers (searched after the toolkit's), the cuBLASLt to link, and the wheel's
+    libnvrtc that torch's CMake package asks for when the toolkit has none."""
+    import torch
+    import torch.utils
+
+    major = (torch.version.cuda or "0").split(".")[0]
+    includes = nvidia_wheel_include_dirs(major)
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if includes:
+        args.append("-DTK_EXTRA_CUDA_INCLUDE_DIRS=" + ";".join(includes))
+    cublaslt = cublaslt_library(cuda_home, major)
+    if cublaslt:
+        args.append(f"-DTK_CUBLASLT_LIBRARY={cublaslt}")
+    nvrtc = sorted(
+        path
+        for include in includes
+        for path in glob.glob(os.path.join(os.path.dirname(include), "lib", "libnvrtc.so*"))
+        if "builtins" not in path and ".alt." not in path
+    )
+    if nvrtc:
+        args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    return args
 
 
 def cuda_extension():
@@ -179,4 +220,5 @@ def build_options() -> dict:
     return {"ext_modules": [cuda_extension()], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**build_options())
+if __name__ == "__main__":  # pip and `python setup.py` run this file as __main__; cmake_build.sh imports it
+    setup(**build_options())

@@ -9,14 +9,14 @@
 # as skipped, so the summary always comes back. Steps run in priority order.
 # Tests use pytest-xdist (-n 8) when it is installed: most of their time is Triton compiling. The
 # kernel tests run before the benchmarks, the other tests after them.
-# The suite (benchmarks/suite.py) runs one benchmark per process, so that a crash, a poisoned CUDA
+# The suite (python -m transformer_kernels bench) runs one benchmark per process, so that a crash, a poisoned CUDA
 # context or a timeout costs that benchmark only; each run adds its tables to OUT_DIR/bench/
 # (md, csv, json, summary.md, plots/) as soon as it ends.
 #
 # Each step is timed and recorded; a failing step does not stop the later ones. The last lines
 # printed are the summary (also in OUT_DIR/summary.md: the steps, the targets beside what was
 # measured, every table); OUT_DIR/README.md previews benchmarks/results/README.md. To publish, move
-# OUT_DIR to benchmarks/results/<card>-<date>/, run `python benchmarks/results_readme.py
+# OUT_DIR to benchmarks/results/<card>-<date>/, run `python -m transformer_kernels.bench.results_readme
 # benchmarks/results/<card>-<date>` (it rewrites benchmarks/results/README.md), commit both.
 # To bring the results back from a remote GPU machine as one file:
 #   bash benchmarks/gpu_check.sh /tmp/gc; tar -C /tmp -czf gpu_check.tgz gc
@@ -79,19 +79,19 @@ step "tests (kernels)" 240 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytes
   "${xdist[@]}" --junitxml="$OUT_DIR/tests_kernels.xml"
 BENCH_DIR="$OUT_DIR/bench"
 for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120; do
-  step "bench ${spec%%:*}" "${spec##*:}" $PY benchmarks/suite.py "${spec%%:*}" --quick --out "$BENCH_DIR"
+  step "bench ${spec%%:*}" "${spec##*:}" $PY -m transformer_kernels bench "${spec%%:*}" --quick --out "$BENCH_DIR"
 done
 step "tests (the rest)" 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests "${deselect[@]}" -v -rs \
   "${xdist[@]}" --junitxml="$OUT_DIR/tests_rest.xml"
 if ls "$BENCH_DIR"/*.json >/dev/null 2>&1; then
-  timeout -k 2 12 $PY benchmarks/results_readme.py "$OUT_DIR" --output "$OUT_DIR/README.md" >>"$LOG" 2>&1 ||
+  timeout -k 2 12 $PY -m transformer_kernels.bench.results_readme "$OUT_DIR" --output "$OUT_DIR/README.md" >>"$LOG" 2>&1 ||
     echo "results_readme.py failed: see gpu_check.log" >"$OUT_DIR/README.md"
 fi
 
 {
   echo "# GPU check"
   echo
-  timeout -k 2 12 $PY benchmarks/gpu_summary.py "$OUT_DIR" || echo "(gpu_summary.py failed)"
+  timeout -k 2 12 $PY -m transformer_kernels.bench.gpu_summary "$OUT_DIR" || echo "(gpu_summary.py failed)"
   echo
   echo "| step | result | time |"
   echo "|---|---|---|"

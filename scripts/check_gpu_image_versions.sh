@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 VENV=${TK_COMPAT_VENV:-/tmp/tk-venv-torch2.11}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.3" pytest matplotlib tokenizers sacrebleu safetensors
+  "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "numpy<2.3" setuptools wheel
+  # The package's dependencies from pyproject.toml (the pins above hold); PYTHONPATH below imports
+  # the working tree, so the package itself (installed without the extension) is never imported.
+  TK_BUILD_CUDA=0 "$VENV/bin/pip" install -q --no-build-isolation ".[test]" "torch==2.11.0" "triton==3.6.0" "numpy<2.3"
 fi
 # The extension built here is for this machine's torch: it does not load there, and its tests skip.
 TRITON_INTERPRET=1 PYTHONPATH=$PWD "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider \

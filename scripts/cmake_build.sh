@@ -26,31 +26,21 @@ if [[ ! -x "$CUDA_HOME/bin/nvcc" ]]; then
   exit 1
 fi
 
-# Paths from the torch install: its CMake package, and the nvidia-* wheels next to it (headers
-# such as cusparse.h that a bare toolkit may lack, and libnvrtc that torch's CMake package wants).
-read -r TORCH_CMAKE_PREFIX NVIDIA_INCLUDES NVRTC_LIB < <("$PYTHON" - <<'PY'
-import glob, os, torch, torch.utils
-site = os.path.dirname(os.path.dirname(torch.__file__))
-major = (torch.version.cuda or "0").split(".")[0]
-names = [f"cu{major}", "cuda_runtime", "cublas", "cusparse", "cusolver", "curand", "cufft",
-         "cuda_nvrtc", "nvtx"]
-includes = [d for n in names for d in glob.glob(os.path.join(site, "nvidia", n, "include"))]
-nvrtc = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
-nvrtc = [p for p in nvrtc if "builtins" not in p and ".alt." not in p]
-print(torch.utils.cmake_prefix_path, ";".join(includes) or "-", nvrtc[0] if nvrtc else "-")
-PY
-)
+# From the torch install (setup.py finds them, for both builds): its CMake package, the nvidia-*
+# wheels' headers a bare toolkit may lack (cusparse.h, ...), the cuBLASLt to link and the libnvrtc
+# that torch's CMake package wants. Importing setup.py builds nothing.
+mapfile -t TORCH_ARGS < <(CUDA_HOME="$CUDA_HOME" "$PYTHON" -c \
+  'import os, sys; sys.path.insert(0, "."); import setup; print(*setup.cmake_cache_args(os.environ["CUDA_HOME"]), sep="\n")')
+[[ ${#TORCH_ARGS[@]} -gt 0 ]] || { echo "cmake_build.sh: could not ask setup.py for torch's paths" >&2; exit 1; }
 
 CMAKE_ARGS=(
   -S . -B "$BUILD_DIR"
   -DCMAKE_BUILD_TYPE=Release
-  -DCMAKE_PREFIX_PATH="$TORCH_CMAKE_PREFIX"
   -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc"
   -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
   -DTORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"
+  "${TORCH_ARGS[@]}"
 )
-[[ "$NVIDIA_INCLUDES" != "-" ]] && CMAKE_ARGS+=(-DTK_EXTRA_CUDA_INCLUDE_DIRS="$NVIDIA_INCLUDES")
-[[ "$NVRTC_LIB" != "-" ]] && CMAKE_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC_LIB")
 command -v ninja > /dev/null && CMAKE_ARGS+=(-G Ninja)
 
 cmake "${CMAKE_ARGS[@]}"

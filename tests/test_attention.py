@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ needs_kernels = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _heuristic_tiles(monkeypatch):
     """On a GPU, one tile config per kernel: these tests check correctness, and autotuning every
-    test shape would cost minutes of compiles (benchmarks/bench_attention.py runs the tuned path)."""
+    test shape would cost minutes of compiles (transformer_kernels/bench/bench_attention.py runs the tuned path)."""
     monkeypatch.setenv("TK_AUTOTUNE", "0")
 
 
@@ -512,9 +511,17 @@ def test_fp32_is_not_tf32(backend):
 
 
 def test_bench_attention_runs(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
     subprocess.run(
-        [sys.executable, str(script), "--quick", "--seqlen", "64", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "transformer_kernels.bench.bench_attention",
+            "--quick",
+            "--seqlen",
+            "64",
+            "--out",
+            str(tmp_path),
+        ],
         check=True,
         capture_output=True,
         text=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -11,12 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_layer_norm, results_readme, suite  # noqa: E402
+from transformer_kernels.bench import bench_layer_norm, common, results_readme, suite
 
 REPORTS = {  # benchmark -> the reports it writes
     "layer_norm": ["bench_layer_norm"],
@@ -56,6 +54,7 @@ def test_suite_writes_every_table(suite_out):
     assert rc == 0
     status = json.loads((out / "suite.json").read_text())
     assert {op: s["status"] for op, s in status.items()} == {op: "ok" for op in REPORTS}
+    assert {s["dtype"] for s in status.values()} == {"fp32"}  # one dtype spelling, also in the results
     summary = (out / "summary.md").read_text()
     for op, reports in REPORTS.items():
         assert f"| {op} | ok |" in summary
@@ -85,7 +84,7 @@ def test_suite_draws_plots(suite_out):
     } <= plots
     for name in plots:
         assert f"plots/{name}" in (out / "summary.md").read_text()
-    from benchmarks import plots as plots_module
+    from transformer_kernels.bench import plots as plots_module
 
     shutil.rmtree(out / "plots")
     assert plots_module.main([str(out)]) == 0  # re-rendered from the JSON files alone
@@ -130,7 +129,8 @@ def test_bench_script_runs_on_its_own(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "bench_layer_norm.py"),
+            "-m",
+            "transformer_kernels.bench.bench_layer_norm",
             "--quick",
             "--hidden",
             "64",
@@ -152,15 +152,75 @@ def test_bench_script_runs_on_its_own(tmp_path):
     "module, args",
     [
         ("bench_attention", ["--seqlen", "32"]),
-        ("bench_cross_entropy", []),
+        ("bench_cross_entropy", ["--dtype", "float32"]),  # torch's name for a dtype works too
         ("bench_ffn", ["--tokens", "64"]),
         ("bench_training", ["--batch", "2", "--max-len", "8"]),
     ],
 )
 def test_bench_command_lines(module, args, tmp_path):
-    main = __import__(f"benchmarks.{module}", fromlist=["main"]).main
+    main = __import__(f"transformer_kernels.bench.{module}", fromlist=["main"]).main
     assert main(["--quick", "--no-plot", "--out", str(tmp_path), *args]) == 0
     assert list(tmp_path.glob("*.json"))
+
+
+def test_dtypes_have_one_spelling_and_take_torchs_names_too(capsys):
+    for short, long, dtype in (("bf16", "bfloat16", torch.bfloat16), ("fp16", "float16", torch.float16)):
+        assert common.parse_dtype(short) is common.parse_dtype(long) is dtype
+        assert common.label(dtype) == short
+    with pytest.raises(argparse.ArgumentTypeError, match="expected one of fp16, bf16, fp32"):
+        common.parse_dtype("int8")
+    with pytest.raises(SystemExit) as e:
+        suite.main(["layer_norm", "--dtype", "int8"])
+    assert e.value.code == 2 and "unknown dtype 'int8'" in capsys.readouterr().err
+
+
+def test_the_harness_loop_runs_checks_and_skips(monkeypatch):
+    """One loop for every op benchmark: a callable is checked and timed, a reason is a "not run"
+    note, a refusal of the inputs is one too, a wrong result fails the benchmark, and a compiled
+    implementation is compiled afresh for the case."""
+    cpu = torch.device("cpu")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic: compiled.append(fn) or (lambda: 2 * fn()))
+
+    def refuse():
+        raise RuntimeError("No available kernel for these inputs.\nmore detail")
+
+    def one():
+        return 1.0
+
+    impls = [
+        common.Impl("baseline", one, check=False),
+        common.Impl("compiled", one, compile=True),
+        common.Impl.unless("needs a CUDA device", "gpu_only", one),
+        common.Impl("refusing", refuse, refuses=(RuntimeError,)),
+        common.Impl("too_long", one).not_run("materialises [L, L]"),
+    ]
+    checked = []
+    measured = common.measure(
+        impls,
+        lambda fn: {"fwd": fn(), "bwd": 10 * fn()},
+        cpu,
+        check=lambda impl, fn: checked.append((impl.name, fn())),
+        passes=("fwd", "bwd"),
+    )
+    assert measured.timings == {
+        "fwd": {"baseline": 1.0, "compiled": 2.0, "gpu_only": None, "refusing": None, "too_long": None},
+        "bwd": {"baseline": 10.0, "compiled": 20.0, "gpu_only": None, "refusing": None, "too_long": None},
+    }
+    assert measured.notes == {
+        "gpu_only": "needs a CUDA device",
+        "refusing": "No available kernel for these inputs.",
+        "too_long": "materialises [L, L]",
+    }
+    assert compiled == [one] and checked == [("compiled", 2.0)]  # the baseline is not checked
+
+    def wrong(impl, fn):
+        raise AssertionError(f"{impl.name} is wrong")
+
+    with pytest.raises(AssertionError, match="refusing is wrong"):  # a refusal is not a wrong result
+        common.measure(impls[3:4], lambda fn: {"fwd": fn()}, cpu, check=wrong)
+    with pytest.raises(RuntimeError, match="No available kernel"):  # nor is an error it does not expect
+        common.measure([common.Impl("strict", refuse)], lambda fn: {"fwd": fn()}, cpu, check=lambda i, f: f())
 
 
 def test_results_readme_says_when_there_are_no_gpu_results(suite_out, tmp_path):

@@ -19,7 +19,7 @@ from .backends import BackendError, available_backends, get_backend, set_backend
 from .nn import convert
 from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it from here
 
 __all__ = [
     "BackendError",

@@ -1,14 +1,13 @@
 """Command line: ``python -m transformer_kernels info | train | translate | evaluate | bench``.
 
 Each subcommand imports only what it needs: ``info`` stays light (no tokenizers, no safetensors),
-and ``bench`` hands its arguments to the benchmark suite in the source tree's ``benchmarks/``.
+and ``bench`` hands its arguments to the benchmark suite (``transformer_kernels.bench``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 COMMANDS = {
     "info": "versions, GPU, extension and backends: what a bug report needs",
@@ -19,24 +18,8 @@ COMMANDS = {
 }
 
 
-def benchmarks_dir() -> Path:
-    """The source tree's ``benchmarks/``: the suite is not part of an installed wheel."""
-    root = Path(__file__).resolve().parent.parent
-    bench = root / "benchmarks"
-    if not (bench / "suite.py").is_file():
-        raise SystemExit(
-            f"bench: the benchmark suite lives in the repository's benchmarks/ directory, and this "
-            f"installation ({root}) has none; clone the repository and install it with "
-            f"`pip install --no-build-isolation -e .`, then run `python -m transformer_kernels bench`"
-        )
-    return bench
-
-
 def run_bench(argv: list[str]) -> int:
-    bench = benchmarks_dir()
-    if str(bench.parent) not in sys.path:
-        sys.path.insert(0, str(bench.parent))
-    from benchmarks import suite
+    from .bench import suite
 
     return suite.main(argv)
 

@@ -4,8 +4,10 @@
 // (one HBM pass; the per-thread slice is a template, hence N <= 16384), while the backward keeps
 // dweight/dbias partials in shared memory (no spills at large N, lower occupancy there).
 
+#include "column_sum.cuh"
 #include "dispatch.cuh"
 #include "elementwise.cuh"
+#include "launch.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -356,54 +358,6 @@ __global__ void __launch_bounds__(kMaxThreads) dropout_add_ln_bwd_kernel(const B
   }
 }
 
-// out[j] = sum_r in[r, j] over [rows, N] fp32 partials; blockIdx.y picks dweight (0) or dbias (1).
-// A CTA owns 32 columns; its 32 warps stride over the rows, each lane keeping 4 independent sums
-// so that 4 loads are in flight per thread (short rows give many partials to sum).
-constexpr int kColSumCols = 32;
-constexpr int kColSumRows = 32;
-constexpr int kColSumUnroll = 4;
-
-struct ColumnSumParams {
-  const float* in0;  // [rows, N] or null: skipped
-  const float* in1;  // [rows, N] or null: skipped
-  float* out0;       // [N]
-  float* out1;       // [N]
-  int rows;
-  int cols;
-};
-
-__global__ void __launch_bounds__(kColSumCols * kColSumRows)
-    column_sum_kernel(const ColumnSumParams p) {
-  __shared__ float tile[kColSumRows][kColSumCols + 1];
-  const float* in = blockIdx.y == 0 ? p.in0 : p.in1;
-  float* out = blockIdx.y == 0 ? p.out0 : p.out1;
-  if (in == nullptr) return;  // uniform across the CTA
-  const int col = blockIdx.x * kColSumCols + threadIdx.x;
-  float acc[kColSumUnroll] = {};
-  if (col < p.cols) {
-    // Each warp reads 32 consecutive floats of a row.
-    int r = threadIdx.y;
-    for (; r + (kColSumUnroll - 1) * kColSumRows < p.rows; r += kColSumUnroll * kColSumRows) {
-#pragma unroll
-      for (int u = 0; u < kColSumUnroll; ++u) {
-        acc[u] += in[static_cast<int64_t>(r + u * kColSumRows) * p.cols + col];
-      }
-    }
-    for (; r < p.rows; r += kColSumRows) acc[0] += in[static_cast<int64_t>(r) * p.cols + col];
-  }
-  float partial = 0.f;
-#pragma unroll
-  for (int u = 0; u < kColSumUnroll; ++u) partial += acc[u];
-  tile[threadIdx.y][threadIdx.x] = partial;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < p.cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int r = 0; r < kColSumRows; ++r) total += tile[r][threadIdx.x];
-    out[col] = total;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launch configuration.
 
@@ -472,22 +426,6 @@ void dispatch_nv(NvList<NVs...>, const RowLayout& layout, F&& f) {
   const bool found = (try_nv(std::integral_constant<int, NVs>{}) || ...);
   TORCH_INTERNAL_ASSERT(found, "dropout_add_layer_norm: no kernel for ", layout.nv,
                         " vectors per thread");
-}
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-template <typename... Ptrs>
-bool all_aligned16(Ptrs... ptrs) {
-  return (aligned16(ptrs) && ...);  // null pointers count as aligned
-}
-
-Dropout make_dropout(double p, int64_t seed) {
-  Dropout d;
-  d.seed = static_cast<uint64_t>(seed);
-  d.threshold = static_cast<uint32_t>(std::llrint(p * 16777216.0));
-  d.scale = static_cast<float>(p < 1.0 ? 1.0 / (1.0 - p) : 0.0);
-  d.enabled = p > 0.0;
-  return d;
 }
 
 const void* data_or_null(const std::optional<at::Tensor>& t) {
@@ -589,15 +527,15 @@ void launch_bwd(BwdParams params, const at::Tensor& dweight, const at::Tensor& d
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       if (want_dw || want_db) {
-        ColumnSumParams cs;
+        ColumnSumParams<float> cs;
         cs.in0 = params.dweight_partial;
         cs.in1 = params.dbias_partial;
         cs.out0 = want_dw ? dweight.data_ptr<float>() : nullptr;
         cs.out1 = want_db ? dbias.data_ptr<float>() : nullptr;
-        cs.rows = static_cast<int>(partial_rows);
+        cs.rows = partial_rows;
         cs.cols = params.cols;
         const dim3 cs_grid(ceil_div(params.cols, kColSumCols), 2);
-        column_sum_kernel<<<cs_grid, dim3(kColSumCols, kColSumRows), 0, stream>>>(cs);
+        column_sum_kernel<float><<<cs_grid, dim3(kColSumCols, kColSumRows), 0, stream>>>(cs);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

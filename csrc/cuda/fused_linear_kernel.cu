@@ -24,9 +24,11 @@
 // GEMM); dweight = dzᵀ x with dbias fused by BGRADB, or a plain GEMM + column_sum_kernel when dbias
 // is misaligned or cuBLASLt has no BGRADB algorithm for the shape / dtype.
 
+#include "column_sum.cuh"
 #include "cublaslt_gemm.h"
 #include "dispatch.cuh"
 #include "elementwise.cuh"
+#include "launch.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -53,7 +55,6 @@ namespace {
 constexpr const char* kOp = "fused_linear";
 constexpr int kThreads = 256;        // elementwise kernels: threads per CTA
 constexpr int kCtasPerSm = 8;        // grid-stride grids cover the GPU this many times over
-constexpr int kColSumTile = 32;      // column_sum_kernel: a CTA is 32 columns x 32 row lanes
 
 // Activation codes, as returned by fused_linear_cuda_activation.
 enum class Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
@@ -185,46 +186,8 @@ __global__ void __launch_bounds__(kThreads) fused_linear_dz_kernel(const DzParam
   }
 }
 
-// dbias[j] = T(Σ_i dz[i, j]) over [M, N], fp32 sums; the fallback when BGRADB is not available.
-// A CTA owns 32 columns; its 32 warps stride over the rows, each warp reading 32 consecutive
-// elements of a row.
-template <typename T>
-__global__ void __launch_bounds__(kColSumTile * kColSumTile)
-    column_sum_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t rows, int64_t cols) {
-  __shared__ float tile[kColSumTile][kColSumTile + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColSumTile + threadIdx.x;
-  float acc = 0.f;
-  if (col < cols) {
-    for (int64_t r = threadIdx.y; r < rows; r += kColSumTile) acc += to_float(in[r * cols + col]);
-  }
-  tile[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int r = 0; r < kColSumTile; ++r) total += tile[r][threadIdx.x];
-    out[col] = from_float<T>(total);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side.
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-template <typename... Ptrs>
-bool all_aligned16(Ptrs... ptrs) {
-  return (aligned16(ptrs) && ...);  // null pointers count as aligned
-}
-
-Dropout make_dropout(double p, int64_t seed) {
-  Dropout d;
-  d.seed = static_cast<uint64_t>(seed);
-  d.threshold = static_cast<uint32_t>(std::llrint(p * 16777216.0));
-  d.scale = static_cast<float>(p < 1.0 ? 1.0 / (1.0 - p) : 0.0);
-  d.enabled = p > 0.0;
-  return d;
-}
 
 // Grid-stride grid for `vectors` units of work.
 unsigned grid_for(int64_t vectors) {
@@ -300,13 +263,19 @@ void launch_dz(at::ScalarType dtype, Act act, int64_t cols, const DzParams& p) {
 
 void launch_column_sum(const at::Tensor& in, const at::Tensor& out) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t rows = in.size(0);
   const int64_t cols = in.size(1);
-  const auto grid = static_cast<unsigned>((cols + kColSumTile - 1) / kColSumTile);
+  const auto grid = static_cast<unsigned>((cols + kColSumCols - 1) / kColSumCols);
   dispatch_dtype(kOp, in.scalar_type(), [&](auto dtype_tag) {
     using T = typename decltype(dtype_tag)::type;
-    column_sum_kernel<T><<<grid, dim3(kColSumTile, kColSumTile), 0, stream>>>(
-        static_cast<const T*>(in.data_ptr()), static_cast<T*>(out.data_ptr()), rows, cols);
+    // One matrix: grid.y = 1, the second pair left null.
+    ColumnSumParams<T> cs;
+    cs.in0 = static_cast<const T*>(in.data_ptr());
+    cs.in1 = nullptr;
+    cs.out0 = static_cast<T*>(out.data_ptr());
+    cs.out1 = nullptr;
+    cs.rows = in.size(0);
+    cs.cols = cols;
+    column_sum_kernel<T><<<dim3(grid, 1), dim3(kColSumCols, kColSumRows), 0, stream>>>(cs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

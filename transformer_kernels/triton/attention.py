@@ -70,7 +70,8 @@ def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
 # where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small config:
 # tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths all run.
 # The candidates were picked so that ptxas (sm_90, Triton 3.8, compiled offline) reports little or
-# no register spilling; their speed is unmeasured: tune them with benchmarks/bench_attention.py.
+# no register spilling; their speed is unmeasured: tune them with
+# `python -m transformer_kernels.bench.bench_attention`.
 
 _TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "lq_bucket", "lk_bucket"]
 

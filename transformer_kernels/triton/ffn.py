@@ -86,8 +86,8 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 # TRITON_INTERPRET=1 one small config whose tiles are smaller than the test sizes, and unequal, so
 # partial tiles, several K steps and the grouped order all run. The candidates are those of the
 # matmul tutorial plus the large-tile ones that serve Hopper well; their speed here is unmeasured:
-# tune them with benchmarks/bench_ffn.py. Configs whose tiles overflow shared memory for the operand
-# dtype (most of the big ones, for fp32) are pruned before compiling.
+# tune them with `python -m transformer_kernels.bench.bench_ffn`. Configs whose tiles overflow
+# shared memory for the operand dtype (most of the big ones, for fp32) are pruned before compiling.
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _CONFIGS = [

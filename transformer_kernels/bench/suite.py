@@ -1,10 +1,10 @@
 """The benchmark suite: the op benchmarks, the layers and the end-to-end training step, in one run.
 
-    python -m transformer_kernels bench [ops...] [--quick] [--dtype bfloat16] [--out DIR] [--device cuda]
-    python benchmarks/suite.py [ops...] ...                                  (the same)
+    python -m transformer_kernels bench [ops...] [--quick] [--dtype bf16] [--out DIR] [--device cuda]
+    python -m transformer_kernels.bench.suite [ops...] ...                     (the same)
 
 ops: any of layer_norm, attention, ffn, cross_entropy, layers, training (default: all). Each runs
-in this process, in turn, with the methodology of ``benchmarks/common.py``; each report's table is
+in this process, in turn, with the methodology of ``common.py``; each report's table is
 printed and written to ``DIR/<report>.md``, ``.csv`` and ``.json`` (with the environment). Then
 ``DIR/summary.md`` (each benchmark's status and time, every table) and ``DIR/plots/``.
 
@@ -28,13 +28,9 @@ from pathlib import Path
 
 import torch
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from .common import DTYPE_METAVAR, Report, card, default_device, label, load_reports, parse_dtype, run_environment
 
-from benchmarks.common import Report, card, default_device, load_reports, run_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-# op name on the command line -> its module in benchmarks/ (each has run(quick, dtypes, device) -> [Report])
+# op name on the command line -> its module in this package (each has run(quick, dtypes, device) -> [Report])
 BENCHMARKS = {
     "layer_norm": "bench_layer_norm",
     "attention": "bench_attention",
@@ -43,14 +39,14 @@ BENCHMARKS = {
     "layers": "bench_layers",
     "training": "bench_training",
 }
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STATUS_FILE = "suite.json"
 
 
 def default_out(device: torch.device) -> Path:
-    """``benchmarks/results/<card or cpu>-<date>``, the card's name as a slug."""
+    """``benchmarks/results/<card or cpu>-<date>`` under the current directory (a checkout's results
+    folder when run from its root), the card's name as a slug."""
     slug = re.sub(r"[^a-z0-9]+", "-", card(device).lower()).strip("-")
-    return ROOT / "benchmarks" / "results" / f"{slug}-{_dt.date.today().isoformat()}"
+    return Path("benchmarks") / "results" / f"{slug}-{_dt.date.today().isoformat()}"
 
 
 def draw_plots(out: Path, names: list[str] | None = None) -> tuple[bool, str]:
@@ -60,7 +56,7 @@ def draw_plots(out: Path, names: list[str] | None = None) -> tuple[bool, str]:
         import matplotlib  # noqa: F401
     except ImportError:
         return True, "plots skipped: pip install matplotlib"
-    from benchmarks import plots
+    from . import plots
 
     try:
         paths = plots.render(out, names)
@@ -94,9 +90,9 @@ def _load_status(out: Path) -> dict:
 def run_benchmark(op: str, quick: bool, dtype: torch.dtype, device: torch.device, out: Path) -> dict:
     """Run one benchmark, write its reports; its status entry, a failure included (never raises)."""
     t0 = time.perf_counter()
-    entry = {"quick": quick, "dtype": str(dtype).removeprefix("torch."), "device": str(device), "reports": []}
+    entry = {"quick": quick, "dtype": label(dtype), "device": str(device), "reports": []}
     try:
-        module = importlib.import_module(f"benchmarks.{BENCHMARKS[op]}")
+        module = importlib.import_module(f".{BENCHMARKS[op]}", __package__)
         reports = module.run(quick, [dtype], device)
         write_reports(reports, out)
         errors = [e for r in reports for e in r.errors]
@@ -146,7 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("ops", nargs="*", metavar="op", help=f"any of: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (what gpu_check.sh runs)")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on a GPU, float32 on a CPU"
+        "--dtype",
+        type=parse_dtype,
+        metavar=DTYPE_METAVAR,
+        default=None,
+        help="default: bf16 on a GPU, fp32 on a CPU (torch's names, bfloat16 and so on, work too)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder (default: benchmarks/results/<card or cpu>-<date>)"
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         parser.error(f"--device {args.device}: no CUDA device is available")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # do_bench and the memory statistics use the current device
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = args.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = args.out or default_out(device)
     out.mkdir(parents=True, exist_ok=True)
 

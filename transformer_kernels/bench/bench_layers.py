@@ -11,33 +11,30 @@ tokens/s and peak memory.
 Decoding: greedy decoding with the KV cache against recomputing the whole prefix each step,
 on the package's model (random weights; EOS disabled so every run makes the same number of steps).
 
-    python benchmarks/bench_layers.py [--quick] [--dtype bf16 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_layers [--quick] [--dtype bf16 ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
+from transformer_kernels.models import build_model, greedy_decode
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     Report,
     autotune,
     chosen_dtypes,
     default_device,
     input_sets,
-    label,  # noqa: E402
+    label,
     peak_mib,
     standalone_parser,
     time_ms,
 )
-from transformer_kernels.models import build_model, greedy_decode  # noqa: E402
 
 COUNTS = "tokens per call: B*L for the layers (B*L target tokens for the decoder layer), B*steps for decoding"
 
@@ -161,7 +158,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, None)
     args = parser.parse_args(argv)

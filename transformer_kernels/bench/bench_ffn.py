@@ -9,7 +9,7 @@ Implementations, all measured in the same run on the same device:
            2 in the forward, 4 in the backward; the ceiling a fused FFN can reach
 On a CPU only eager, gemm and the package's reference backend run (smoke sizes).
 
-    python benchmarks/bench_ffn.py [--quick] [--dtype bf16 ...] [--d-model 1024 ...] [--tokens 16384 ...]
+    python -m transformer_kernels.bench.bench_ffn [--quick] [--dtype bf16 ...] [--d-model 1024 ...] [--tokens 16384 ...]
                                    [--activation relu] [--dropout 0.1] [--out DIR]
 
 Tile configs: autotuned by default, the first candidate with --quick (autotuning every case costs
@@ -21,24 +21,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
+    Impl,
+    Measured,
     Report,
     autotune,
     chosen_dtypes,
     default_device,
-    input_sets,  # noqa: E402
+    input_sets,
     label,
-    mark_not_run,
+    measure,
     standalone_parser,
     time_ms,
     time_passes,
@@ -63,18 +62,16 @@ def package(backend):
     return lambda x, w1, b1, w2, b2, activation, p: tk.ffn(x, w1, b1, w2, b2, activation, p, backend=backend)
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> callable, or a string saying why it cannot run here."""
-    impls = {"eager": eager}
+def implementations(device: torch.device) -> list[Impl]:
+    """The columns but the last, the bare GEMMs (:func:`bare_gemms`, timed in run_case)."""
+    impls = [Impl("eager", eager)]
     if device.type != "cuda":
-        impls["reference"] = package("reference")
-        impls["compile"] = impls["triton"] = impls["cuda"] = "needs a CUDA device"
-    else:
-        impls["compile"] = "compile"  # compiled per shape, in run_case
-        for backend in ("triton", "cuda"):
-            reason = tk.backends.why_not("ffn", backend, device, torch.float16)
-            impls[backend] = package(backend) if reason is None else reason
-    impls["gemm"] = "gemm"  # its own callables per pass, in run_case
+        impls.append(Impl("reference", package("reference")))
+        return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton", "cuda")]
+    impls.append(Impl("compile", eager, compile=True))
+    for backend in ("triton", "cuda"):
+        reason = tk.backends.why_not("ffn", backend, device, torch.float16)
+        impls.append(Impl.unless(reason, backend, package(backend)))
     return impls
 
 
@@ -120,32 +117,25 @@ def make_inputs(tokens, d_model, dtype, device, activation, p, seed):
     return (x, w1, b1, w2, b2, activation, p), torch.randn(tokens, d_model, device=device, dtype=dtype)
 
 
-def run_case(tokens, d_model, dtype, device, impls, activation, p, quick):
+def run_case(tokens, d_model, dtype, device, impls: list[Impl], activation, p, quick) -> Measured:
     elt = torch.tensor([], dtype=dtype).element_size()
     nbytes = (2 * tokens * d_model + 8 * d_model * d_model) * elt
     sets = input_sets(lambda seed: make_inputs(tokens, d_model, dtype, device, activation, p, seed), device, nbytes)
     inputs = sets[0][0]
     with torch.no_grad():
         ref = eager(*(t.float() for t in inputs[:5]), activation, 0.0)
-    timings = {ps: {} for ps in PASSES}
-    notes = {}
-    for name, fn in impls.items():
-        if fn == "gemm":
-            calls = [bare_gemms(*(t.detach() for t in (ins[0], ins[1], ins[3])), g) for ins, g in sets]
-            for i, ps in enumerate(PASSES):
-                timings[ps][name] = time_ms(lambda call: call(), device, quick=quick, inputs=[(c[i],) for c in calls])
-            continue
-        if isinstance(fn, str) and fn != "compile":
-            mark_not_run(timings, notes, name, fn)
-            continue
-        if fn == "compile":
-            torch._dynamo.reset()
-            fn = torch.compile(eager, dynamic=False)
+
+    def check_one(impl, fn):
         with torch.no_grad():
-            check(fn(*inputs[:5], activation, 0.0), ref, name)
-        for ps, ms in time_passes(fn, sets, device, quick).items():
-            timings[ps][name] = ms
-    return timings, notes
+            check(fn(*inputs[:5], activation, 0.0), ref, impl.name)
+
+    measured = measure(impls, lambda fn: time_passes(fn, sets, device, quick), device, check=check_one)
+    calls = [bare_gemms(*(t.detach() for t in (ins[0], ins[1], ins[3])), g) for ins, g in sets]
+    for i, ps in enumerate(PASSES):
+        measured.timings[ps]["gemm"] = time_ms(
+            lambda call: call(), device, quick=quick, inputs=[(c[i],) for c in calls]
+        )
+    return measured
 
 
 def run(
@@ -183,11 +173,11 @@ def run(
         for dt in dtypes:
             for d in d_models:
                 for t in tokens:
-                    timings, notes = run_case(t, d, dt, device, impls, act, dropout, quick)
+                    measured = run_case(t, d, dt, device, impls, act, dropout, quick)
                     fwd_flops = 4 * t * d * 4 * d
                     for ps, flops in zip(PASSES, (fwd_flops, 2 * fwd_flops, 3 * fwd_flops), strict=True):
                         case = {"dtype": label(dt), "tokens": t, "d_model": d, "d_ff": 4 * d, "pass": ps}
-                        report.add_case(case, timings[ps], flops, baseline="eager", notes=notes)
+                        report.add_case(case, measured.timings[ps], flops, baseline="eager", notes=measured.notes)
     _note_fraction_of_gemm(report)
     return [report]
 
@@ -202,7 +192,7 @@ def _note_fraction_of_gemm(report: Report) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, "fewer sizes and repeats, no autotuning")
     parser.add_argument("--d-model", nargs="+", type=int, default=None)

@@ -10,7 +10,7 @@ layout of a fused projection (SDPA gets [B, H, L, D] views of the same tensors, 
 With a padding mask, SDPA gets the equivalent boolean attn_mask [B, 1, 1, L] (which takes it off
 its flash path) and ours the key_padding_mask. On a CPU only sdpa and the reference run (tiny sizes).
 
-    python benchmarks/bench_attention.py [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_attention [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
 Tile configs: autotuned by default, each bucket's first candidate with --quick (autotuning every
 case costs minutes of compiles); --autotune / --no-autotune override.
@@ -22,24 +22,23 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
+    Impl,
+    Measured,
     Report,
     autotune,
     chosen_dtypes,
     default_device,
-    input_sets,  # noqa: E402
+    input_sets,
     label,
-    peak_mib,
+    measure,
     standalone_parser,
     time_passes,
 )
@@ -87,24 +86,25 @@ def package(backend):
     return lambda q, k, v, causal, kpm: tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> callable, or a string saying why it cannot run here."""
-    impls = {"sdpa": _sdpa_impl()}
+def implementations(device: torch.device) -> list[Impl]:
+    """The columns. Any of them may refuse a case with a RuntimeError (an SDPA backend without a
+    kernel for it): that case records it as not run."""
+    refuses = (RuntimeError,)
+    impls = [Impl("sdpa", _sdpa_impl(), refuses=refuses)]
     if device.type != "cuda":
-        impls["reference"] = package("reference")
-        for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton"):
-            impls[name] = "needs a CUDA device"
-        return impls
+        impls.append(Impl("reference", package("reference"), refuses=refuses))
+        names = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton")
+        return impls + [Impl(name, why_not="needs a CUDA device") for name in names]
     for name, backend in (
         ("sdpa_flash", "FLASH_ATTENTION"),
         ("sdpa_efficient", "EFFICIENT_ATTENTION"),
         ("sdpa_cudnn", "CUDNN_ATTENTION"),
         ("sdpa_math", "MATH"),
     ):
-        impls[name] = _sdpa_impl(backend)
+        impls.append(Impl(name, _sdpa_impl(backend), refuses=refuses))
     reason = tk.backends.why_not("attention", "triton", device, torch.float16, head_dim=128)
-    impls["triton"] = package("triton") if reason is None else reason
-    impls["reference"] = package("reference")
+    impls.append(Impl.unless(reason, "triton", package("triton"), refuses=refuses))
+    impls.append(Impl("reference", package("reference"), refuses=refuses))
     return impls
 
 
@@ -126,7 +126,7 @@ def check(out, expected, name):
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol, msg=lambda m: f"{name} is wrong: {m}")
 
 
-def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
+def run_case(b, seqlen, d, dtype, causal, padding, device, impls: list[Impl], quick) -> Measured:
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(
         lambda seed: make_inputs(b, seqlen, HEADS, d, dtype, device, causal, padding, seed),
@@ -134,32 +134,24 @@ def run_case(b, seqlen, d, dtype, causal, padding, device, impls, quick):
         4 * b * seqlen * HEADS * d * elt,
     )
     inputs, g = sets[0]
-    timings = {p: {} for p in PASSES}
-    notes, peaks = {}, {}
+    q, k, v = inputs[:3]
     with torch.no_grad():
-        expected = impls["sdpa"](*inputs)
-    for name, fn in impls.items():
-        skip = fn if isinstance(fn, str) else None
-        if skip is None and name in ("sdpa_math", "reference") and seqlen > MAX_LEN_MATERIALISED:
-            skip = f"materialises [L, L]; run only for L <= {MAX_LEN_MATERIALISED}"
-        if skip is None:
-            try:
-                with torch.no_grad():
-                    check(fn(*inputs), expected, name)
-            except RuntimeError as e:  # an SDPA backend that cannot take these inputs
-                skip = str(e).splitlines()[0][:120]
-        if skip is not None:
-            notes[name] = skip
-            for p in PASSES:
-                timings[p][name] = None
-            continue
-        for p, ms in time_passes(fn, sets, device, quick).items():
-            timings[p][name] = ms
-        q, k, v = inputs[:3]
-        peaks[name] = peak_mib(
-            lambda fn=fn, inputs=inputs, q=q, k=k, v=v: torch.autograd.grad(fn(*inputs), (q, k, v), g), device
-        )
-    return timings, notes, peaks
+        expected = next(i.fn for i in impls if i.name == "sdpa")(*inputs)
+    if seqlen > MAX_LEN_MATERIALISED:
+        why = f"materialises [L, L]; run only for L <= {MAX_LEN_MATERIALISED}"
+        impls = [i.not_run(why) if i.fn and i.name in ("sdpa_math", "reference") else i for i in impls]
+
+    def check_one(impl, fn):
+        with torch.no_grad():
+            check(fn(*inputs), expected, impl.name)
+
+    return measure(
+        impls,
+        lambda fn: time_passes(fn, sets, device, quick),
+        device,
+        check=check_one,
+        peak=lambda fn: torch.autograd.grad(fn(*inputs), (q, k, v), g),
+    )
 
 
 def run(
@@ -206,7 +198,7 @@ def run(
                             if quick and padding and seqlen != max(seqlens):
                                 continue
                             b = max(tokens // seqlen, 1)
-                            timings, notes, peaks = run_case(b, seqlen, d, dt, causal, padding, device, impls, quick)
+                            measured = run_case(b, seqlen, d, dt, causal, padding, device, impls, quick)
                             fwd_flops = 4 * b * HEADS * seqlen * seqlen * d * (0.5 if causal else 1.0)
                             flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
                             for p in PASSES:
@@ -221,17 +213,17 @@ def run(
                                 }
                                 report.add_case(
                                     case,
-                                    timings[p],
+                                    measured.timings[p],
                                     int(flops[p]),
                                     baseline="sdpa",
-                                    notes=notes,
-                                    peaks=peaks if p == "fwd+bwd" else None,
+                                    notes=measured.notes,
+                                    peaks=measured.peaks if p == "fwd+bwd" else None,
                                 )
     return [report]
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, "a few sizes and repeats")
     parser.add_argument("--seqlen", nargs="+", type=int, default=None)

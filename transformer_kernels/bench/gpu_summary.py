@@ -7,11 +7,9 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformer_kernels.info import environment
 
-from benchmarks.common import git_commit  # noqa: E402
-from transformer_kernels.info import environment  # noqa: E402
+from .common import git_commit
 
 
 def test_counts(junit: Path) -> str:

@@ -23,7 +23,8 @@ and every row's first training step must give a finite loss within 10% of nn_eag
 On a CPU a small model stands in for the base model (the fused kernels and torch.compile rows
 need a GPU; auto is the reference backend there).
 
-    python benchmarks/bench_training.py [--quick] [--dtype bf16 ...] [--batch B] [--max-len L] [--out DIR]
+    python -m transformer_kernels.bench.bench_training [--quick] [--dtype bf16 ...] [--batch B]
+                                                       [--max-len L] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,27 +37,24 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
+from transformer_kernels.models import EncoderDecoder, TransformerConfig
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     Report,
     autotune,
     chosen_dtypes,
     default_device,
     label,
-    peak_mib,  # noqa: E402
+    peak_mib,
     standalone_parser,
     time_steps_ms,
 )
-from transformer_kernels.models import EncoderDecoder, TransformerConfig  # noqa: E402
 
 LABEL_SMOOTHING = 0.1
 IMPLS = ("nn_eager", "auto", "reference", "nn_compile")  # the slowest to start (compiling) last
@@ -364,7 +362,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(
         __doc__,

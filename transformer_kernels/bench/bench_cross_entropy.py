@@ -14,37 +14,36 @@ On a CPU only eager and the package's reference backend run (smoke sizes).
 Peak memory: torch.cuda.max_memory_allocated() during one loss + backward, minus what was allocated
 before it (the inputs); on a CPU it is not measured.
 
-    python benchmarks/bench_cross_entropy.py [--quick] [--dtype bf16 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_cross_entropy [--quick] [--dtype bf16 ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     PASSES,
+    Impl,
+    Measured,
     Report,
     chosen_dtypes,
     default_device,
     input_sets,
-    label,  # noqa: E402
-    mark_not_run,
-    peak_mib,
+    label,
+    measure,
     standalone_parser,
     time_ms,
     time_passes,
 )
 
 SMOOTHING = 0.1
+LCE_PASS = "loss+bwd"
 CE_BYTE_COUNTS = (
     "the least traffic of the op: fwd reads the logits, N*V*elt; bwd and fwd+bwd read the "
     "logits and write their gradient, 2*N*V*elt (targets and the loss not counted)"
@@ -63,24 +62,21 @@ def lce_eager(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
-def implementations(op: str, device: torch.device) -> dict:
-    """name -> callable, or a string saying why it cannot run here; ``op`` a package op's name."""
+def implementations(op: str, device: torch.device) -> list[Impl]:
+    """The columns of ``op``'s table, a package op's name; a linear_cross_entropy case that runs out
+    of memory (the eager logits are [N, V]) records the implementation as not run."""
     fn = getattr(tk, op)
     kw = dict(label_smoothing=SMOOTHING) if op == "cross_entropy" else {}
-    impls = {"eager": ce_eager if op == "cross_entropy" else lce_eager}
+    eager = ce_eager if op == "cross_entropy" else lce_eager
+    oom = (torch.OutOfMemoryError,) if op == "linear_cross_entropy" else ()
+    impls = [Impl("eager", eager, refuses=oom)]
     if device.type != "cuda":
-        impls["reference"] = lambda *a: fn(*a, backend="reference", **kw)
-        impls["compile"] = impls["triton"] = "needs a CUDA device"
-        return impls
-    impls["compile"] = "compile"  # compiled per shape, in the case
+        impls.append(Impl("reference", lambda *a: fn(*a, backend="reference", **kw)))
+        return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton")]
+    impls.append(Impl("compile", eager, compile=True, refuses=oom))
     reason = tk.backends.why_not(op, "triton", device, torch.bfloat16, vocab=1)
-    impls["triton"] = (lambda *a: fn(*a, backend="triton", **kw)) if reason is None else reason
+    impls.append(Impl.unless(reason, "triton", lambda *a: fn(*a, backend="triton", **kw), refuses=oom))
     return impls
-
-
-def _compiled(fn):
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
 
 
 def ce_inputs(n, v, dtype, device, seed):
@@ -90,28 +86,20 @@ def ce_inputs(n, v, dtype, device, seed):
     return (logits, torch.randint(0, v, (n,), device=device)), torch.randn((), device=device)
 
 
-def ce_case(n, v, dtype, device, impls, quick):
+def ce_case(n, v, dtype, device, impls: list[Impl], quick) -> Measured:
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(lambda seed: ce_inputs(n, v, dtype, device, seed), device, n * v * elt)
     logits, t = sets[0][0]
     with torch.no_grad():
         ref = ce_eager(logits.float(), t).item()
-    timings = {p: {} for p in PASSES}
-    notes = {}
-    for name, fn in impls.items():
-        if isinstance(fn, str) and fn != "compile":
-            mark_not_run(timings, notes, name, fn)
-            continue
-        fn = _compiled(ce_eager) if fn == "compile" else fn
+
+    def check_one(impl, fn):
         with torch.no_grad():
             loss = fn(logits, t).item()
         if abs(loss - ref) > 1e-2 * abs(ref):
-            raise AssertionError(f"cross_entropy {name}: loss {loss} != fp32 eager's {ref}")
-        for p, ms in time_passes(fn, sets, device, quick).items():
-            timings[p][name] = ms
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return timings, notes
+            raise AssertionError(f"cross_entropy {impl.name}: loss {loss} != fp32 eager's {ref}")
+
+    return measure(impls, lambda fn: time_passes(fn, sets, device, quick), device, check=check_one)
 
 
 def lce_inputs(n, v, d, dtype, device, seed):
@@ -121,34 +109,29 @@ def lce_inputs(n, v, d, dtype, device, seed):
     return h, w, torch.randint(0, v, (n,), device=device)
 
 
-def lce_case(n, v, d, dtype, device, impls, quick):
+def lce_case(n, v, d, dtype, device, impls: list[Impl], quick) -> Measured:
+    """One pass, ``LCE_PASS``: the loss and its backward to hidden and weight."""
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(lambda seed: lce_inputs(n, v, d, dtype, device, seed), device, (n + v) * d * elt)
-    timings, peaks, notes = {}, {}, {}
-    ref = None
-    for name, fn in impls.items():
-        if isinstance(fn, str) and fn != "compile":
-            notes[name], timings[name], peaks[name] = fn, None, None
-            continue
-        fn = _compiled(lce_eager) if fn == "compile" else fn
+    first = []  # the first implementation's loss, the others' reference
 
-        def step(h, w, t, fn=fn):
-            return torch.autograd.grad(fn(h, w, t), (h, w))
+    def check_one(impl, fn):
+        loss = fn(*sets[0]).item()
+        first.append(loss)
+        if abs(loss - first[0]) > 1e-2 * abs(first[0]):
+            raise AssertionError(f"linear_cross_entropy {impl.name}: loss {loss} != eager's {first[0]}")
 
-        try:
-            loss = fn(*sets[0]).item()
-        except torch.OutOfMemoryError:
-            notes[name], timings[name], peaks[name] = "out of memory", None, None
-            torch.cuda.empty_cache()
-            continue
-        ref = loss if ref is None else ref
-        if abs(loss - ref) > 1e-2 * abs(ref):
-            raise AssertionError(f"linear_cross_entropy {name}: loss {loss} != eager's {ref}")
-        peaks[name] = peak_mib(lambda: step(*sets[0]), device)
-        timings[name] = time_ms(step, device, quick=quick, inputs=sets)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return timings, peaks, notes
+    def step(fn):
+        return lambda h, w, t: torch.autograd.grad(fn(h, w, t), (h, w))
+
+    return measure(
+        impls,
+        lambda fn: {LCE_PASS: time_ms(step(fn), device, quick=quick, inputs=sets)},
+        device,
+        check=check_one,
+        peak=lambda fn: step(fn)(*sets[0]),
+        passes=[LCE_PASS],
+    )
 
 
 def run(
@@ -178,14 +161,14 @@ def run(
     for dt in dtypes:
         elt = torch.tensor([], dtype=dt).element_size()
         for n, v in ce_cases:
-            timings, notes = ce_case(n, v, dt, device, impls, quick)
+            measured = ce_case(n, v, dt, device, impls, quick)
             for p in PASSES:
                 ce.add_case(
                     {"dtype": label(dt), "N": n, "V": v, "pass": p},
-                    timings[p],
+                    measured.timings[p],
                     (1 if p == "fwd" else 2) * n * v * elt,
                     baseline="eager",
-                    notes=notes,
+                    notes=measured.notes,
                 )
 
     lce = Report(
@@ -200,20 +183,20 @@ def run(
     impls = implementations("linear_cross_entropy", device)
     for dt in dtypes:
         for n, v in lce_cases:
-            timings, peaks, notes = lce_case(n, v, d, dt, device, impls, quick)
+            measured = lce_case(n, v, d, dt, device, impls, quick)
             lce.add_case(
                 {"dtype": label(dt), "N": n, "V": v, "d": d},
-                timings,
+                measured.timings[LCE_PASS],
                 6 * n * v * d,
                 baseline="eager",
-                notes=notes,
-                peaks=peaks,
+                notes=measured.notes,
+                peaks=measured.peaks,
             )
     return [ce, lce]
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__)
     args = parser.parse_args(argv)

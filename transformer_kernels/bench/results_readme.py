@@ -1,7 +1,7 @@
 """Renders ``benchmarks/results/README.md`` from a results folder: card, date, commit, each kernel's
 performance target beside what was measured (misses as plainly as wins), every table and plot.
 
-    python benchmarks/results_readme.py [RESULTS_DIR] [--output benchmarks/results/README.md]
+    python -m transformer_kernels.bench.results_readme [RESULTS_DIR] [--output benchmarks/results/README.md]
 
 RESULTS_DIR is what the suite wrote (``python -m transformer_kernels bench --out DIR``), or the
 folder of ``gpu_check.sh``, which keeps the suite's results in ``bench/``. Without it, the newest
@@ -21,12 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from .common import Report, Row, load_reports
 
-from benchmarks.common import Report, Row, load_reports  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+# The repository's results folder, relative to the checkout's root (where this runs from).
+RESULTS = Path("benchmarks") / "results"
 PACKAGE = ("triton", "cuda")  # the package's kernel backends, as the op benchmarks name their rows
 
 Reports = dict[str, Report]
@@ -227,11 +225,9 @@ TARGETS = (
 PENDING = """Once GPU results exist, this file holds the card, driver, versions, date and commit, each
 benchmark's table and plots, and each target above beside what was measured, misses as plainly as
 wins. To produce them, on a GPU machine:"""
-HOW_TO = """    bash benchmarks/gpu_check.sh benchmarks/results/<card>-<date>         # build, tests, quick suite
-    python benchmarks/suite.py --out benchmarks/results/<card>-<date>/bench  # optional: full sizes
-    python benchmarks/results_readme.py benchmarks/results/<card>-<date>     # rewrites this file
-
-(`python -m transformer_kernels bench ...` is the same as `python benchmarks/suite.py ...`.)"""
+HOW_TO = """    bash benchmarks/gpu_check.sh benchmarks/results/<card>-<date>               # build, tests, quick suite
+    python -m transformer_kernels bench --out benchmarks/results/<card>-<date>/bench  # optional: full sizes
+    python -m transformer_kernels.bench.results_readme benchmarks/results/<card>-<date>  # rewrites this file"""
 
 
 def find_results(path: Path) -> Path:

@@ -30,15 +30,18 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from transformer_kernels.info import environment
 
-# Case labels of the dtypes (the suite's --dtype takes torch's names: float16, bfloat16, float32).
+# The dtypes' one spelling, in case labels, results and on every command line (which also takes
+# torch's names: DTYPE_ALIASES).
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 UNITS = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
 
@@ -65,22 +68,28 @@ def standalone_parser(
     benchmark adds its own options to it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None, help=dtype_help)
+    parser.add_argument("--dtype", nargs="+", type=parse_dtype, metavar=DTYPE_METAVAR, default=None, help=dtype_help)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
+DTYPE_METAVAR = "{" + ",".join(DTYPES) + "}"
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """A command line's dtype: ``bf16``, ``fp16``, ``fp32``, or torch's name (``bfloat16``, ...)."""
+    key = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}: expected one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
+        )
+    return DTYPES[key]
+
+
 def chosen_dtypes(args: argparse.Namespace) -> list[torch.dtype] | None:
     """The dtypes of a :func:`standalone_parser` command line; None: the benchmark's default."""
-    return [DTYPES[d] for d in args.dtype] if args.dtype else None
-
-
-def mark_not_run(timings: dict[str, dict], notes: dict[str, str], impl: str, reason: str) -> None:
-    """Record ``impl`` as not run, in every pass of ``timings`` (pass -> impl -> ms), and why."""
-    notes[impl] = reason
-    for per_pass in timings.values():
-        per_pass[impl] = None
+    return list(dict.fromkeys(args.dtype)) if args.dtype else None
 
 
 def label(dtype: torch.dtype) -> str:
@@ -232,6 +241,90 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation a benchmark measures (a column of its tables), or why it does not run here.
+
+    ``fn`` takes the benchmark's inputs; with ``compile`` it is handed to ``torch.compile`` (static
+    shapes, after a dynamo reset) afresh for every case. ``check`` says whether its output is
+    compared with the case's expected output before timing (a baseline compared with itself need
+    not be). ``refuses``: exceptions of the first call that mean "cannot take these inputs" (an
+    SDPA backend that has no kernel for them, an out-of-memory): the case records it as not run,
+    with the error's first line, instead of failing the benchmark."""
+
+    name: str
+    fn: Callable[..., Any] | None = None
+    why_not: str | None = None  # set: not run anywhere in this benchmark (fn is None)
+    compile: bool = False
+    check: bool = True
+    refuses: tuple[type[BaseException], ...] = ()
+
+    @classmethod
+    def unless(cls, why_not: str | None, name: str, fn: Callable[..., Any], **kw: Any) -> Impl:
+        """``fn`` as ``name``, or not run for the reason ``why_not`` when there is one."""
+        return cls(name, why_not=why_not, **kw) if why_not else cls(name, fn, **kw)
+
+    def not_run(self, why: str) -> Impl:
+        """This implementation, not run (for one case: a size it cannot hold, ...)."""
+        return replace(self, fn=None, why_not=why)
+
+
+@dataclass
+class Measured:
+    """What :func:`measure` found for one case: ``timings[pass][impl]`` (ms, None: not run), why
+    each implementation that did not run did not, and peak memory per implementation."""
+
+    timings: dict[str, dict[str, float | None]]
+    notes: dict[str, str] = field(default_factory=dict)
+    peaks: dict[str, float | None] = field(default_factory=dict)
+
+
+def measure(
+    impls: Sequence[Impl],
+    timer: Callable[[Callable[..., Any]], dict[str, float]],
+    device: torch.device,
+    *,
+    check: Callable[[Impl, Callable[..., Any]], None] | None = None,
+    peak: Callable[[Callable[..., Any]], object] | None = None,
+    passes: Sequence[str] = PASSES,
+) -> Measured:
+    """The one run/skip/compile loop of the op benchmarks, for one case: for each implementation,
+    not run (and why), or compiled if asked, checked (``check(impl, fn)`` raises when it is wrong:
+    the benchmark fails; an exception in ``impl.refuses`` marks it not run instead), timed
+    (``timer(fn)`` -> milliseconds per pass) and, with ``peak``, the peak memory of one ``peak(fn)``."""
+    result = Measured({p: {} for p in passes})
+
+    def not_run(impl: Impl, why: str) -> None:
+        result.notes[impl.name] = why
+        result.peaks[impl.name] = None
+        for per_pass in result.timings.values():
+            per_pass[impl.name] = None
+
+    for impl in impls:
+        if impl.fn is None:
+            not_run(impl, impl.why_not or "not available")
+            continue
+        fn = impl.fn
+        if impl.compile:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, dynamic=False)
+        if check is not None and impl.check:
+            try:
+                check(impl, fn)
+            except impl.refuses as e:
+                not_run(impl, str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+        for p, ms in timer(fn).items():
+            result.timings[p][impl.name] = ms
+        if peak is not None:
+            result.peaks[impl.name] = peak_mib(lambda fn=fn: peak(fn), device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
 
 
 @dataclass

@@ -7,31 +7,30 @@ Implementations, all measured in the same run on the same device:
   cuda     transformer_kernels, backend='cuda'
 On a CPU only the eager baseline and the package's reference backend run (smoke sizes).
 
-    python benchmarks/bench_layer_norm.py [--quick] [--dtype bf16 ...] [--hidden 1024 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_layer_norm [--quick] [--dtype bf16 ...] [--hidden 1024 ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import transformer_kernels as tk
 
-import transformer_kernels as tk  # noqa: E402
-from benchmarks.common import (
+from .common import (
     DTYPES,
     PASSES,
+    Impl,
+    Measured,
     Report,
     chosen_dtypes,
     default_device,
     input_sets,
-    label,  # noqa: E402
-    mark_not_run,
+    label,
+    measure,
     standalone_parser,
     time_ms,
     time_passes,
@@ -54,17 +53,17 @@ def package(backend):
     return lambda x, r, w, b, p=DROPOUT_P: tk.dropout_add_layer_norm(x, r, w, b, p, EPS, backend=backend)
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> callable, or a string saying why it cannot run here."""
-    impls = {"eager": eager}
+def implementations(device: torch.device) -> list[Impl]:
+    """The columns; the baseline and the compiled baseline are not checked (the check runs without
+    dropout, which would compile a second graph)."""
+    impls = [Impl("eager", eager, check=False)]
     if device.type != "cuda":
-        impls["reference"] = package("reference")
-        impls["compile"] = impls["triton"] = impls["cuda"] = "needs a CUDA device"
-        return impls
-    impls["compile"] = "compile"  # compiled per shape, in run_case
+        impls.append(Impl("reference", package("reference")))
+        return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton", "cuda")]
+    impls.append(Impl("compile", eager, compile=True, check=False))
     for backend in ("triton", "cuda"):
         reason = tk.backends.why_not("dropout_add_layer_norm", backend, device, torch.float16, hidden=1)
-        impls[backend] = package(backend) if reason is None else reason
+        impls.append(Impl.unless(reason, backend, package(backend)))
     return impls
 
 
@@ -91,27 +90,18 @@ def make_inputs(m, n, dtype, device, seed):
     return (x, r, w, b), torch.randn(m, n, device=device, dtype=dtype)
 
 
-def run_case(n: int, m: int, dtype: torch.dtype, device: torch.device, impls: dict, quick: bool):
+def run_case(n: int, m: int, dtype: torch.dtype, device: torch.device, impls: list[Impl], quick: bool) -> Measured:
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(lambda seed: make_inputs(m, n, dtype, device, seed), device, 3 * m * n * elt)
     x, r, w, b = sets[0][0]
     with torch.no_grad():
         ref = F.layer_norm(x.float() + r.float(), (n,), w.float(), b.float(), EPS)
-    timings = {p: {} for p in PASSES}
-    notes = {}
-    for name, fn in impls.items():
-        if isinstance(fn, str) and fn != "compile":
-            mark_not_run(timings, notes, name, fn)
-            continue
-        if fn == "compile":
-            torch._dynamo.reset()
-            fn = torch.compile(eager, dynamic=False)
-        elif fn is not eager:
-            with torch.no_grad():
-                check(fn(x, r, w, b, 0.0), ref, name)
-        for p, ms in time_passes(fn, sets, device, quick).items():
-            timings[p][name] = ms
-    return timings, notes
+
+    def check_one(impl, fn):
+        with torch.no_grad():
+            check(fn(x, r, w, b, 0.0), ref, impl.name)
+
+    return measure(impls, lambda fn: time_passes(fn, sets, device, quick), device, check=check_one)
 
 
 def run(
@@ -150,7 +140,7 @@ def run(
         elt = torch.tensor([], dtype=dt).element_size()
         for n in hidden:
             m = max(elements // n, 1)
-            timings, notes = run_case(n, m, dt, device, impls, quick)
+            measured = run_case(n, m, dt, device, impls, quick)
             per_pass_bytes = {
                 "fwd": 3 * m * n * elt + 2 * n * elt,
                 "bwd": 4 * m * n * elt + 4 * n * elt,
@@ -158,7 +148,7 @@ def run(
             }
             for p in PASSES:
                 case = {"dtype": label(dt), "M": m, "N": n, "pass": p}
-                report.add_case(case, timings[p], per_pass_bytes[p], baseline="eager", notes=notes)
+                report.add_case(case, measured.timings[p], per_pass_bytes[p], baseline="eager", notes=measured.notes)
     for row in report.rows:
         if row.rate is not None:
             row.note = f"{100 * row.rate / copy_gbps:.0f}% of copy bandwidth"
@@ -166,7 +156,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__)
     parser.add_argument("--hidden", nargs="+", type=int, default=None)

@@ -8,7 +8,7 @@
 - ``<report>.png``: bars of the rate (and of peak memory, where measured) per implementation, for
   reports without a sweep (training throughput, decoding).
 
-    python benchmarks/plots.py DIR        (writes DIR/plots/)
+    python -m transformer_kernels.bench.plots DIR        (writes DIR/plots/)
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ import math
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from benchmarks.common import Report, Row, load_reports, peak_dram_gbps  # noqa: E402
+from .common import Report, Row, load_reports, peak_dram_gbps
 
 
 def _panels(report: Report) -> dict[tuple, list[Row]]:
@@ -79,7 +76,7 @@ def _finish(fig, report: Report, what: str, path: Path) -> Path:
 def speedup(report: Report, path: Path) -> Path:
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid may have spare axes
+    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid's spare axes stay hidden
         if _lines(ax, rows, report.x, lambda r: r.speedup, skip=(report.baseline,)):
             ax.legend(fontsize=7)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
@@ -100,7 +97,7 @@ def roofline(report: Report, path: Path) -> Path:
     scale = peak or 1.0
     groups = _panels(report)
     fig, axes = _grid(len(groups))
-    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid may have spare axes
+    for ax, (key, rows) in zip(axes, groups.items(), strict=False):  # the grid's spare axes stay hidden
         _lines(ax, rows, report.x, lambda r: None if r.rate is None else r.rate / scale)
         ax.set_ylim(bottom=0)
         if peak:
@@ -130,9 +127,11 @@ def bars(report: Report, path: Path) -> Path:
     width = 0.8 / len(impls)
     keys = report.panels or list(report.rows[0].case)
     labels = ["\n".join(f"{k}={dict(c)[k]}" for k in keys) for c in cases]
-    # One panel, or two with memory: the zip stops at the panels there are.
     for ax, value, ylabel in zip(
-        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs"), strict=False
+        axes[0],
+        (lambda r: r.rate, lambda r: r.peak_mib),
+        (report.unit, "peak MiB above the inputs"),
+        strict=False,  # one axis (no peak memory measured) or two
     ):
         for j, impl in enumerate(impls):
             xs = [i + j * width for i in range(len(cases))]

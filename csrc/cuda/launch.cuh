@@ -1,0 +1,28 @@
+// Host-side launch helpers shared by the CUDA ops: the 16-byte alignment test that picks the
+// vectorised kernels, and the dropout parameters a kernel receives.
+#pragma once
+
+#include "elementwise.cuh"
+
+#include <cmath>
+#include <cstdint>
+
+namespace tk {
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename... Ptrs>
+bool all_aligned16(Ptrs... ptrs) {
+  return (aligned16(ptrs) && ...);  // null pointers count as aligned
+}
+
+inline Dropout make_dropout(double p, int64_t seed) {
+  Dropout d;
+  d.seed = static_cast<uint64_t>(seed);
+  d.threshold = static_cast<uint32_t>(std::llrint(p * 16777216.0));
+  d.scale = static_cast<float>(p < 1.0 ? 1.0 / (1.0 - p) : 0.0);
+  d.enabled = p > 0.0;
+  return d;
+}
+
+}  // namespace tk
