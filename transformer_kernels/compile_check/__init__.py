@@ -52,8 +52,6 @@ def run_check(
     progress=None,
 ) -> dict:
     """Capture, compile and judge; returns the report (``rows``, ``unreached``, ``stale``, ``failed``)."""
-    import triton
-
     known = list(known)
     archs = list(archs)
     modules = list(modules)
@@ -86,39 +84,69 @@ def run_check(
     jobs = list(rows)
     start = time.monotonic()
     results = core.compile_all(jobs, workers, progress)
-    version = triton.__version__
-    out = []
-    for job, result in zip(jobs, results, strict=True):
-        row = {**rows[job], **result}
-        if "error" not in result:
+    seconds = time.monotonic() - start
+    out = [{**rows[job], **result} for job, result in zip(jobs, results, strict=True)]
+    unreached = sorted(set(core.jit_functions(modules)) - reached) if kernel is None else []
+    full_sweep = kernel is None and set(archs) == set(core.ARCHS)
+    report = {"versions": versions(), "archs": archs, "compile_seconds": round(seconds, 1), "unreached": unreached}
+    return finish(report, out, spill_budget, known, full_sweep)
+
+
+def finish(report: dict, rows: list[dict], spill_budget: int, known: list[core.KnownOffender], full_sweep: bool):
+    """Occupancy and verdict of every compiled row; the stale known offenders; pass or fail."""
+    version = report["versions"]["triton"]
+    for row in rows:
+        if "error" not in row:
             row["blocks_per_sm"] = core.blocks_per_sm(
                 core.ARCHS[row["arch"]], row["threads"], row["registers"], row["shared"]
             )
         row["verdict"], row["reason"] = core.judge(row, spill_budget, known, version)
-        out.append(row)
-    out.sort(key=lambda r: (r["kernel"], r["arch"], r["problems"][0], r["config"]))
-    full_sweep = kernel is None and set(archs) == set(core.ARCHS)
-    unreached = sorted(set(core.jit_functions(modules)) - reached) if kernel is None else []
+    rows.sort(key=lambda r: (r["kernel"], r["arch"], r["problems"][0], r["config"]))
     stale = []
     if full_sweep:
         stale = [
             o
             for o in known
-            if not any(r["verdict"] == "known" and o.matches(r, version) for r in out)
-            and fnmatch.fnmatchcase(version, o.triton)
+            if fnmatch.fnmatchcase(version, o.triton)
+            and not any(r["verdict"] == "known" and o.matches(r, version) for r in rows)
         ]
-    failed = any(r["verdict"] == "FAIL" for r in out) or bool(unreached) or bool(stale)
+    # A stale entry is reported, not failed: a kernel fixed on one branch must not turn another's CI
+    # red before its entry can be deleted in the same merge.
+    failed = any(r["verdict"] == "FAIL" for r in rows) or bool(report["unreached"])
     return {
-        "versions": versions(),
-        "archs": archs,
+        **report,
         "spill_budget": spill_budget,
-        "compiles": len(out),
-        "compile_seconds": round(time.monotonic() - start, 1),
-        "rows": out,
-        "unreached": unreached,
+        "compiles": len(rows),
+        "rows": rows,
         "stale_known_offenders": [vars(o) for o in stale],
         "failed": failed,
     }
+
+
+def rejudge(paths: list[Path]) -> dict:
+    """Saved Triton reports (one or several, e.g. one per ``--kernel`` group) judged again with today's
+    known offenders and budget, without compiling; reachability from a fresh capture."""
+    from . import problems
+
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [
+        {k: v for k, v in r.items() if k not in ("verdict", "reason", "blocks_per_sm")}
+        for x in reports
+        for r in x["rows"]
+    ]
+    archs = sorted({a for x in reports for a in x["archs"]})
+    launched, reached = set(), set()
+    for launch in core.capture(problems.problems()):
+        launched.add(core.kernel_name(launch.fn))
+        reached |= {core.kernel_name(launch.fn), *core.callees(launch.fn)}
+    report = {
+        "versions": reports[0]["versions"],
+        "archs": archs,
+        "compile_seconds": round(sum(x["compile_seconds"] for x in reports), 1),
+        "unreached": sorted(set(core.jit_functions(problems.modules())) - reached),
+    }
+    full_sweep = set(archs) == set(core.ARCHS) and launched <= {r["kernel"] for r in rows}
+    return finish(report, rows, SPILL_BUDGET, problems.KNOWN_OFFENDERS, full_sweep)
 
 
 def matches_kernel(name: str, patterns: str) -> bool:
@@ -193,11 +221,34 @@ def summary(report: dict) -> str:
     ]
     lines += [f"UNREACHED: {name}: no problem launches it" for name in report["unreached"]]
     lines += [
-        f"STALE known offender {o['kernel']} {o['problem']} {o['config']}: it no longer fails; delete it"
+        f"STALE known offender {o['kernel']} / {o['problem']} / {o['config']} / arch {o['arch']}: it no "
+        f"longer fails; delete its entry (the list only shrinks)"
         for o in report["stale_known_offenders"]
     ]
     lines.append("FAILED" if report["failed"] else "PASSED")
     return "\n".join(lines)
+
+
+def markdown(report: dict, what: str) -> str:
+    v = report["versions"]
+    tools = ", ".join(f"{k} {v[k]}" for k in ("triton", "triton_ptxas", "nvcc", "torch", "torch_cuda") if k in v)
+    return "\n".join(
+        [
+            f"# Offline compile check: {what}",
+            "",
+            f"`python -m transformer_kernels compile-check{' --cuda' if 'nvcc' in v else ''}` at commit "
+            f"{v.get('commit', '?')}; {tools}. Shared memory per block, registers per thread, spill "
+            "bytes per thread (stores/loads) from ptxas, resident blocks per SM; `[default]` marks the "
+            "config that runs untuned (TK_AUTOTUNE=0).",
+            "",
+            "```",
+            summary(report),
+            "```",
+            "",
+            table(report, markdown=True),
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -213,6 +264,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
     parser.add_argument("--cuda", action="store_true", help="check the CUDA extension's kernels instead")
     parser.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    parser.add_argument(
+        "--rejudge", type=Path, nargs="+", metavar="JSON", help="judge saved reports again, without compiling"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1" and not args.cuda:
         parser.error("TRITON_INTERPRET=1 turns the kernels into interpreted functions; unset it to compile them")
@@ -222,7 +276,9 @@ def main(argv=None) -> int:
         parser.error(f"--arch takes comma-separated compute capabilities such as 80,90 (got {args.arch!r})")
     if unknown := set(archs) - set(core.ARCHS):
         parser.error(f"--arch {sorted(unknown)} not supported; choose from {sorted(core.ARCHS)}")
-    if args.cuda:
+    if args.rejudge:
+        report = rejudge(args.rejudge)
+    elif args.cuda:
         from . import cuda
 
         report = cuda.run_check(archs, kernel=args.kernel, workers=args.jobs)
@@ -247,7 +303,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     if args.markdown:
-        args.markdown.write_text(table(report, markdown=True) + "\n")
+        args.markdown.write_text(markdown(report, "CUDA extension" if args.cuda else "Triton kernels"))
     return 1 if report["failed"] else 0
 
 

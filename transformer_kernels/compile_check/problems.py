@@ -130,7 +130,7 @@ def problems() -> list[Problem]:
 # ---------------------------------------------------------------------------------------------
 # Known offenders: failures that exist today, each being fixed in its kernel. An entry matches
 # rows by glob (kernel, problem, config, arch, Triton version); a matched row reports "known" instead
-# of failing. The list only shrinks: an entry that matches no failing row in a full sweep fails the
-# check ("stale"), so a fixed kernel takes its entry with it.
+# of failing. The list only shrinks: a full sweep names every entry that no longer matches a failure
+# ("STALE"), for its deletion.
 
 KNOWN_OFFENDERS: list[KnownOffender] = []
