@@ -139,5 +139,8 @@ def test_verdicts_and_known_offenders():
     # an entry is narrow: another arch, config or Triton version still fails
     assert core.judge(_row(spill_stores=999, arch=90), 512, known, "3.8.0")[0] == "FAIL"
     assert core.judge(_row(spill_stores=999, config="BLOCK=32 w4 s3"), 512, known, "3.8.0")[0] == "FAIL"
+    by_path = [core.KnownOffender("m.k", flags="*HAS_DROPOUT=True*", why="the dropout path")]
+    assert core.judge(_row(spill_stores=999, flags="HAS_DROPOUT=True"), 512, by_path, "3.8.0")[0] == "known"
+    assert core.judge(_row(spill_stores=999, flags="HAS_DROPOUT=False"), 512, by_path, "3.8.0")[0] == "FAIL"
     only_36 = [core.KnownOffender("m.k", triton="3.6.*", why="3.6 only")]
     assert core.judge(_row(spill_stores=999), 512, only_36, "3.8.0")[0] == "FAIL"

@@ -71,6 +71,7 @@ def run_check(
                 {
                     "kernel": core.kernel_name(launch.fn),
                     "config": core.config_label(launch),
+                    "flags": core.flags_label(launch),
                     "arch": arch,
                     "problems": [],
                     "default": False,

@@ -458,6 +458,7 @@ class KnownOffender:
     kernel: str
     problem: str = "*"
     config: str = "*"
+    flags: str = "*"
     arch: int | None = None
     triton: str = "*"  # glob on triton.__version__
     why: str = ""
@@ -467,9 +468,21 @@ class KnownOffender:
             fnmatch.fnmatchcase(row["kernel"], self.kernel)
             and any(fnmatch.fnmatchcase(p, self.problem) for p in row["problems"])
             and fnmatch.fnmatchcase(row["config"], self.config)
+            and fnmatch.fnmatchcase(row.get("flags", ""), self.flags)
             and self.arch in (None, row["arch"])
             and fnmatch.fnmatchcase(triton_version, self.triton)
         )
+
+
+def flags_label(launch: Launch) -> str:
+    """``CAUSAL=True HAS_DROPOUT=False ...``: the kernel's own constexpr parameters other than tiles,
+    which pick the code path (a known offender can name the path that spills)."""
+    values = {**dict(zip((p.name for p in launch.fn.params), launch.args, strict=False)), **launch.kwargs}
+    return " ".join(
+        f"{p.name}={values.get(p.name, p.default)}"
+        for p in launch.fn.params
+        if p.is_constexpr and not p.name.startswith(("BLOCK", "GROUP_"))
+    )
 
 
 def config_label(launch: Launch) -> str:
