@@ -82,15 +82,21 @@ def run_check(
                 row["problems"].append(launch.problem)
             row["default"] |= launch.default
             row["tuned"] |= launch.tuned
-    jobs = list(rows)
+    # Round robin over the kernels, so that an interrupted run has looked at each of them.
+    by_kernel: dict[str, list[core.Job]] = {}
+    for job in rows:
+        by_kernel.setdefault(job.qualname, []).append(job)
+    queues = list(by_kernel.values())
+    jobs = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     start = time.monotonic()
     results = core.compile_all(jobs, workers, progress)
     seconds = time.monotonic() - start
-    out = [{**rows[job], **result} for job, result in zip(jobs, results, strict=True)]
+    out = [{**rows[job], **result} for job, result in zip(jobs, results, strict=True) if result is not None]
     unreached = sorted(set(core.jit_functions(modules)) - reached) if kernel is None else []
     full_sweep = kernel is None and set(archs) == set(core.ARCHS)
     report = {"versions": versions(), "archs": archs, "compile_seconds": round(seconds, 1), "unreached": unreached}
-    return finish(report, out, spill_budget, known, full_sweep)
+    report["not_compiled"] = len(jobs) - len(out)  # interrupted
+    return finish(report, out, spill_budget, known, full_sweep and not report["not_compiled"])
 
 
 def finish(report: dict, rows: list[dict], spill_budget: int, known: list[core.KnownOffender], full_sweep: bool):
@@ -113,7 +119,7 @@ def finish(report: dict, rows: list[dict], spill_budget: int, known: list[core.K
         ]
     # A stale entry is reported, not failed: a kernel fixed on one branch must not turn another's CI
     # red before its entry can be deleted in the same merge.
-    failed = any(r["verdict"] == "FAIL" for r in rows) or bool(report["unreached"])
+    failed = any(r["verdict"] == "FAIL" for r in rows) or bool(report["unreached"] or report.get("not_compiled"))
     return {
         **report,
         "spill_budget": spill_budget,
@@ -145,6 +151,7 @@ def rejudge(paths: list[Path]) -> dict:
         "archs": archs,
         "compile_seconds": round(sum(x["compile_seconds"] for x in reports), 1),
         "unreached": sorted(set(core.jit_functions(problems.modules())) - reached),
+        "not_compiled": sum(x.get("not_compiled", 0) for x in reports),
     }
     full_sweep = set(archs) == set(core.ARCHS) and launched <= {r["kernel"] for r in rows}
     return finish(report, rows, SPILL_BUDGET, problems.KNOWN_OFFENDERS, full_sweep)
@@ -221,6 +228,8 @@ def summary(report: dict) -> str:
         f"{counts['FAIL']} failed (spill budget of autotune candidates: {report['spill_budget']} B)"
     ]
     lines += [f"UNREACHED: {name}: no problem launches it" for name in report["unreached"]]
+    if report.get("not_compiled"):
+        lines.append(f"INCOMPLETE: {report['not_compiled']} compiles not run (interrupted)")
     lines += [
         f"STALE known offender {o['kernel']} / {o['problem']} / {o['config']} / arch {o['arch']}: it no "
         f"longer fails; delete its entry (the list only shrinks)"

@@ -29,7 +29,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -385,27 +385,35 @@ def _worker_init(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir
 
 
-def compile_all(jobs: list[Job], workers: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Compile every job, ``workers`` at a time, with a throw-away Triton cache (nothing is reused)."""
-    with tempfile.TemporaryDirectory(prefix="tk-compile-check-") as cache_dir:
-        if workers <= 1:
-            with environment(TRITON_CACHE_DIR=cache_dir):
-                results = []
-                for i, job in enumerate(jobs):
-                    results.append(compile_job(job))
-                    if progress:
-                        progress(i + 1, len(jobs))
-                return results
-        import multiprocessing
+def compile_all(jobs: list[Job], workers: int, progress: Callable[[int, int], None] | None = None) -> list[dict | None]:
+    """Compile every job, ``workers`` at a time, with a throw-away Triton cache (nothing is reused).
 
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            results = []
-            for i, result in enumerate(pool.map(compile_job, jobs, chunksize=1)):
-                results.append(result)
-                if progress:
-                    progress(i + 1, len(jobs))
-            return results
+    Interrupted (Ctrl-C), it returns what it has: ``None`` for the jobs not compiled."""
+    results: list[dict | None] = [None] * len(jobs)
+    with tempfile.TemporaryDirectory(prefix="tk-compile-check-") as cache_dir:
+        try:
+            if workers <= 1:
+                with environment(TRITON_CACHE_DIR=cache_dir):
+                    for i, job in enumerate(jobs):
+                        results[i] = compile_job(job)
+                        if progress:
+                            progress(i + 1, len(jobs))
+                return results
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cache_dir,))
+            try:
+                futures = {pool.submit(compile_job, job): i for i, job in enumerate(jobs)}
+                for done, future in enumerate(as_completed(futures)):
+                    results[futures[future]] = future.result()
+                    if progress:
+                        progress(done + 1, len(jobs))
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+        except KeyboardInterrupt:
+            print(f"interrupted: {sum(r is not None for r in results)} of {len(jobs)} compiled", file=sys.stderr)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
