@@ -1,4 +1,4 @@
-"""Command line: ``python -m transformer_kernels info | train | translate | evaluate | bench``.
+"""Command line: ``python -m transformer_kernels info | train | translate | evaluate | bench | compile-check``.
 
 Each subcommand imports only what it needs: ``info`` stays light (no tokenizers, no safetensors),
 and ``bench`` hands its arguments to the benchmark suite (``transformer_kernels.bench``).
@@ -15,6 +15,7 @@ COMMANDS = {
     "translate": "translate sentences with a trained model (beam search)",
     "evaluate": "BLEU (sacreBLEU) and loss of a trained model on a test set",
     "bench": "the benchmark suite: ops, layers and training throughput against PyTorch (see bench -h)",
+    "compile-check": "compile every kernel for sm_80 and sm_90 offline and check its resources (see -h)",
 }
 
 
@@ -32,6 +33,11 @@ def main(argv=None) -> int:
         if any(a not in ("-h", "--help") for a in argv[:i]):
             raise SystemExit("bench: put the suite's options after `bench`")
         return run_bench(argv[i + 1 :])
+    if command == "compile-check":  # parses its own arguments (--arch, --kernel, --jobs, --json, --cuda)
+        from .compile_check import main as compile_check
+
+        i = argv.index("compile-check")
+        return compile_check(argv[i + 1 :])
     parser = argparse.ArgumentParser(prog="python -m transformer_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
