@@ -206,6 +206,8 @@ CASES = {
     ),
     "bf16_dropout_mqa_113x17_d80": (torch.bfloat16, 1, 113, 17, 4, 1, 80, dict(dropout_p=0.5)),
     "fp16_d256": (torch.float16, 1, 17, 17, 2, 2, 256, {}),
+    "fp16_gqa3_causal_33x47_d40": (torch.float16, 2, 33, 47, 6, 2, 40, dict(causal=True)),
+    "fp32_mqa5_padding_1x47_d24": (torch.float32, 3, 1, 47, 5, 1, 24, dict(padding="random")),
 }
 
 
@@ -215,6 +217,32 @@ CASES = {
 def test_matches_reference(backend, case):
     dtype, b, lq, lk, hq, hkv, d, options = CASES[case]
     _compare(backend, dtype, b, lq, lk, hq, hkv, d, **options)
+
+
+@pytest.mark.parametrize(
+    "group, kv_programs, min_programs, expected",
+    [(1, 4, 264, 1), (32, 32, 264, 16), (32, 300, 264, 1), (6, 50, 264, 6), (6, 50, 100, 2), (7, 10, 30, 7)],
+)
+def test_dkdv_splits(group, kv_programs, min_programs, expected):
+    """The smallest divisor of the group that fills the GPU, or the whole group."""
+    from transformer_kernels.triton import attention as tri
+
+    assert tri._dkdv_splits(group, kv_programs, min_programs) == expected
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("min_programs, splits", [(1, 1), (4, 2)], ids=["one_program_per_group", "two_splits"])
+def test_gqa_dkdv_split_over_query_heads(monkeypatch, min_programs, splits):
+    """dK/dV of a group of 4 query heads summed by 1, 2 (and, in CASES, 4) programs per key tile."""
+    from transformer_kernels.triton import attention as tri
+
+    if device().type == "cuda":
+        monkeypatch.setattr(tri, "_min_programs", lambda dev: min_programs)
+    else:
+        monkeypatch.setattr(tri, "_INTERPRET_MIN_PROGRAMS", min_programs)
+    b, lq, lk, hq, hkv = 1, 33, 113, 4, 1
+    assert tri._dkdv_splits(hq // hkv, -(-lk // tri._SPLIT_TILE) * b * hkv, min_programs) == splits
+    _compare("triton", torch.bfloat16, b, lq, lk, hq, hkv, 48, causal=True, padding="random", dropout_p=0.2)
 
 
 @needs_kernels

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
-from .launch import device_ctx
+from .launch import check_grid, device_ctx
 from .philox import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -52,6 +52,20 @@ def _key_ok(KPM, b, offs_n, Lk, HAS_KPM: tl.constexpr):
     if HAS_KPM:
         ok = ok & (tl.load(KPM + b.to(tl.int64) * Lk + offs_n, mask=ok, other=1) == 0)
     return ok
+
+
+@triton.jit
+def _offsets(rows, stride_r, cols, stride_c):
+    """[R, C] element offsets of a tile, in int64: a row offset alone passes 2^31 at 256k tokens in
+    a fused-QKV layout (stride 3 · H · D), and a head-dim stride may be as large as a row's."""
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _tile_and_head(pid, n_tiles):
+    """Grid axis 0 enumerates (head, tile) pairs, tile fastest (programs of one head, which read the
+    same keys, run together); axis 1 would cap the heads at 65,535."""
+    return pid % n_tiles, pid // n_tiles
 
 
 @triton.jit
@@ -178,8 +192,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = bh // Hq
     h = bh % Hq
     kvh = h // GROUP
@@ -192,7 +205,7 @@ def _attention_fwd_kernel(
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
 
     q = tl.load(
-        Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        Q + _offsets(offs_m, stride_qm, offs_d, stride_qd),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_D]
@@ -208,9 +221,7 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
-        kt = tl.load(
-            K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0
-        )  # [BLOCK_D, BLOCK_N]
+        kt = tl.load(K + _offsets(offs_d, stride_kd, offs_n, stride_kn), mask=kv_ok, other=0.0)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
         vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
@@ -225,7 +236,7 @@ def _attention_fwd_kernel(
             keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(
-            V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            V + _offsets(offs_n, stride_vn, offs_d, stride_vd),
             mask=(offs_n[:, None] < Lk) & d_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
@@ -238,7 +249,7 @@ def _attention_fwd_kernel(
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
     OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
-        OUT + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        OUT + _offsets(offs_m, stride_om, offs_d, stride_od),
         out.to(OUT.dtype.element_ty),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
     )
@@ -264,20 +275,19 @@ def _attention_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(
-        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        OUT + b * stride_ob + h * stride_oh + _offsets(offs_m, stride_om, offs_d, stride_od),
         mask=mask,
         other=0.0,
     ).to(tl.float32)
     do = tl.load(
-        DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        DOUT + b * stride_dob + h * stride_doh + _offsets(offs_m, stride_dom, offs_d, stride_dod),
         mask=mask,
         other=0.0,
     ).to(tl.float32)
@@ -301,8 +311,8 @@ def _attention_bwd_dkdv_kernel(
     DOUT,  # [B, Lq, Hq, D]
     LSE,  # [B, Hq, Lq] fp32 lse₂
     DELTA,  # [B, Hq, Lq] fp32
-    DK,  # [B, Lk, Hkv, D]: summed over the GROUP query heads of each key/value head
-    DV,  # [B, Lk, Hkv, D]
+    DK,  # [B, Lk, Hkv · SPLITS, D]: per key/value head and split, summed over the split's query heads
+    DV,  # [B, Lk, Hkv · SPLITS, D]
     stride_qb,
     stride_qm,
     stride_qh,
@@ -330,6 +340,7 @@ def _attention_bwd_dkdv_kernel(
     Hq,
     Hkv,
     GROUP,
+    SPLITS,  # the GROUP query heads of a key/value head are shared among this many programs
     Lq,
     Lk,
     HEAD_DIM,
@@ -348,10 +359,12 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query tile (inner loop)
     BLOCK_N: tl.constexpr,  # key tile (this program's)
 ):
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+    pid_n, task = _tile_and_head(tl.program_id(0), tl.cdiv(Lk, BLOCK_N))
+    split = task % SPLITS
+    bkv = task // SPLITS
     b = bkv // Hkv
     kvh = bkv % Hkv
+    heads = GROUP // SPLITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -359,8 +372,8 @@ def _attention_bwd_dkdv_kernel(
     n_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_mask, other=0.0)
+    k = tl.load(K + _offsets(offs_n, stride_kn, offs_d, stride_kd), mask=n_mask, other=0.0)
+    v = tl.load(V + _offsets(offs_n, stride_vn, offs_d, stride_vd), mask=n_mask, other=0.0)
     key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -368,16 +381,16 @@ def _attention_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # query tiles wholly below the first query that sees this key tile are skipped
         lo = tl.maximum(pid_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
-        h = kvh * GROUP + g
+    for g in range(0, heads):
+        h = kvh * GROUP + split * heads + g
         bh = b * Hq + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + offs_m0
             m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_mask, other=0.0)
+            q = tl.load(q_base + _offsets(offs_m, stride_qm, offs_d, stride_qd), mask=m_mask, other=0.0)
+            do = tl.load(do_base + _offsets(offs_m, stride_dom, offs_d, stride_dod), mask=m_mask, other=0.0)
             lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             # Transposed tiles [BLOCK_N, BLOCK_M]: rows are this program's keys.
@@ -396,10 +409,11 @@ def _attention_bwd_dkdv_kernel(
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk *= softmax_scale
-    DK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-    DV += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_mask)
+    out_h = (kvh * SPLITS + split).to(tl.int64)
+    DK += b.to(tl.int64) * stride_dkb + out_h * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + out_h * stride_dvh
+    tl.store(DK + _offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=n_mask)
+    tl.store(DV + _offsets(offs_n, stride_dvn, offs_d, stride_dvd), dv.to(DV.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -452,8 +466,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = bh // Hq
     h = bh % Hq
     kvh = h // GROUP
@@ -463,11 +476,7 @@ def _attention_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
     q = tl.load(
-        Q
-        + b.to(tl.int64) * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + offs_m[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + _offsets(offs_m, stride_qm, offs_d, stride_qd),
         mask=m_mask,
         other=0.0,
     )
@@ -475,8 +484,7 @@ def _attention_bwd_dq_kernel(
         DOUT
         + b.to(tl.int64) * stride_dob
         + h.to(tl.int64) * stride_doh
-        + offs_m[:, None] * stride_dom
-        + offs_d[None, :] * stride_dod,
+        + _offsets(offs_m, stride_dom, offs_d, stride_dod),
         mask=m_mask,
         other=0.0,
     )
@@ -493,8 +501,8 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         t_mask = (offs_n[None, :] < Lk) & d_ok[:, None]
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        kt = tl.load(K + _offsets(offs_d, stride_kd, offs_n, stride_kn), mask=t_mask, other=0.0)
+        vt = tl.load(V + _offsets(offs_d, stride_vd, offs_n, stride_vn), mask=t_mask, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
         vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
@@ -511,8 +519,7 @@ def _attention_bwd_dq_kernel(
         DQ
         + b.to(tl.int64) * stride_dqb
         + h.to(tl.int64) * stride_dqh
-        + offs_m[:, None] * stride_dqm
-        + offs_d[None, :] * stride_dqd,
+        + _offsets(offs_m, stride_dqm, offs_d, stride_dqd),
         dq.to(DQ.dtype.element_ty),
         mask=m_mask,
     )
@@ -525,6 +532,40 @@ _attention_bwd_dq_tuned = _tuned("dq", _attention_bwd_dq_kernel)
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: take and return what the op layer's custom ops do.
+
+
+def _grid(tiles: int, heads: int) -> tuple[int]:
+    """The launch grid of ``tiles`` tiles for each of ``heads`` (batch, head) pairs, all on axis 0:
+    CUDA caps grid axes 1 and 2 at 65,535 (4,096 sentences x 16 heads already pass that), axis 0
+    at 2^31 - 1, beyond every input that fits in memory (each program owns >= 16 rows)."""
+    programs = tiles * heads
+    check_grid((programs,), "attention")
+    return (programs,)
+
+
+def _dkdv_splits(group: int, kv_programs: int, min_programs: int) -> int:
+    """How many programs share the ``group`` query heads of one key/value tile: the smallest divisor
+    of ``group`` that gives ``min_programs`` programs (``kv_programs`` without a split), else
+    ``group``. Each split sums its heads' dK/dV in registers and writes an fp32 partial; a torch
+    sum over the splits follows. One program per group, as in FlashAttention-2, leaves an A100/H100
+    mostly idle with MQA (B=1, Hq=32, Lk=4k: 32 programs); splitting every group in full would cost
+    an fp32 [B, Lk, Hq, D] pair of partials even where the GPU is already full."""
+    for splits in range(1, group + 1):
+        if group % splits == 0 and kv_programs * splits >= min_programs:
+            return splits
+    return group
+
+
+def _min_programs(device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over; under the interpreter, as many as exist (so the
+    tests run the split path; they set it lower to run the others)."""
+    if device.type != "cuda":
+        return _INTERPRET_MIN_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_INTERPRET_MIN_PROGRAMS = 2**31 - 1
+_SPLIT_TILE = 64  # the key tile assumed when choosing the splits (the autotuner picks 32 to 128)
 
 
 def _block_d(head_dim: int) -> int:
@@ -581,7 +622,7 @@ def attention_fwd(
     lse2 = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2.fill_(float("-inf"))
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+    grid = lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
     with device_ctx(q):
         _launch(
             "fwd",
@@ -635,9 +676,15 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     group = hq // hkv
+    splits = _dkdv_splits(group, triton.cdiv(lk, _SPLIT_TILE) * bsz * hkv, _min_programs(q.device))
+    if splits > 1:  # fp32 partials [B, Lk, Hkv, splits, D], summed below
+        dk_out = torch.empty((bsz, lk, hkv * splits, d), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty_like(dk_out)
+    else:
+        dk_out, dv_out = dk, dv
     scales = (softmax_scale, softmax_scale * LOG2E)
     with device_ctx(q):
-        _attention_bwd_delta_kernel[(triton.cdiv(lq, 64), bsz * hq)](
+        _attention_bwd_delta_kernel[_grid(triton.cdiv(lq, 64), bsz * hq)](
             out,
             dout,
             delta,
@@ -653,7 +700,7 @@ def attention_bwd(
             "dkdv",
             _attention_bwd_dkdv_kernel,
             _attention_bwd_dkdv_tuned,
-            lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv),
+            lambda meta: _grid(triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv * splits),
             q,
             k,
             v,
@@ -661,17 +708,18 @@ def attention_bwd(
             dout,
             lse2,
             delta,
-            dk,
-            dv,
+            dk_out,
+            dv_out,
             *q.stride(),
             *k.stride(),
             *v.stride(),
             *dout.stride(),
-            *dk.stride(),
-            *dv.stride(),
+            *dk_out.stride(),
+            *dv_out.stride(),
             hq,
             hkv,
             group,
+            splits,
             lq,
             lk,
             d,
@@ -682,7 +730,7 @@ def attention_bwd(
             "dq",
             _attention_bwd_dq_kernel,
             _attention_bwd_dq_tuned,
-            lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
+            lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
             q,
             k,
             v,
@@ -704,4 +752,7 @@ def attention_bwd(
             *scales,
             **args,
         )
+    if splits > 1:  # a fixed-order sum: deterministic, unlike atomics
+        dk.copy_(dk_out.view(bsz, lk, hkv, splits, d).sum(3))
+        dv.copy_(dv_out.view(bsz, lk, hkv, splits, d).sum(3))
     return dq, dk, dv
