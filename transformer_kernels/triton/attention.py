@@ -3,8 +3,11 @@
 # Modelled on Triton's 06-fused-attention tutorial and flash-attention's Triton kernel: the forward
 # keeps one query tile in registers and streams the keys with an online softmax; the backward
 # recomputes the probabilities from the saved log-sum-exp in two kernels (dk/dv per key tile, dq per
-# query tile) instead of one kernel with dq atomics: deterministic, and GQA's dk/dv are summed over
-# the query heads of a group inside one program, at the cost of computing QKᵀ and dO·Vᵀ twice.
+# query tile) instead of one kernel with dq atomics: deterministic, at the cost of computing QKᵀ and
+# dO·Vᵀ twice. GQA's dk/dv are summed over the query heads of a group in registers, by as many
+# programs per key tile as it takes to fill the GPU, each writing an fp32 partial that a fixed-order
+# sum reduces (no atomics: still deterministic). Every grid lies on axis 0 (axis 1 holds 65,535),
+# and every row offset is int64.
 """Triton kernels of ``attention`` and their launchers.
 
 Forward, per query row i (``visible`` and ``keep`` as in ``reference/attention.py``; in base 2,
