@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -585,3 +586,85 @@ def test_bench_attention_runs(tmp_path):
     assert {r["impl"] for r in timed} >= {"sdpa", "reference"} and all(r["ms"] > 0 for r in timed)
     assert (tmp_path / "plots" / "bench_attention_speedup.png").stat().st_size > 0
     assert (tmp_path / "bench_attention.csv").read_text().startswith("dtype,D,causal,padding,B,L,pass,impl")
+
+
+# --- ahead-of-time compiles: what the GPU would see, checked without one -----------------------
+
+# Shared memory per block (opt-in maximum) of an A100 (sm_80) and an H100 (sm_90).
+SMEM_PER_BLOCK = {80: 166912, 90: 232448}
+
+
+def compile_resources(kind, dtype, block_d, config, arch):
+    """(shared memory bytes, registers, spill-store bytes) of one attention kernel compiled for
+    ``arch`` as a launch specialises it (16-byte aligned pointers and row strides, unit head-dim
+    strides), with causal + padding + dropout, read off the ptxas -v log of Triton's own compile.
+    Needs TRITON_DUMP_PTXAS_LOG=1 and TRITON_ALWAYS_COMPILE=1 in the environment."""
+    import contextlib
+    import io
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from transformer_kernels.triton import attention as tri
+
+    kernel = getattr(tri, "_attention_fwd_kernel" if kind == "fwd" else f"_attention_bwd_{kind}_kernel")
+    m, n, warps, stages = config
+    consts = dict(CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n)
+    consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "DK": "*fp32", "DV": "*fp32"}  # dK/dV: the partials
+    scalars = {"seed": "i64", "scale_log2": "fp32", "softmax_scale": "fp32", "drop_scale": "fp32"}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.startswith("stride") and name.endswith("d"):
+            consts[name], signature[name] = 1, "constexpr"
+        elif name in ("Q", "K", "V", "OUT", "DOUT", "DQ", *pointers):
+            signature[name] = pointers.get(name, "*" + dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = scalars.get(name, "i32")
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            ASTSource(kernel, signature, consts, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=warps, num_stages=stages),
+        )
+    registers = int(re.search(r"Used (\d+) registers", log.getvalue()).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log.getvalue()).group(1))
+    return compiled.metadata.shared, registers, spills
+
+
+def _first_configs_fit(cases):
+    from transformer_kernels.triton import attention as tri
+
+    failures = []
+    for kind, dtype, block_d in cases:
+        config = tri._CONFIGS[kind][tri._bucket_of(block_d, dtype == "fp32")][0]
+        for arch, smem_limit in SMEM_PER_BLOCK.items():
+            smem, regs, spills = compile_resources(kind, dtype, block_d, config, arch)
+            print(f"{kind} {dtype} D={block_d} {config} sm_{arch}: {smem} B smem, {regs} regs, {spills} B spilled")
+            if smem > smem_limit or spills > 0:
+                failures.append(f"{kind} {dtype} D={block_d} {config} sm_{arch}: {smem} B smem, {spills} B spilled")
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_first_configs_fit_a100_and_h100(dtype):
+    """The configs TK_AUTOTUNE=0 launches at head dims 129-256 (the largest tiles), compiled for
+    sm_80 and sm_90: each fits the shared memory per block and spills no register. (The fp32
+    dQ kernel once needed 167,936 B on sm_80 and could not launch; its backward spilled 10-26 KB.)"""
+    cases = [(kind, dtype, 256) for kind in ("fwd", "dkdv", "dq")]
+    code = f"import test_attention; test_attention._first_configs_fit({cases!r})"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
@@ -81,40 +82,60 @@ def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile sizes. On a GPU the kernels are autotuned over the candidates of their head-dim bucket,
-# keyed on the padded head dim, the masks and power-of-two length buckets (Triton adds the tensor
-# dtypes to every key). TK_AUTOTUNE=0 takes each bucket's first candidate instead (for test runs,
-# where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small config:
-# tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths all run.
-# The candidates were picked so that ptxas (sm_90, Triton 3.8, compiled offline) reports little or
-# no register spilling; their speed is unmeasured: tune them with benchmarks/bench_attention.py.
+# Tile sizes. On a GPU the kernels are autotuned over the candidates of their (operand size, head-dim
+# bucket), keyed on the padded head dim, the masks and power-of-two length buckets (Triton adds the
+# tensor dtypes to every key). TK_AUTOTUNE=0 takes each bucket's first candidate instead (for test
+# runs, where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small
+# config: tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths run.
+#
+# Every candidate was compiled offline (Triton 3.8) for sm_80 and sm_90 with causal + padding +
+# dropout (the most registers): each fits both archs' shared memory per block (166,912 B on an
+# A100, 232,448 B on an H100); each first candidate spills nothing on either, the others at most
+# SPILL_BUDGET bytes per thread: 16 four-byte values, 16 KB of local memory per 256-thread block,
+# which L1 holds; and the autotuner pays for them in its own timing (a config is picked only if it
+# is the fastest as it is). On a GPU with less shared memory
+# (sm_86/89: 101,376 B) Triton's autotuner skips the configs that do not fit (OutOfResources), and
+# so does _launch without autotuning. fp32 runs its dots in IEEE fp32 on the CUDA cores (no mma),
+# whose operand layouts take several times the registers of a 16-bit tile's: hence its own,
+# smaller tiles. Their speed is unmeasured: tune them with benchmarks/bench_attention.py.
+
+SPILL_BUDGET = 64  # bytes of spill stores per thread, any candidate but the first, any arch
 
 _TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "lq_bucket", "lk_bucket"]
 
-# kernel -> head-dim bucket -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M tiles queries,
-# BLOCK_N keys. fp32 operands count double (twice the registers and shared memory per element).
+# kernel -> (operand bytes, head-dim bucket) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M
+# tiles queries, BLOCK_N keys.
 _CONFIGS = {
     "fwd": {
-        64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-        128: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 3)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        (2, 64): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        (2, 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+        (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        (4, 64): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
+        (4, 128): [(64, 16, 8, 2), (32, 16, 8, 2)],
+        (4, 256): [(32, 16, 8, 2), (16, 32, 4, 2), (32, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2)],
-        128: [(32, 64, 8, 3), (16, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
-        256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (2, 64): [(64, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        (2, 128): [(32, 64, 8, 3), (16, 64, 4, 2), (64, 64, 8, 3)],
+        (2, 256): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 128): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+        (4, 256): [(16, 16, 8, 2), (16, 32, 8, 2)],
     },
     "dq": {
-        64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
-        128: [(64, 32, 8, 3), (64, 16, 4, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
-        256: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)],
+        (2, 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
+        (2, 128): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 3), (64, 64, 8, 3)],
+        (2, 256): [(32, 32, 8, 2), (32, 16, 4, 2)],
+        (4, 64): [(64, 16, 8, 2), (32, 32, 4, 2), (32, 32, 8, 3), (32, 32, 8, 2), (64, 32, 8, 2)],
+        (4, 128): [(32, 32, 8, 2), (32, 16, 4, 2), (64, 16, 8, 2)],
+        (4, 256): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
     },
 }
 _INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _d_bucket(block_d: int, fp32: bool) -> int:
-    return min(max(64, block_d * (2 if fp32 else 1)), 256)
+def _bucket_of(block_d: int, fp32: bool) -> tuple[int, int]:
+    return (4 if fp32 else 2, max(64, block_d))
 
 
 def _autotune() -> bool:
@@ -122,13 +143,13 @@ def _autotune() -> bool:
     return not triton_interpret() and os.environ.get("TK_AUTOTUNE", "1") != "0"
 
 
-def _heuristic(kind: str, block_d: int, fp32: bool) -> dict:
-    """The launch parameters without autotuning."""
+def _heuristics(kind: str, block_d: int, fp32: bool) -> list[dict]:
+    """The launch parameters without autotuning: the bucket's candidates, the first first."""
     if triton_interpret():
         m, n = _INTERPRET_TILES[kind]
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)
-    m, n, w, s = _CONFIGS[kind][_d_bucket(block_d, fp32)][0]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)]
+    bucket = _CONFIGS[kind][_bucket_of(block_d, fp32)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in bucket]
 
 
 def _tuned(kind: str, kernel):
@@ -138,9 +159,8 @@ def _tuned(kind: str, kernel):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = set(_CONFIGS[kind][_d_bucket(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return kept or configs
+        wanted = set(_CONFIGS[kind][_bucket_of(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -148,8 +168,15 @@ def _tuned(kind: str, kernel):
 def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
     if _autotune():
         tuned[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs, **_heuristic(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee"))
+        return
+    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee")
+    for i, config in enumerate(configs):
+        try:
+            kernel[grid](*args, **kwargs, **config)
+            return
+        except OutOfResources:  # less shared memory than an A100's: the bucket's next candidate
+            if i == len(configs) - 1:
+                raise
 
 
 @triton.jit
