@@ -304,6 +304,34 @@ def test_fused_qkv_layout_needs_no_copy(backend):
     assert torch.equal(dqkv, torch.stack(expected_grads, 2))
 
 
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_row_offsets_past_2_31_elements(backend):
+    """q, k, v: the three column blocks of one fused [rows, stride] projection whose row stride
+    (2^26 + 1,024 elements) puts row 39 at 2.6e9 elements, past int32: row · stride must be int64.
+    5.4 GB of storage, of which only the 40 rows are touched (on a CPU, only their pages are mapped).
+    With int32 offsets the interpreter reads outside the buffer and crashes; a GPU faults."""
+    rows, h, d = 40, 2, 16
+    stride = 2**26 + 1024
+    buf = torch.empty(rows * stride, device=device(), dtype=torch.float16)
+    qkv = buf.as_strided((1, rows, 3, h, d), (rows * stride, stride, h * d, d, 1))
+    torch.manual_seed(0)
+    qkv.copy_(torch.randn(qkv.shape, device=device()))
+    q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(2))
+    dout = torch.randn(1, rows, h, d, device=device(), dtype=torch.float16)
+    kw = dict(causal=True, dropout_p=0.1, backend=backend)
+    torch.manual_seed(1)
+    out = tk.attention(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(1)
+    expected = tk.attention(qc, kc, vc, **kw)
+    expected_grads = torch.autograd.grad(expected, (qc, kc, vc), dout)
+    assert torch.equal(out, expected)
+    for name, a, e in zip(["dq", "dk", "dv"], grads, expected_grads, strict=True):
+        assert torch.equal(a, e), f"{name} differs from the contiguous inputs'"
+
+
 # --- dropout ---------------------------------------------------------------------------------
 
 
@@ -535,32 +563,6 @@ def test_matches_reference_large(backend, d, lq, lk, dtype, options):
 def test_more_than_65535_batch_heads(backend):
     """4,100 x 16 query heads (4 key/value heads): more (batch, head) pairs than a grid's axis 1 holds."""
     _compare(backend, torch.float16, 4100, 3, 5, 16, 4, 16, causal=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_row_offsets_past_2_31_elements(backend):
-    """q, k, v: the three column blocks of one fused [rows, stride] projection whose row stride
-    (2^26 + 1,024 elements) puts row 47 at 3.2e9 elements: row · stride overflows int32. 6.4 GB."""
-    rows, h, d = 48, 4, 64
-    stride = 2**26 + 1024
-    buf = torch.empty(rows * stride, device=device(), dtype=torch.float16)
-    qkv = buf.as_strided((1, rows, 3, h, d), (rows * stride, stride, h * d, d, 1))
-    torch.manual_seed(0)
-    qkv.copy_(torch.randn(qkv.shape, device=device()))
-    q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(2))
-    dout = torch.randn(1, rows, h, d, device=device(), dtype=torch.float16)
-    kw = dict(causal=True, dropout_p=0.1, backend=backend)
-    torch.manual_seed(1)
-    out = tk.attention(q, k, v, **kw)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
-    torch.manual_seed(1)
-    expected = tk.attention(qc, kc, vc, **kw)
-    expected_grads = torch.autograd.grad(expected, (qc, kc, vc), dout)
-    assert torch.equal(out, expected)
-    for name, a, e in zip(["dq", "dk", "dv"], grads, expected_grads, strict=True):
-        assert torch.equal(a, e), f"{name} differs from the contiguous inputs'"
 
 
 @pytest.mark.gpu
