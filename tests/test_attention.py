@@ -231,6 +231,37 @@ def test_dkdv_splits(group, kv_programs, min_programs, expected):
     assert tri._dkdv_splits(group, kv_programs, min_programs) == expected
 
 
+def test_launch_without_autotuning_falls_back_when_shared_memory_runs_out(monkeypatch):
+    """TK_AUTOTUNE=0 on a GPU with less shared memory than an A100 (sm_86/89): the bucket's next
+    candidate, not a launch failure; and the error itself once no candidate fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from transformer_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tri, "_autotune", lambda: False)
+    candidates = tri._CONFIGS["dq"][(4, 256)]
+    launched = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, **config):
+                tile = (config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"])
+                if tile not in self.fits:
+                    raise OutOfResources(167936, 101376, "shared memory")
+                launched.append(tile)
+
+            return launch
+
+    tri._launch("dq", Kernel(fits=candidates[1:]), None, (1,), BLOCK_D=256, DOT_PRECISION="ieee")
+    assert launched == [candidates[1]]
+    with pytest.raises(OutOfResources):
+        tri._launch("dq", Kernel(fits=[]), None, (1,), BLOCK_D=256, DOT_PRECISION="ieee")
+
+
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
 @pytest.mark.parametrize("min_programs, splits", [(1, 1), (4, 2)], ids=["one_program_per_group", "two_splits"])
 def test_gqa_dkdv_split_over_query_heads(monkeypatch, min_programs, splits):
