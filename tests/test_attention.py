@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +207,8 @@ CASES = {
     ),
     "bf16_dropout_mqa_113x17_d80": (torch.bfloat16, 1, 113, 17, 4, 1, 80, dict(dropout_p=0.5)),
     "fp16_d256": (torch.float16, 1, 17, 17, 2, 2, 256, {}),
+    "fp16_gqa3_causal_33x47_d40": (torch.float16, 2, 33, 47, 6, 2, 40, dict(causal=True)),
+    "fp32_mqa5_padding_1x47_d24": (torch.float32, 3, 1, 47, 5, 1, 24, dict(padding="random")),
 }
 
 
@@ -214,6 +218,63 @@ CASES = {
 def test_matches_reference(backend, case):
     dtype, b, lq, lk, hq, hkv, d, options = CASES[case]
     _compare(backend, dtype, b, lq, lk, hq, hkv, d, **options)
+
+
+@pytest.mark.parametrize(
+    "group, kv_programs, min_programs, expected",
+    [(1, 4, 264, 1), (32, 32, 264, 16), (32, 300, 264, 1), (6, 50, 264, 6), (6, 50, 100, 2), (7, 10, 30, 7)],
+)
+def test_dkdv_splits(group, kv_programs, min_programs, expected):
+    """The smallest divisor of the group that fills the GPU, or the whole group."""
+    from transformer_kernels.triton import attention as tri
+
+    assert tri._dkdv_splits(group, kv_programs, min_programs) == expected
+
+
+def test_launch_without_autotuning_falls_back_when_shared_memory_runs_out(monkeypatch):
+    """TK_AUTOTUNE=0 on a GPU with less shared memory than an A100 (sm_86/89): the bucket's next
+    candidate, not a launch failure; and the error itself once no candidate fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from transformer_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tri, "_autotune", lambda: False)
+    candidates = tri._CONFIGS["dq"][(4, 256)]
+    launched = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, **config):
+                tile = (config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"])
+                if tile not in self.fits:
+                    raise OutOfResources(167936, 101376, "shared memory")
+                launched.append(tile)
+
+            return launch
+
+    tri._launch("dq", Kernel(fits=candidates[1:]), None, (1,), BLOCK_D=256, DOT_PRECISION="ieee")
+    assert launched == [candidates[1]]
+    with pytest.raises(OutOfResources):
+        tri._launch("dq", Kernel(fits=[]), None, (1,), BLOCK_D=256, DOT_PRECISION="ieee")
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("min_programs, splits", [(1, 1), (4, 2)], ids=["one_program_per_group", "two_splits"])
+def test_gqa_dkdv_split_over_query_heads(monkeypatch, min_programs, splits):
+    """dK/dV of a group of 4 query heads summed by 1, 2 (and, in CASES, 4) programs per key tile."""
+    from transformer_kernels.triton import attention as tri
+
+    if device().type == "cuda":
+        monkeypatch.setattr(tri, "_min_programs", lambda dev: min_programs)
+    else:
+        monkeypatch.setattr(tri, "_INTERPRET_MIN_PROGRAMS", min_programs)
+    b, lq, lk, hq, hkv = 1, 33, 113, 4, 1
+    assert tri._dkdv_splits(hq // hkv, -(-lk // tri._SPLIT_TILE) * b * hkv, min_programs) == splits
+    _compare("triton", torch.bfloat16, b, lq, lk, hq, hkv, 48, causal=True, padding="random", dropout_p=0.2)
 
 
 @needs_kernels
@@ -272,6 +333,34 @@ def test_fused_qkv_layout_needs_no_copy(backend):
     expected_grads = torch.autograd.grad(expected, (qc, kc, vc), torch.ones_like(expected))
     assert torch.equal(out, expected)
     assert torch.equal(dqkv, torch.stack(expected_grads, 2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_row_offsets_past_2_31_elements(backend):
+    """q, k, v: the three column blocks of one fused [rows, stride] projection whose row stride
+    (2^26 + 1,024 elements) puts row 39 at 2.6e9 elements, past int32: row · stride must be int64.
+    5.4 GB of storage, of which only the 40 rows are touched (on a CPU, only their pages are mapped).
+    With int32 offsets the interpreter reads outside the buffer and crashes; a GPU faults."""
+    rows, h, d = 40, 2, 16
+    stride = 2**26 + 1024
+    buf = torch.empty(rows * stride, device=device(), dtype=torch.float16)
+    qkv = buf.as_strided((1, rows, 3, h, d), (rows * stride, stride, h * d, d, 1))
+    torch.manual_seed(0)
+    qkv.copy_(torch.randn(qkv.shape, device=device()))
+    q, k, v = (t.requires_grad_() for t in qkv.detach().unbind(2))
+    dout = torch.randn(1, rows, h, d, device=device(), dtype=torch.float16)
+    kw = dict(causal=True, dropout_p=0.1, backend=backend)
+    torch.manual_seed(1)
+    out = tk.attention(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(1)
+    expected = tk.attention(qc, kc, vc, **kw)
+    expected_grads = torch.autograd.grad(expected, (qc, kc, vc), dout)
+    assert torch.equal(out, expected)
+    for name, a, e in zip(["dq", "dk", "dv"], grads, expected_grads, strict=True):
+        assert torch.equal(a, e), f"{name} differs from the contiguous inputs'"
 
 
 # --- dropout ---------------------------------------------------------------------------------
@@ -502,6 +591,13 @@ def test_matches_reference_large(backend, d, lq, lk, dtype, options):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_more_than_65535_batch_heads(backend):
+    """4,100 x 16 query heads (4 key/value heads): more (batch, head) pairs than a grid's axis 1 holds."""
+    _compare(backend, torch.float16, 4100, 3, 5, 16, 4, 16, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fp32_is_not_tf32(backend):
     # tf32 keeps 10 mantissa bits: its error at D=128 is ~1e-3, far above fp32's.
     _compare(backend, torch.float32, 2, 257, 257, 2, 2, 128)
@@ -531,3 +627,85 @@ def test_bench_attention_runs(tmp_path):
     assert {r["impl"] for r in timed} >= {"sdpa", "reference"} and all(r["ms"] > 0 for r in timed)
     assert (tmp_path / "plots" / "bench_attention_speedup.png").stat().st_size > 0
     assert (tmp_path / "bench_attention.csv").read_text().startswith("dtype,D,causal,padding,B,L,pass,impl")
+
+
+# --- ahead-of-time compiles: what the GPU would see, checked without one -----------------------
+
+# Shared memory per block (opt-in maximum) of an A100 (sm_80) and an H100 (sm_90).
+SMEM_PER_BLOCK = {80: 166912, 90: 232448}
+
+
+def compile_resources(kind, dtype, block_d, config, arch):
+    """(shared memory bytes, registers, spill-store bytes) of one attention kernel compiled for
+    ``arch`` as a launch specialises it (16-byte aligned pointers and row strides, unit head-dim
+    strides), with causal + padding + dropout, read off the ptxas -v log of Triton's own compile.
+    Needs TRITON_DUMP_PTXAS_LOG=1 and TRITON_ALWAYS_COMPILE=1 in the environment."""
+    import contextlib
+    import io
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from transformer_kernels.triton import attention as tri
+
+    kernel = getattr(tri, "_attention_fwd_kernel" if kind == "fwd" else f"_attention_bwd_{kind}_kernel")
+    m, n, warps, stages = config
+    consts = dict(CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n)
+    consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
+    pointers = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "DK": "*fp32", "DV": "*fp32"}  # dK/dV: the partials
+    scalars = {"seed": "i64", "scale_log2": "fp32", "softmax_scale": "fp32", "drop_scale": "fp32"}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.startswith("stride") and name.endswith("d"):
+            consts[name], signature[name] = 1, "constexpr"
+        elif name in ("Q", "K", "V", "OUT", "DOUT", "DQ", *pointers):
+            signature[name] = pointers.get(name, "*" + dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = scalars.get(name, "i32")
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            ASTSource(kernel, signature, consts, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=warps, num_stages=stages),
+        )
+    registers = int(re.search(r"Used (\d+) registers", log.getvalue()).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log.getvalue()).group(1))
+    return compiled.metadata.shared, registers, spills
+
+
+def _first_configs_fit(cases):
+    from transformer_kernels.triton import attention as tri
+
+    failures = []
+    for kind, dtype, block_d in cases:
+        config = tri._CONFIGS[kind][tri._bucket_of(block_d, dtype == "fp32")][0]
+        for arch, smem_limit in SMEM_PER_BLOCK.items():
+            smem, regs, spills = compile_resources(kind, dtype, block_d, config, arch)
+            print(f"{kind} {dtype} D={block_d} {config} sm_{arch}: {smem} B smem, {regs} regs, {spills} B spilled")
+            if smem > smem_limit or spills > 0:
+                failures.append(f"{kind} {dtype} D={block_d} {config} sm_{arch}: {smem} B smem, {spills} B spilled")
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_first_configs_fit_a100_and_h100(dtype):
+    """The configs TK_AUTOTUNE=0 launches at head dims 129-256 (the largest tiles), compiled for
+    sm_80 and sm_90: each fits the shared memory per block and spills no register. (The fp32
+    dQ kernel once needed 167,936 B on sm_80 and could not launch; its backward spilled 10-26 KB.)"""
+    cases = [(kind, dtype, 256) for kind in ("fwd", "dkdv", "dq")]
+    code = f"import test_attention; test_attention._first_configs_fit({cases!r})"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

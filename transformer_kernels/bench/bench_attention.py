@@ -12,6 +12,10 @@ its flash path) and ours the key_padding_mask. On a CPU only sdpa and the refere
 
     python -m transformer_kernels.bench.bench_attention [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
+A second report, bench_attention_gqa, times the backward of GQA and MQA (causal, B = 1, Hq = 32)
+against the same shape with as many key/value heads as query heads: the dK/dV kernel sums each
+group's query heads, so with few key/value heads it must split the group to fill the GPU.
+
 Tile configs: autotuned by default, each bucket's first candidate with --quick (autotuning every
 case costs minutes of compiles); --autotune / --no-autotune override.
 """
@@ -219,7 +223,62 @@ def run(
                                     notes=measured.notes,
                                     peaks=measured.peaks if p == "fwd+bwd" else None,
                                 )
-    return [report]
+        if device.type == "cuda":
+            gqa = run_gqa(quick, dtypes, device, 4096, 128)
+        else:
+            gqa = run_gqa(quick, dtypes, device, 64, 16)
+    return [report, gqa]
+
+
+GQA_QUERY_HEADS = 32
+
+
+def _gqa_impl(name, hkv):
+    """``name``'s attention with the keys and values cut to their first ``hkv`` heads (views)."""
+
+    def run(q, k, v, causal, kpm):
+        k, v = k[:, :, :hkv], v[:, :, :hkv]
+        if name == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+            )
+            return out.transpose(1, 2)
+        return tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=name)
+
+    return run
+
+
+def run_gqa(quick, dtypes, device, seqlen, d) -> Report:
+    """Backward of GQA / MQA against the same shape with Hkv = Hq, per implementation."""
+    ours = "triton" if device.type == "cuda" else "reference"
+    report = Report(
+        "bench_attention_gqa",
+        f"bwd = 2.5 x 4*B*Hq*L*L*D x 0.5 (causal), whatever Hkv; B = 1, Hq = {GQA_QUERY_HEADS}",
+        str(device),
+        unit="TFLOP/s",
+        baseline=f"{ours} with Hkv = Hq",
+        x="Hkv",
+        panels=["dtype", "D", "L", "pass"],
+    )
+    hq = GQA_QUERY_HEADS
+    for dt in dtypes:
+        for hkv in (1, 8):
+            impls = {f"{ours}_hkv=hq": _gqa_impl(ours, hq), ours: _gqa_impl(ours, hkv), "sdpa": _gqa_impl("sdpa", hkv)}
+            sets = input_sets(
+                lambda seed, dt=dt: make_inputs(1, seqlen, hq, d, dt, device, True, False, seed),
+                device,
+                4 * seqlen * hq * d * torch.tensor([], dtype=dt).element_size(),
+            )
+            timings, notes = {}, {}
+            for name, fn in impls.items():
+                try:
+                    timings[name] = time_passes(fn, sets, device, quick)["bwd"]
+                except RuntimeError as e:  # an SDPA build without enable_gqa on this device
+                    timings[name], notes[name] = None, str(e).splitlines()[0][:120]
+            case = {"dtype": label(dt), "D": d, "L": seqlen, "Hkv": hkv, "pass": "bwd"}
+            flops = 2.5 * 4 * hq * seqlen * seqlen * d * 0.5
+            report.add_case(case, timings, int(flops), baseline=f"{ours}_hkv=hq", notes=notes)
+    return report
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,11 @@
 # Modelled on Triton's 06-fused-attention tutorial and flash-attention's Triton kernel: the forward
 # keeps one query tile in registers and streams the keys with an online softmax; the backward
 # recomputes the probabilities from the saved log-sum-exp in two kernels (dk/dv per key tile, dq per
-# query tile) instead of one kernel with dq atomics: deterministic, and GQA's dk/dv are summed over
-# the query heads of a group inside one program, at the cost of computing QKᵀ and dO·Vᵀ twice.
+# query tile) instead of one kernel with dq atomics: deterministic, at the cost of computing QKᵀ and
+# dO·Vᵀ twice. GQA's dk/dv are summed over the query heads of a group in registers, by as many
+# programs per key tile as it takes to fill the GPU, each writing an fp32 partial that a fixed-order
+# sum reduces (no atomics: still deterministic). Every grid lies on axis 0 (axis 1 holds 65,535),
+# and every row offset is int64.
 """Triton kernels of ``attention`` and their launchers.
 
 Forward, per query row i (``visible`` and ``keep`` as in ``reference/attention.py``; in base 2,
@@ -32,10 +35,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
-from .launch import device_ctx
+from .launch import check_grid, device_ctx
 from .philox import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -55,6 +59,20 @@ def _key_ok(KPM, b, offs_n, Lk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def _offsets(rows, stride_r, cols, stride_c):
+    """[R, C] element offsets of a tile, in int64: a row offset alone passes 2^31 at 256k tokens in
+    a fused-QKV layout (stride 3 · H · D), and a head-dim stride may be as large as a row's."""
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _tile_and_head(pid, n_tiles):
+    """Grid axis 0 enumerates (head, tile) pairs, tile fastest (programs of one head, which read the
+    same keys, run together); axis 1 would cap the heads at 65,535."""
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
 def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
     """Broadcast bool: query q_idx may attend to key k_idx (bottom-right causal alignment)."""
     vis = (q_idx < Lq) & key_ok
@@ -64,41 +82,61 @@ def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile sizes. On a GPU the kernels are autotuned over the candidates of their head-dim bucket,
-# keyed on the padded head dim, the masks and power-of-two length buckets (Triton adds the tensor
-# dtypes to every key). TK_AUTOTUNE=0 takes each bucket's first candidate instead (for test runs,
-# where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small config:
-# tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths all run.
-# The candidates were picked so that ptxas (sm_90, Triton 3.8, compiled offline) reports little or
-# no register spilling; their speed is unmeasured: tune them with
+# Tile sizes. On a GPU the kernels are autotuned over the candidates of their (operand size, head-dim
+# bucket), keyed on the padded head dim, the masks and power-of-two length buckets (Triton adds the
+# tensor dtypes to every key). TK_AUTOTUNE=0 takes each bucket's first candidate instead (for test
+# runs, where tuning every shape costs minutes of compiles). Under TRITON_INTERPRET=1 one small
+# config: tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths run.
+#
+# Every candidate was compiled offline (Triton 3.8) for sm_80 and sm_90 with causal + padding +
+# dropout (the most registers): each fits both archs' shared memory per block (166,912 B on an
+# A100, 232,448 B on an H100); each first candidate spills nothing on either, the others at most
+# SPILL_BUDGET bytes per thread: 16 four-byte values, 16 KB of local memory per 256-thread block,
+# which L1 holds; and the autotuner pays for them in its own timing (a config is picked only if it
+# is the fastest as it is). On a GPU with less shared memory
+# (sm_86/89: 101,376 B) Triton's autotuner skips the configs that do not fit (OutOfResources), and
+# so does _launch without autotuning. fp32 runs its dots in IEEE fp32 on the CUDA cores (no mma),
+# whose operand layouts take several times the registers of a 16-bit tile's: hence its own,
+# smaller tiles. Their speed is unmeasured: tune them with
 # `python -m transformer_kernels.bench.bench_attention`.
+
+SPILL_BUDGET = 64  # bytes of spill stores per thread, any candidate but the first, any arch
 
 _TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "lq_bucket", "lk_bucket"]
 
-# kernel -> head-dim bucket -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M tiles queries,
-# BLOCK_N keys. fp32 operands count double (twice the registers and shared memory per element).
+# kernel -> (operand bytes, head-dim bucket) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M
+# tiles queries, BLOCK_N keys.
 _CONFIGS = {
     "fwd": {
-        64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-        128: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 4), (64, 64, 4, 3)],
-        256: [(64, 32, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+        (2, 64): [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        (2, 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+        (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        (4, 64): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
+        (4, 128): [(32, 16, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)],
+        (4, 256): [(32, 16, 8, 2), (16, 32, 4, 2), (32, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2)],
-        128: [(32, 64, 8, 3), (16, 64, 4, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
-        256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (2, 64): [(16, 64, 4, 2), (32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3)],
+        (2, 128): [(32, 64, 8, 3), (16, 64, 4, 2), (64, 64, 8, 3)],
+        (2, 256): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        (4, 128): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+        (4, 256): [(16, 16, 8, 2), (16, 32, 8, 2)],
     },
     "dq": {
-        64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
-        128: [(64, 32, 8, 3), (64, 16, 4, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
-        256: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)],
+        (2, 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
+        (2, 128): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3)],
+        (2, 256): [(32, 32, 8, 2), (32, 16, 4, 2)],
+        (4, 64): [(64, 16, 8, 2), (32, 32, 4, 2), (32, 32, 8, 3), (32, 32, 8, 2), (64, 32, 8, 2)],
+        (4, 128): [(32, 32, 8, 2), (32, 16, 4, 2), (64, 16, 8, 2)],
+        (4, 256): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
     },
 }
 _INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _d_bucket(block_d: int, fp32: bool) -> int:
-    return min(max(64, block_d * (2 if fp32 else 1)), 256)
+def _bucket_of(block_d: int, fp32: bool) -> tuple[int, int]:
+    return (4 if fp32 else 2, max(64, block_d))
 
 
 def _autotune() -> bool:
@@ -106,13 +144,13 @@ def _autotune() -> bool:
     return not triton_interpret() and os.environ.get("TK_AUTOTUNE", "1") != "0"
 
 
-def _heuristic(kind: str, block_d: int, fp32: bool) -> dict:
-    """The launch parameters without autotuning."""
+def _heuristics(kind: str, block_d: int, fp32: bool) -> list[dict]:
+    """The launch parameters without autotuning: the bucket's candidates, the first first."""
     if triton_interpret():
         m, n = _INTERPRET_TILES[kind]
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)
-    m, n, w, s = _CONFIGS[kind][_d_bucket(block_d, fp32)][0]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)]
+    bucket = _CONFIGS[kind][_bucket_of(block_d, fp32)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in bucket]
 
 
 def _tuned(kind: str, kernel):
@@ -122,9 +160,8 @@ def _tuned(kind: str, kernel):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = set(_CONFIGS[kind][_d_bucket(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return kept or configs
+        wanted = set(_CONFIGS[kind][_bucket_of(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -132,8 +169,15 @@ def _tuned(kind: str, kernel):
 def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
     if _autotune():
         tuned[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs, **_heuristic(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee"))
+        return
+    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee")
+    for i, config in enumerate(configs):
+        try:
+            kernel[grid](*args, **kwargs, **config)
+            return
+        except OutOfResources:  # less shared memory than an A100's: the bucket's next candidate
+            if i == len(configs) - 1:
+                raise
 
 
 @triton.jit
@@ -179,8 +223,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = bh // Hq
     h = bh % Hq
     kvh = h // GROUP
@@ -193,7 +236,7 @@ def _attention_fwd_kernel(
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
 
     q = tl.load(
-        Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        Q + _offsets(offs_m, stride_qm, offs_d, stride_qd),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_D]
@@ -209,9 +252,7 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_ok = (offs_n[None, :] < Lk) & d_ok[:, None]
-        kt = tl.load(
-            K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kv_ok, other=0.0
-        )  # [BLOCK_D, BLOCK_N]
+        kt = tl.load(K + _offsets(offs_d, stride_kd, offs_n, stride_kn), mask=kv_ok, other=0.0)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
         vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
@@ -226,7 +267,7 @@ def _attention_fwd_kernel(
             keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(
-            V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            V + _offsets(offs_n, stride_vn, offs_d, stride_vd),
             mask=(offs_n[:, None] < Lk) & d_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
@@ -239,7 +280,7 @@ def _attention_fwd_kernel(
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
     OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(
-        OUT + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        OUT + _offsets(offs_m, stride_om, offs_d, stride_od),
         out.to(OUT.dtype.element_ty),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
     )
@@ -265,20 +306,19 @@ def _attention_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(
-        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        OUT + b * stride_ob + h * stride_oh + _offsets(offs_m, stride_om, offs_d, stride_od),
         mask=mask,
         other=0.0,
     ).to(tl.float32)
     do = tl.load(
-        DOUT + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        DOUT + b * stride_dob + h * stride_doh + _offsets(offs_m, stride_dom, offs_d, stride_dod),
         mask=mask,
         other=0.0,
     ).to(tl.float32)
@@ -302,8 +342,8 @@ def _attention_bwd_dkdv_kernel(
     DOUT,  # [B, Lq, Hq, D]
     LSE,  # [B, Hq, Lq] fp32 lse₂
     DELTA,  # [B, Hq, Lq] fp32
-    DK,  # [B, Lk, Hkv, D]: summed over the GROUP query heads of each key/value head
-    DV,  # [B, Lk, Hkv, D]
+    DK,  # [B, Lk, Hkv · SPLITS, D]: per key/value head and split, summed over the split's query heads
+    DV,  # [B, Lk, Hkv · SPLITS, D]
     stride_qb,
     stride_qm,
     stride_qh,
@@ -331,6 +371,7 @@ def _attention_bwd_dkdv_kernel(
     Hq,
     Hkv,
     GROUP,
+    SPLITS,  # the GROUP query heads of a key/value head are shared among this many programs
     Lq,
     Lk,
     HEAD_DIM,
@@ -349,10 +390,12 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query tile (inner loop)
     BLOCK_N: tl.constexpr,  # key tile (this program's)
 ):
-    pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+    pid_n, task = _tile_and_head(tl.program_id(0), tl.cdiv(Lk, BLOCK_N))
+    split = task % SPLITS
+    bkv = task // SPLITS
     b = bkv // Hkv
     kvh = bkv % Hkv
+    heads = GROUP // SPLITS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -360,8 +403,8 @@ def _attention_bwd_dkdv_kernel(
     n_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=n_mask, other=0.0)
+    k = tl.load(K + _offsets(offs_n, stride_kn, offs_d, stride_kd), mask=n_mask, other=0.0)
+    v = tl.load(V + _offsets(offs_n, stride_vn, offs_d, stride_vd), mask=n_mask, other=0.0)
     key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -369,16 +412,16 @@ def _attention_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # query tiles wholly below the first query that sees this key tile are skipped
         lo = tl.maximum(pid_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
-        h = kvh * GROUP + g
+    for g in range(0, heads):
+        h = kvh * GROUP + split * heads + g
         bh = b * Hq + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + offs_m0
             m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_mask, other=0.0)
+            q = tl.load(q_base + _offsets(offs_m, stride_qm, offs_d, stride_qd), mask=m_mask, other=0.0)
+            do = tl.load(do_base + _offsets(offs_m, stride_dom, offs_d, stride_dod), mask=m_mask, other=0.0)
             lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
             delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             # Transposed tiles [BLOCK_N, BLOCK_M]: rows are this program's keys.
@@ -397,10 +440,11 @@ def _attention_bwd_dkdv_kernel(
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk *= softmax_scale
-    DK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-    DV += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=n_mask)
+    out_h = (kvh * SPLITS + split).to(tl.int64)
+    DK += b.to(tl.int64) * stride_dkb + out_h * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + out_h * stride_dvh
+    tl.store(DK + _offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=n_mask)
+    tl.store(DV + _offsets(offs_n, stride_dvn, offs_d, stride_dvd), dv.to(DV.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -453,8 +497,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(tl.program_id(0), tl.cdiv(Lq, BLOCK_M))
     b = bh // Hq
     h = bh % Hq
     kvh = h // GROUP
@@ -464,11 +507,7 @@ def _attention_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
     q = tl.load(
-        Q
-        + b.to(tl.int64) * stride_qb
-        + h.to(tl.int64) * stride_qh
-        + offs_m[:, None] * stride_qm
-        + offs_d[None, :] * stride_qd,
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + _offsets(offs_m, stride_qm, offs_d, stride_qd),
         mask=m_mask,
         other=0.0,
     )
@@ -476,8 +515,7 @@ def _attention_bwd_dq_kernel(
         DOUT
         + b.to(tl.int64) * stride_dob
         + h.to(tl.int64) * stride_doh
-        + offs_m[:, None] * stride_dom
-        + offs_d[None, :] * stride_dod,
+        + _offsets(offs_m, stride_dom, offs_d, stride_dod),
         mask=m_mask,
         other=0.0,
     )
@@ -494,8 +532,8 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         t_mask = (offs_n[None, :] < Lk) & d_ok[:, None]
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        kt = tl.load(K + _offsets(offs_d, stride_kd, offs_n, stride_kn), mask=t_mask, other=0.0)
+        vt = tl.load(V + _offsets(offs_d, stride_vd, offs_n, stride_vn), mask=t_mask, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
         vis = _visible(offs_m[:, None], offs_n[None, :], key_ok[None, :], Lq, Lk, CAUSAL)
@@ -512,8 +550,7 @@ def _attention_bwd_dq_kernel(
         DQ
         + b.to(tl.int64) * stride_dqb
         + h.to(tl.int64) * stride_dqh
-        + offs_m[:, None] * stride_dqm
-        + offs_d[None, :] * stride_dqd,
+        + _offsets(offs_m, stride_dqm, offs_d, stride_dqd),
         dq.to(DQ.dtype.element_ty),
         mask=m_mask,
     )
@@ -526,6 +563,40 @@ _attention_bwd_dq_tuned = _tuned("dq", _attention_bwd_dq_kernel)
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: take and return what the op layer's custom ops do.
+
+
+def _grid(tiles: int, heads: int) -> tuple[int]:
+    """The launch grid of ``tiles`` tiles for each of ``heads`` (batch, head) pairs, all on axis 0:
+    CUDA caps grid axes 1 and 2 at 65,535 (4,096 sentences x 16 heads already pass that), axis 0
+    at 2^31 - 1, beyond every input that fits in memory (each program owns >= 16 rows)."""
+    programs = tiles * heads
+    check_grid((programs,), "attention")
+    return (programs,)
+
+
+def _dkdv_splits(group: int, kv_programs: int, min_programs: int) -> int:
+    """How many programs share the ``group`` query heads of one key/value tile: the smallest divisor
+    of ``group`` that gives ``min_programs`` programs (``kv_programs`` without a split), else
+    ``group``. Each split sums its heads' dK/dV in registers and writes an fp32 partial; a torch
+    sum over the splits follows. One program per group, as in FlashAttention-2, leaves an A100/H100
+    mostly idle with MQA (B=1, Hq=32, Lk=4k: 32 programs); splitting every group in full would cost
+    an fp32 [B, Lk, Hq, D] pair of partials even where the GPU is already full."""
+    for splits in range(1, group + 1):
+        if group % splits == 0 and kv_programs * splits >= min_programs:
+            return splits
+    return group
+
+
+def _min_programs(device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over; under the interpreter, as many as exist (so the
+    tests run the split path; they set it lower to run the others)."""
+    if device.type != "cuda":
+        return _INTERPRET_MIN_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_INTERPRET_MIN_PROGRAMS = 2**31 - 1
+_SPLIT_TILE = 64  # the key tile assumed when choosing the splits (the autotuner picks 32 to 128)
 
 
 def _block_d(head_dim: int) -> int:
@@ -582,7 +653,7 @@ def attention_fwd(
     lse2 = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2.fill_(float("-inf"))
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+    grid = lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
     with device_ctx(q):
         _launch(
             "fwd",
@@ -636,9 +707,15 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     group = hq // hkv
+    splits = _dkdv_splits(group, triton.cdiv(lk, _SPLIT_TILE) * bsz * hkv, _min_programs(q.device))
+    if splits > 1:  # fp32 partials [B, Lk, Hkv, splits, D], summed below
+        dk_out = torch.empty((bsz, lk, hkv * splits, d), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty_like(dk_out)
+    else:
+        dk_out, dv_out = dk, dv
     scales = (softmax_scale, softmax_scale * LOG2E)
     with device_ctx(q):
-        _attention_bwd_delta_kernel[(triton.cdiv(lq, 64), bsz * hq)](
+        _attention_bwd_delta_kernel[_grid(triton.cdiv(lq, 64), bsz * hq)](
             out,
             dout,
             delta,
@@ -654,7 +731,7 @@ def attention_bwd(
             "dkdv",
             _attention_bwd_dkdv_kernel,
             _attention_bwd_dkdv_tuned,
-            lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv),
+            lambda meta: _grid(triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv * splits),
             q,
             k,
             v,
@@ -662,17 +739,18 @@ def attention_bwd(
             dout,
             lse2,
             delta,
-            dk,
-            dv,
+            dk_out,
+            dv_out,
             *q.stride(),
             *k.stride(),
             *v.stride(),
             *dout.stride(),
-            *dk.stride(),
-            *dv.stride(),
+            *dk_out.stride(),
+            *dv_out.stride(),
             hq,
             hkv,
             group,
+            splits,
             lq,
             lk,
             d,
@@ -683,7 +761,7 @@ def attention_bwd(
             "dq",
             _attention_bwd_dq_kernel,
             _attention_bwd_dq_tuned,
-            lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
+            lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
             q,
             k,
             v,
@@ -705,4 +783,7 @@ def attention_bwd(
             *scales,
             **args,
         )
+    if splits > 1:  # a fixed-order sum: deterministic, unlike atomics
+        dk.copy_(dk_out.view(bsz, lk, hkv, splits, d).sum(3))
+        dv.copy_(dv_out.view(bsz, lk, hkv, splits, d).sum(3))
     return dq, dk, dv

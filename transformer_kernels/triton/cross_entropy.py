@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import device_ctx
+from .launch import check_grid, device_ctx
 
 
 @triton.jit
@@ -128,6 +128,7 @@ def cross_entropy_fwd(
     if n == 0:
         return loss, grad
     block_v, num_warps = _launch_params(v, logits.is_cuda)
+    check_grid((n,), "cross_entropy")
     with device_ctx(logits):
         _cross_entropy_kernel[(n,)](
             logits,

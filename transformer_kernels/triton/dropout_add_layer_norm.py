@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
-from .launch import device_ctx
+from .launch import check_grid, device_ctx
 from .philox import dropout_keep
 
 MAX_HIDDEN = 65536
@@ -206,6 +206,7 @@ def dropout_add_layer_norm_fwd(
     if m == 0:
         return out, s, mean, rstd
     block_n, num_warps = _launch_params(n)
+    check_grid((m,), "dropout_add_layer_norm")
     with device_ctx(x):
         _dropout_add_layer_norm_fwd_kernel[(m,)](
             x,

@@ -238,9 +238,11 @@ def _dz_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """dz = dout ∘ keep · scale ∘ act'(z); ReLU reads ``out != 0`` (= keep ∧ z > 0) instead."""
-    pid_m = tl.program_id(0)
+    # One grid axis: axis 1 would cap N at 65,535 column tiles.
+    pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     idx = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     dz = tl.load(DOUT + idx, mask=mask, other=0.0).to(tl.float32)
@@ -353,7 +355,7 @@ def fused_linear_bwd(
         partial = torch.empty(triton.cdiv(m, block_m), n if has_bias else 0, dtype=torch.float32, device=x.device)
         if dz.numel():
             with device_ctx(x):  # unused pointers get dout / dz, never an empty tensor
-                _dz_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+                _dz_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
                     dout,
                     out,
                     preact if preact.numel() else dout,
