@@ -294,7 +294,7 @@ def render(results: Path | None, readme_dir: Path = RESULTS) -> str:
     env = loaded[0].environment
     rel = Path(os.path.relpath(results, readme_dir))
     lines += [
-        f"The latest GPU results, from `{rel}` (rendered by `benchmarks/results_readme.py`).",
+        f"The latest GPU results, from `{rel}` (rendered by `python -m transformer_kernels.bench.results_readme`).",
         "",
         f"- card: {env.get('card')} (driver {env.get('driver')}; peak DRAM bandwidth "
         f"{env.get('peak_dram_gbps') or 'not in the table'} GB/s)",
@@ -308,7 +308,7 @@ def render(results: Path | None, readme_dir: Path = RESULTS) -> str:
         *_targets_table({r.name: r for r in loaded}),
         "",
         "Speed-ups are against the baseline measured in the same run (each table names it). "
-        "The methodology is in `benchmarks/common.py`.",
+        "The methodology is in `transformer_kernels/bench/common.py`.",
         "",
     ]
     for r in loaded:
