@@ -21,7 +21,7 @@ if ! python -c "import torch, triton" 2>/dev/null; then
   echo "bootstrap: installing $TORCH_REQ"
   python -m pip install -q "$TORCH_REQ"
 fi
-python -m pip install -q setuptools wheel ninja pybind11 numpy pytest matplotlib tensorboard tokenizers sacrebleu safetensors tqdm
+python -m pip install -q setuptools wheel ninja pybind11 numpy pytest matplotlib tensorboard tokenizers sacrebleu safetensors tqdm 'transformers>=5'
 
 # The extension builds against the torch installed above: no build isolation.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
