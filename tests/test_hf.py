@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import transformer_kernels as tk  # noqa: E402
 import transformer_kernels.hf as tkhf  # noqa: E402
+from transformer_kernels.hf import apply_transformer_kernels  # noqa: E402
 from transformer_kernels.hf import attention as hf_attention  # noqa: E402
 from transformer_kernels.ops.attention import OP as ATTENTION  # noqa: E402
 
@@ -21,7 +23,8 @@ from transformer_kernels.ops.attention import OP as ATTENTION  # noqa: E402
 BACKEND = "triton" if "triton" in kernel_backends(ATTENTION) else "reference"
 VOCAB = 101
 ARCHS = ["marian", "bart", "whisper", "bert", "llama"]
-SEQ2SEQ = ["marian", "bart", "whisper"]
+SEQ2SEQ = ["marian", "bart", "mbart", "whisper"]
+PATCHED = ARCHS + ["mbart", "qwen2"]
 
 
 def _config(arch: str):
@@ -49,6 +52,8 @@ def _config(arch: str):
         return t.MarianMTModel, t.MarianConfig(max_position_embeddings=64, **seq2seq)
     if arch == "bart":
         return t.BartForConditionalGeneration, t.BartConfig(max_position_embeddings=64, **seq2seq)
+    if arch == "mbart":  # pre-LN
+        return t.MBartForConditionalGeneration, t.MBartConfig(max_position_embeddings=64, **seq2seq)
     if arch == "whisper":
         cfg = t.WhisperConfig(num_mel_bins=8, max_source_positions=16, max_target_positions=32, **seq2seq)
         return t.WhisperForConditionalGeneration, cfg
@@ -64,8 +69,9 @@ def _config(arch: str):
             max_position_embeddings=64,
         )
         return t.BertModel, cfg
-    if arch == "llama":  # GQA: 4 query heads over 2 key/value heads
-        cfg = t.LlamaConfig(
+    if arch in ("llama", "qwen2"):  # GQA: 4 query heads over 2 key/value heads
+        cls, config = (t.LlamaForCausalLM, t.LlamaConfig) if arch == "llama" else (t.Qwen2ForCausalLM, t.Qwen2Config)
+        cfg = config(
             vocab_size=VOCAB,
             hidden_size=32,
             intermediate_size=48,
@@ -77,7 +83,7 @@ def _config(arch: str):
             bos_token_id=0,
             eos_token_id=2,
         )
-        return t.LlamaForCausalLM, cfg
+        return cls, cfg
     raise ValueError(arch)
 
 
@@ -258,13 +264,16 @@ def _generate(model, arch, seed, **kw):
     return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kw)
 
 
-@pytest.mark.parametrize("arch", SEQ2SEQ + ["llama"])
-@pytest.mark.parametrize("num_beams", [1, 3])
+GENERATE = [("marian", 1), ("whisper", 1), ("llama", 1), ("marian", 3), ("llama", 3)]
+
+
+@pytest.mark.parametrize("arch, num_beams", GENERATE)
 def test_generate_matches_eager(arch, num_beams, kernel_calls):
+    """Greedy and beam search on the patched model give eager's tokens (fp32), through a KV cache."""
     seed = seed_for("generate", arch, num_beams)
     want = _generate(_model(arch, "eager").eval(), arch, seed, num_beams=num_beams)
     with tk.use_backend(BACKEND):
-        got = _generate(_model(arch, tkhf.NAME).eval(), arch, seed, num_beams=num_beams)
+        got = _generate(_patched(arch, tkhf.NAME, torch.float32).eval(), arch, seed, num_beams=num_beams)
     assert torch.equal(got, want), f"{arch}: {got.tolist()} != {want.tolist()}"
     assert tk.nn.fallback_counts() == {}
     assert any(lq == 1 for *_, lq in kernel_calls), "no cached decoding step reached the kernel"
@@ -276,50 +285,82 @@ def _labels(kw):
     return labels
 
 
+def _cast(model, kw):
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+
+
 def _loss(model, arch, kw):
     if arch == "bert":
         out = model(**kw).last_hidden_state
-        return out, (out * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)).pow(2).mean()
-    out = model(**kw, labels=_labels(kw))
-    return out.logits, out.loss
+        return (out * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)).pow(2).mean()
+    return model(**kw, labels=_labels(kw)).loss
 
 
-def _train(model, arch, kw, steps: int = 2):
-    """Outputs, every parameter gradient of the first step, and the losses of ``steps`` AdamW steps."""
-    dtype = next(model.parameters()).dtype
-    kw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+def _train(model, arch, kw, steps: int):
+    """Every parameter gradient of the first step and the losses of ``steps`` AdamW steps."""
+    kw = _cast(model, kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(steps):
         opt.zero_grad()
-        out, loss = _loss(model, arch, kw)
+        loss = _loss(model, arch, kw)
         loss.backward()
         if step == 0:
-            first = out.detach(), {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.detach())
-    return (*first, torch.stack(losses))
+    return grads, torch.stack(losses)
+
+
+def _check_runs(arch, make, kw, steps):
+    """``make(attn, dtype)`` builds the model; the fp32 fast one is held to the rule against fp64 and fp32 eager:
+    eval outputs, the first step's gradients, the training losses."""
+    runs = []
+    for attn, dtype in (("eager", torch.float64), ("eager", torch.float32), (tkhf.NAME, torch.float32)):
+        with tk.use_backend(BACKEND if attn == tkhf.NAME else "auto"):
+            model = make(attn, dtype)
+            with torch.no_grad():
+                out = _output(model.eval()(**_cast(model, kw)))
+            runs.append((out, *_train(model.train(), arch, kw, steps)))
+    (out64, grads64, losses64), (out32, grads32, losses32), (out, grads, losses) = runs
+    assert_close_to_reference(f"{arch} output", out, out32, out64)
+    for name, want in grads64.items():
+        assert (grads[name] is None) == (want is None), f"{arch}: gradient of {name}"
+        if want is not None:
+            assert_close_to_reference(f"{arch} grad {name}", grads[name], grads32[name], want)
+    assert_close_to_reference(f"{arch} losses", losses, losses32, losses64)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_backend_matches_eager(arch, kernel_calls):
-    """Forward, every parameter gradient and the losses of training steps, by the error rule."""
-    seed = seed_for("attention", arch)
-    kw = _inputs(arch, seed)
-    exact = _train(_model(arch, "eager", torch.float64).train(), arch, kw)
-    same_dtype = _train(_model(arch, "eager").train(), arch, kw)
-    with tk.use_backend(BACKEND):
-        fast = _train(_model(arch, tkhf.NAME).train(), arch, kw)
-    assert_close_to_reference(f"{arch} output", fast[0], same_dtype[0], exact[0])
-    for name, want in exact[1].items():
-        got = fast[1][name]
-        assert (got is None) == (want is None), f"{arch}: gradient of {name}"
-        if want is not None:
-            assert_close_to_reference(f"{arch} grad {name}", got, same_dtype[1][name], want)
-    assert_close_to_reference(f"{arch} losses", fast[2], same_dtype[2], exact[2])
+    """attn_implementation="transformer_kernels": outputs, every gradient, a training step, by the error rule."""
+    _check_runs(arch, lambda attn, dtype: _model(arch, attn, dtype), _inputs(arch, seed_for("attention", arch)), 1)
     assert tk.nn.fallback_counts() == {}
     assert any(causal for causal, *_ in kernel_calls) == (arch != "bert")
     assert any(padded for _, padded, *_ in kernel_calls)
+
+
+def _patched(arch, attn, dtype):
+    """The eager model, patched (attention included) for ``attn == "transformer_kernels"``."""
+    model = _model(arch, "eager", dtype)
+    if attn == tkhf.NAME:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = apply_transformer_kernels(model)
+        # everything is fused but BertModel's loss: it has no LM head
+        assert list(report.left) == (["loss (BertModel)"] if arch == "bert" else [])
+        assert len(caught) == len(report.left)
+        assert "attention" in report.fused
+    return model
+
+
+@pytest.mark.parametrize("arch", PATCHED)
+def test_patched_model_matches_eager(arch):
+    """apply_transformer_kernels: fused norms, residual adds, MLPs, attention and (in training) the LM-head
+    loss; eval outputs, every gradient and two training steps' losses by the error rule."""
+    _check_runs(arch, lambda attn, dtype: _patched(arch, attn, dtype), _inputs(arch, seed_for("patched", arch)), 2)
+    assert tk.nn.fallback_counts() == {}
 
 
 def test_attention_dropout_reaches_the_kernel_in_training(kernel_calls):
@@ -334,3 +375,62 @@ def test_attention_dropout_reaches_the_kernel_in_training(kernel_calls):
         kernel_calls.clear()
         model.eval()(**kw)
         assert kernel_calls and all(p == 0.0 for _, _, p, _ in kernel_calls)
+
+
+def test_patching_keeps_weights_and_keys_and_twice_is_harmless():
+    model = _model("bart", "eager")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = apply_transformer_kernels(model)
+    second = apply_transformer_kernels(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert sum(map(len, first.fused.values())) > 0
+    assert second.fused == {} and second.left == {}, f"the second call patched again: {second}"
+    assert isinstance(model, transformers.BartForConditionalGeneration)
+    reloaded = _model("bart", "eager")
+    reloaded.load_state_dict(after)  # a patched model's checkpoint loads into an unpatched one
+
+
+def test_unsupported_architecture_is_named():
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    with pytest.raises(ValueError, match=r"model type 't5' is not supported \(supported: bart, marian"):
+        apply_transformer_kernels(model)
+
+
+def test_unfused_activation_is_reported_and_still_correct(kernel_calls):
+    """Marian's released checkpoints use SiLU ("swish") in the FFN: no fused_linear kernel, so the FFN is left
+    (named in the report and a warning); the layers' norms, residual adds and attention are still fused."""
+    cls, cfg = _config("marian")
+    cfg.activation_function = "swish"
+    torch.manual_seed(0)
+    ref = cls._from_config(cfg, attn_implementation="eager").to(device()).eval()
+    model = cls._from_config(cfg, attn_implementation="eager").to(device()).eval()
+    model.load_state_dict(ref.state_dict())
+    with pytest.warns(
+        UserWarning, match="not fused: model.encoder.layers.0 .*FFN: activation SiLU has no fused kernel"
+    ):
+        report = apply_transformer_kernels(model)
+    assert len(report.left) == 4 and len(report.fused["FusedPostLNEncoderLayer"]) == 2
+    kw = _inputs("marian", 0)
+    with tk.use_backend(BACKEND):
+        got = _output(model(**kw))
+    torch.testing.assert_close(got, _output(ref(**kw)), rtol=1e-5, atol=1e-5)
+    assert kernel_calls
+
+
+def test_torch_compile_after_patching():
+    cls, cfg = _config("bert")
+    cfg.num_hidden_layers = 1  # tracing is what this test checks, and it costs per layer
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation="eager").to(device()).eval()
+    apply_transformer_kernels(model, loss=False)
+    # Without padding transformers passes no mask: the graph is whole. (A padding mask is read by
+    # value, a graph break, see transformer_kernels.hf.attention.)
+    kw = {"input_ids": _inputs("bert", 0)["input_ids"]}
+    torch._dynamo.reset()
+    with tk.use_backend(BACKEND):
+        want = _output(model(**kw))
+        got = _output(torch.compile(model, backend="aot_eager", fullgraph=True)(**kw))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

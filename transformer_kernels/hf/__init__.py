@@ -6,8 +6,10 @@ transformer-kernels[hf]``) and registers the attention backend, so::
     import transformer_kernels.hf
     model = AutoModelForSeq2SeqLM.from_pretrained(name, attn_implementation="transformer_kernels")
 
-runs every attention call of the model through :func:`transformer_kernels.attention`.
-``import transformer_kernels`` alone never imports transformers.
+runs every attention call of the model through :func:`transformer_kernels.attention`;
+:func:`apply_transformer_kernels` patches a built or loaded model's norms, residual adds, MLPs and
+training loss (and switches its attention) in place. ``import transformer_kernels`` alone never
+imports transformers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from .attention import NAME, attention_forward, mask_kind
+from .patch import SUPPORTED, PatchReport, apply_transformer_kernels
 
 
 def register(name: str = NAME) -> str:
@@ -38,4 +41,12 @@ def register(name: str = NAME) -> str:
 
 register()
 
-__all__ = ["NAME", "attention_forward", "mask_kind", "register"]
+__all__ = [
+    "NAME",
+    "SUPPORTED",
+    "PatchReport",
+    "apply_transformer_kernels",
+    "attention_forward",
+    "mask_kind",
+    "register",
+]
