@@ -184,17 +184,15 @@ def test_mask_kind_reads_causal_and_padding(lq, lk, causal, padded):
 def test_mask_kind_rejects_what_the_kernel_cannot_express():
     from transformers.masking_utils import sliding_window_causal_mask_function
 
-    sliding = _sdpa_mask(1, 8, 8, causal=True)
-    sliding = sliding & _sdpa_mask(1, 8, 8, causal=False, local_size=3)  # still causal: read below
     window = transformers.masking_utils.sdpa_mask(
         1, 8, 8, mask_function=sliding_window_causal_mask_function(3), allow_is_causal_skip=False
     )
     assert hf_attention.mask_kind(window, 1, 8, 8) is None
     bias = torch.randn(1, 1, 8, 8)  # an arbitrary additive bias
     assert hf_attention.mask_kind(bias, 1, 8, 8) is None
-    top_left = torch.ones(1, 1, 3, 6, dtype=torch.bool).tril()[None, None, 0, 0]  # top-left causal, Lq != Lk
+    top_left = torch.ones(1, 1, 3, 6, dtype=torch.bool).tril()  # causal aligned top-left, Lq != Lk
     assert hf_attention.mask_kind(top_left, 1, 3, 6) is None
-    per_head = sliding.expand(1, 4, 8, 8)
+    per_head = _sdpa_mask(1, 8, 8).expand(1, 4, 8, 8)  # a mask per head, even a causal one
     assert hf_attention.mask_kind(per_head, 1, 8, 8) is None
 
 
