@@ -8,16 +8,18 @@ Public API::
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
     fused_linear(x, weight, bias, activation, ...)  linear layer + bias + activation + dropout fused
     ffn(x, w1, b1, w2, b2, ...)                     the position-wise feed-forward block
+    glu(gate, up, activation)                       the gated activation of SwiGLU / GeGLU blocks
     available_backends(), set_backend(), use_backend(), get_backend()
     transformer_kernels.nn.*                        drop-in torch.nn modules (Transformer, layers, MHA, norms)
     convert(model, inplace=False)                   swap a model's torch.nn modules for the drop-ins
     transformer_kernels.reference.*                 the pure-PyTorch specifications
+    transformer_kernels.hf                          Hugging Face transformers: attention backend, model patching
 """
 
 from . import nn, reference
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
 from .nn import convert
-from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, linear_cross_entropy
+from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, glu, linear_cross_entropy
 
 __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it from here
 
@@ -31,6 +33,7 @@ __all__ = [
     "ffn",
     "fused_linear",
     "get_backend",
+    "glu",
     "linear_cross_entropy",
     "nn",
     "reference",

@@ -4,5 +4,6 @@ from .attention import attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .dropout_add_layer_norm import dropout_add_layer_norm
 from .ffn import ffn, fused_linear
+from .glu import glu
 
-__all__ = ["attention", "cross_entropy", "dropout_add_layer_norm", "ffn", "fused_linear", "linear_cross_entropy"]
+__all__ = ["attention", "cross_entropy", "dropout_add_layer_norm", "ffn", "fused_linear", "glu", "linear_cross_entropy"]

@@ -4,6 +4,7 @@ from .attention import attention_ref
 from .cross_entropy import cross_entropy_ref, linear_cross_entropy_ref
 from .dropout_add_layer_norm import dropout_add_layer_norm_ref
 from .ffn import ffn_ref, fused_linear_ref
+from .glu import glu_ref
 from .philox import dropout_keep_mask
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "dropout_keep_mask",
     "ffn_ref",
     "fused_linear_ref",
+    "glu_ref",
     "linear_cross_entropy_ref",
 ]
