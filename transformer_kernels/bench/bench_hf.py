@@ -12,7 +12,7 @@ config has it), tokens/s of target tokens. generate(): greedy, a fixed number of
 (EOS off), tokens/s of generated tokens. GPU: base-size configs in bf16; CPU: tiny configs in fp32
 (a smoke run: the CPU runs the reference ops).
 
-    python benchmarks/bench_hf.py [--quick] [--dtype bf16 ...] [--out DIR]
+    python -m transformer_kernels.bench.bench_hf [--quick] [--dtype bf16 ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,20 +20,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-if not __package__:  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from .common import (
     Report,
     autotune,
     chosen_dtypes,
     default_device,
     label,
-    mark_not_run,
     peak_mib,
     standalone_parser,
     time_steps_ms,
@@ -187,7 +182,9 @@ def run(
                             else None
                         )
                         if reason:
-                            mark_not_run(timings, notes, impl, reason)
+                            notes[impl] = reason
+                            for per_pass in timings.values():
+                                per_pass[impl] = None
                             continue
                     model = build(arch, impl, device, dt, state)
                     state = state or {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -210,7 +207,7 @@ def run(
 
 
 def main(argv=None) -> int:
-    from benchmarks.suite import publish
+    from .suite import publish
 
     parser = standalone_parser(__doc__, None)
     args = parser.parse_args(argv)
