@@ -25,8 +25,12 @@ from . import core
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Today's CUDA offenders (same rules as problems.KNOWN_OFFENDERS): none.
-KNOWN_OFFENDERS: list[core.KnownOffender] = []
+# Today's CUDA offenders (same rules as problems.KNOWN_OFFENDERS). The LayerNorm kernels' per-thread
+# row slices spill a few words in some instantiations (nvcc 13.0: 8 to 32 B of stores and of loads
+# per thread, sm_80 and sm_90), where the slice and the Philox state are live together.
+KNOWN_OFFENDERS: list[core.KnownOffender] = [
+    core.KnownOffender("dropout_add_ln_*_kernel", why="LayerNorm row slice spills a few words"),
+]
 
 
 def cuda_home() -> str:
@@ -107,6 +111,15 @@ def demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out, strict=True)) if len(out) == len(names) else {n: n for n in names}
 
 
+def split_name(pretty: str) -> tuple[str, str]:
+    """``void tk::(anonymous namespace)::k<__half, 8>(tk::P)`` -> ``("k", "<__half, 8>")``."""
+    name = pretty.removeprefix("void ").replace("(anonymous namespace)::", "")
+    params = name.rfind("(")
+    name = name[:params] if params > 0 else name
+    base, _, template = name.partition("<")
+    return base.split("::")[-1], ("<" + template) if template else ""
+
+
 def compile_source(source: str, arch: int) -> list[dict]:
     """One row per kernel of ``source`` for ``arch`` (or one error row)."""
     name = Path(source).name
@@ -121,12 +134,11 @@ def compile_source(source: str, arch: int) -> list[dict]:
     names = demangle(sorted(figures))
     rows = []
     for mangled, f in sorted(figures.items()):
-        pretty = names[mangled]
-        base, _, template = pretty.partition("<")
+        kernel, config = split_name(names[mangled])
         rows.append(
             {
-                "kernel": base.split("(")[0].replace("void ", "").strip(),
-                "config": ("<" + template.rsplit(">", 1)[0] + ">") if template else "",
+                "kernel": kernel,
+                "config": config,
                 "arch": arch,
                 "problems": [name],
                 "mangled": mangled,

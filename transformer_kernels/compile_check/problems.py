@@ -164,4 +164,11 @@ KNOWN_OFFENDERS: list[KnownOffender] = [
         problem="layer_norm * N=65536 *",
         why="a row of N >= 32k does not fit the registers",
     ),
+    # The backward holds more per element (dy, x̂, the dW/dB partials) and spills already at
+    # N = 16384 (16 warps, 128 registers: fp16 704 B / 616 B on sm_80, fp32 2,312 B / 2,140 B).
+    KnownOffender(
+        "*.dropout_add_layer_norm._dropout_add_layer_norm_bwd_kernel",
+        problem="layer_norm * N=16384 *",
+        why="the backward's row of N = 16k does not fit the registers",
+    ),
 ]
