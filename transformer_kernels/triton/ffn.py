@@ -96,8 +96,10 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 # live for every accumulator element a thread holds: with more than 32 of them (BLOCK_M · BLOCK_N
 # > 32 · 32 · num_warps) ptxas spills, 0.8-6 KB per thread on sm_90 for fp16 (Triton 3.8), and
 # splitting the epilogue into sub-tiles does not stop it on sm_90 (the scheduler interleaves
-# them). With dropout only configs within that bound run (their compiles: no spills on sm_80 or
-# sm_90, any dtype); the two 8-warp 128 x 64 tiles are there for them.
+# them). With dropout only configs within that bound run, and for fp32 operands only those with
+# BLOCK_K <= 32 (the 8-warp 128 x 64 x 64 tiles spill 0.8-9 KB on sm_80 in fp32, whose IEEE dot
+# runs on FMA units); their compiles show no spills on sm_80 or sm_90. The two 8-warp 128 x 64
+# tiles are there for fp16/bf16 with dropout.
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _CONFIGS = [
@@ -134,6 +136,8 @@ def _may_run(block_m: int, block_n: int, block_k: int, warps: int, stages: int, 
     """Whether the pipelined A and B tiles fit in shared memory (fp32 tiles take twice fp16's) and,
     with dropout, the accumulator is small enough per thread."""
     if dropout and block_m * block_n > _DROPOUT_ACC_PER_THREAD * 32 * warps:
+        return False
+    if dropout and elt == 4 and block_k > 32:  # sm_80's IEEE fp32 dot (FMA) keeps its operands in registers
         return False
     return (block_m + block_n) * block_k * elt * stages <= _SMEM_BYTES
 
