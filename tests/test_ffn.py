@@ -521,6 +521,8 @@ def test_kernels_compile_for_sm90():
         _compile_for_sm90()
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # this checkout's package, not one installed elsewhere
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-c", "import test_ffn; test_ffn._compile_for_sm90()"],
         cwd=Path(__file__).parent,
