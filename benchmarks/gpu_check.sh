@@ -81,6 +81,10 @@ BENCH_DIR="$OUT_DIR/bench"
 for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120; do
   step "bench ${spec%%:*}" "${spec##*:}" $PY -m transformer_kernels bench "${spec%%:*}" --quick --out "$BENCH_DIR"
 done
+# The autotuned kernels' tests again with autotuning on, the path users get by default (each new
+# shape is tuned, so they are slower than with TK_AUTOTUNE=0).
+step "tests (autotuned kernels)" 180 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=1 $PY -m pytest tests/test_ffn.py \
+  tests/test_attention.py -v -rs "${xdist[@]}" --junitxml="$OUT_DIR/tests_kernels_autotuned.xml"
 step "tests (the rest)" 300 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest tests "${deselect[@]}" -v -rs \
   "${xdist[@]}" --junitxml="$OUT_DIR/tests_rest.xml"
 if ls "$BENCH_DIR"/*.json >/dev/null 2>&1; then

@@ -22,6 +22,9 @@ void fused_linear_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, const at
                            const at::Tensor& out, const at::Tensor& preact, int64_t activation,
                            double dropout_p, int64_t seed, const at::Tensor& dx,
                            const at::Tensor& dweight, const at::Tensor& dbias);
+namespace tk {
+bool matmul_allows_tf32();  // Defined in cuda/cublaslt_gemm.cu.
+}
 
 namespace {
 
@@ -147,6 +150,9 @@ TORCH_LIBRARY_FRAGMENT(tk_C, m) {
       "fused_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor out, Tensor preact, "
       "bool has_bias, str activation, float dropout_p, int seed) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // Whether fp32 GEMMs run on TF32 tensor cores, as read from torch's settings: lets tests check
+  // that reading on any machine, GPU or not.
+  m.def("_matmul_allows_tf32() -> bool", &tk::matmul_allows_tf32);
 }
 
 TORCH_LIBRARY_IMPL(tk_C, CUDA, m) {

@@ -263,6 +263,7 @@ def test_gpu_check_writes_its_summary_even_when_no_step_fits(tmp_path):
     env = {**os.environ, "TK_GPU_CHECK_BUDGET": "1", "PYTHON": sys.executable}
     subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     summary = (tmp_path / "summary.md").read_text()
-    for step in ("build", "info", "tests (kernels)", "bench layer_norm", "bench training", "tests (the rest)"):
+    steps = ("build", "info", "tests (kernels)", "bench layer_norm", "bench training", "tests (autotuned kernels)")
+    for step in steps + ("tests (the rest)",):
         assert f"| {step} | SKIPPED (budget of 1s spent) |" in summary, step
     assert "- tests (kernels): no report" in summary

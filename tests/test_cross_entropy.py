@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,55 @@ def test_linear_cross_entropy_scaled_upstream(backend, dtype):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_linear_cross_entropy_big_vocab(backend):
     _compare_lce(backend, 4, 8, 32003, torch.float16, "sum", label_smoothing=0.0, chunk_size=3)
+
+
+def _lce_grads(hidden, weight, target, chunk_size):
+    from transformer_kernels.triton.cross_entropy import linear_cross_entropy_fwd
+
+    scale = torch.tensor(1.0 / hidden.shape[0], device=hidden.device)
+    return linear_cross_entropy_fwd(hidden, weight, target, None, scale, 0.0, IGNORE, True, chunk_size)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU path, under the Triton interpreter")
+def test_linear_cross_entropy_makes_no_vocab_sized_temporary(monkeypatch):
+    """dweight accumulates over the chunks without a temporary as large as itself: the one
+    allocation of [V, d] fp32 size is the accumulator; bf16 products are staged in fp32 a few rows
+    at a time, within the chunk budget (here a quarter of [V, d] fp32)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from transformer_kernels.triton import cross_entropy as tce
+
+    n, v, d = 96, 300, 32
+    vd_fp32 = v * d * 4
+    monkeypatch.setattr(tce, "_CPU_CHUNK_BYTES", vd_fp32 // 4)
+    torch.manual_seed(seed_for("lce memory"))
+    hidden, weight = torch.randn(n, d, dtype=torch.bfloat16), torch.randn(v, d, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _lce_grads(hidden, weight, torch.randint(0, v, (n,)), chunk_size=48)  # two chunks
+    big = [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= vd_fp32]
+    assert len(big) == 1, big
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_peak_memory():
+    """Peak memory of the chunked forward with gradients: the fp32 dweight accumulator, one chunk's
+    logits, the fp32 staging (at most the chunk budget, 256 MiB) and dhidden; no second [V, d] fp32."""
+    from transformer_kernels.triton.cross_entropy import _chunk_budget
+
+    n, v, d, chunk = 2048, 65536, 2048, 1024
+    torch.manual_seed(seed_for("lce peak"))
+    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) / 64
+    target = torch.randint(0, v, (n,), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _lce_grads(hidden, weight, target, chunk)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    acc, logits, dhidden = v * d * 4, chunk * v * 2, n * d * 2
+    staging = min(v, _chunk_budget(hidden.device) // (d * 4)) * d * 4
+    assert peak <= acc + max(logits + staging, v * d * 2) + dhidden + 2**20, peak / 2**20
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -97,8 +98,7 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
     leading dims, ``dims`` the feature sizes (in, out) or (d_model, d_ff, d_out)."""
     torch.manual_seed(seed_for(op, lead, dims, dtype, activation, dropout_p, bias))
     x = torch.randn(*lead, dims[0], device=device()).to(dtype).requires_grad_()
-    layers = zip(dims, dims[1:], strict=False)  # (in, out) of each layer: consecutive dims
-    params = [p for k, n in layers for p in _linear_params(dtype, k, n, bias)]
+    params = [p for k, n in itertools.pairwise(dims) for p in _linear_params(dtype, k, n, bias)]
     tensors = [x, *params]
     grad = torch.randn(*lead, dims[-1], device=device()).to(dtype)  # every path gets the same dout
     fast_fn, ref_fn = (tk.fused_linear, fused_linear_ref) if op == "fused_linear" else (tk.ffn, ffn_ref)
@@ -463,7 +463,7 @@ def test_extension_fakes_give_right_shapes(activation):
 
 
 def test_fp32_dots_follow_torch_tf32_flag():
-    from transformer_kernels.triton.ffn import _dot_precision
+    from transformer_kernels.triton.precision import matmul_dot_precision as _dot_precision
 
     # Set through torch's own setter and restored by hand: allow_tf32 is a property of a module
     # object, which monkeypatch cannot always undo.
@@ -476,3 +476,32 @@ def test_fp32_dots_follow_torch_tf32_flag():
         assert _dot_precision(torch.bfloat16) is None
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="the triton backend does not run here")
+def test_backward_over_many_token_counts_tunes_once_per_size_bucket(monkeypatch):
+    """Token-budget batches change the token count every step, and it is the weight-gradient GEMM's
+    K: every size in the tuning key is bucketed, so each GEMM is tuned once per bucket, not per batch.
+    Runs Triton's own autotuner with its timings faked (the interpreter cannot time kernels)."""
+    from transformer_kernels.triton import ffn as tri
+
+    tuner = tri._tuned_gemm
+    monkeypatch.setattr(tri, "_autotune", lambda: True)
+    monkeypatch.setattr(tuner, "cache", {})
+    # the smallest tile "wins", so the interpreter runs the GEMMs quickly
+    monkeypatch.setattr(tuner, "_bench", lambda *args, config, **meta: [float(config.kwargs["BLOCK_M"])] * 3)
+    token_counts = range(33, 129, 8)  # 12 batches in two buckets, 64 and 128
+    for tokens in token_counts:
+        torch.manual_seed(seed_for("tuning", tokens))
+        x = torch.randn(tokens, 24, device=device(), requires_grad=True)
+        w = torch.randn(40, 24, device=device(), requires_grad=True)
+        b = torch.randn(40, device=device(), requires_grad=True)
+        tk.fused_linear(x, w, b, activation="gelu", backend="triton").sum().backward()
+        assert torch.isfinite(w.grad).all()
+    buckets = {triton_next_power_of_2(t) for t in token_counts}
+    # per bucket: the forward, dx and dW GEMMs
+    assert len(tuner.cache) == 3 * len(buckets), sorted(map(str, tuner.cache))
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()

@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <memory>
@@ -57,10 +58,10 @@ cudaDataType_t cuda_dtype(at::ScalarType dtype, const char* op) {
   }
 }
 
-// fp32 accumulation always; fp32 inputs use TF32 tensor cores only when the user allowed it the
-// PyTorch way (torch.backends.cuda.matmul.allow_tf32).
+// fp32 accumulation always; fp32 inputs use TF32 tensor cores only when torch's own fp32 matmuls
+// do (matmul_allows_tf32).
 cublasComputeType_t compute_type(at::ScalarType dtype) {
-  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
+  if (dtype == at::kFloat && matmul_allows_tf32()) {
     return CUBLAS_COMPUTE_32F_FAST_TF32;
   }
   return CUBLAS_COMPUTE_32F;
@@ -84,6 +85,22 @@ MatrixLayout layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld,
 }
 
 }  // namespace
+
+// torch >= 2.9 keeps one fp32 precision per backend and op (torch.backends.cuda.matmul
+// .fp32_precision, inheriting from torch.backends.fp32_precision when "none"); the legacy setters
+// write it too. The legacy getter allowTF32CuBLAS() throws once a user has set the new one
+// directly (the two disagree), so read the new one wherever it exists: it is what torch's own
+// cuBLAS calls read.
+bool matmul_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9  // the same setting, keyed by strings
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
 
 bool lt_matmul(const LtMatmul& p, const char* op) {
   const cudaDataType_t type = cuda_dtype(p.dtype, op);

@@ -34,6 +34,10 @@ struct LtMatmul {
   int64_t ld_aux = 0;    // GELU aux: a multiple of 8 and >= m
 };
 
+// Whether torch computes fp32 CUDA matmuls on TF32 tensor cores (its fp32 matmul precision
+// setting); fp32 GEMMs here do the same.
+bool matmul_allows_tf32();
+
 // Runs the matmul on the current stream. Returns false, having done nothing, when cuBLASLt has no
 // algorithm for a non-default epilogue with these shapes / types / alignments, so that the caller
 // can fall back to a plain GEMM and its own kernel; throws (naming `op`) on any other failure,

@@ -42,7 +42,12 @@ def main(out_dir: str) -> None:
         f"- extension: {env['extension']} ({env['extension_archs']})\n"
         f"- commit: {git_commit()}\n- date: {now}"
     )
-    for part, name in (("kernels", "tests_kernels.xml"), ("the rest", "tests_rest.xml")):
+    parts = (
+        ("kernels", "tests_kernels.xml"),
+        ("autotuned kernels", "tests_kernels_autotuned.xml"),
+        ("the rest", "tests_rest.xml"),
+    )
+    for part, name in parts:
         print(f"- tests ({part}): {test_counts(Path(out_dir) / name)}")
 
 

@@ -182,8 +182,8 @@ def fused_linear(
         backend: ``reference``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
 
     Returns:
-        ``[..., out_features]`` in x's dtype. fp32 GEMMs stay fp32-accurate unless
-        ``torch.backends.cuda.matmul.allow_tf32`` is set.
+        ``[..., out_features]`` in x's dtype. fp32 GEMMs run on TF32 tensor cores exactly when
+        ``F.linear``'s do (``torch.backends.cuda.matmul.fp32_precision == "tf32"``).
     """
     if isinstance(x, Tensor):  # under autocast: F.linear's policy, everything in the autocast dtype
         x, weight, bias = amp.cast(amp.lower_dtype(x.device), x, weight, bias)

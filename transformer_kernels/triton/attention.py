@@ -39,8 +39,9 @@ from triton.runtime.errors import OutOfResources
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
-from .launch import check_grid, device_ctx
+from .launch import autotune, check_grid, device_ctx
 from .philox import dropout_keep
+from .precision import attention_dot_precision
 
 LOG2E = 1.4426950408889634
 
@@ -163,7 +164,7 @@ def _tuned(kind: str, kernel):
         wanted = set(_CONFIGS[kind][_bucket_of(args["BLOCK_D"], args["DOT_PRECISION"] == "ieee")])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+    return autotune(configs, _TUNE_KEY, prune)(kernel)
 
 
 def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
@@ -621,7 +622,7 @@ def _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed):
         CAUSAL=causal,
         HAS_KPM=kpm is not None,
         HAS_DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        DOT_PRECISION=attention_dot_precision(q.dtype),
         BLOCK_D=_block_d(d),
     )
     return (bsz, lq, hq, lk, hkv, d), kpm, args

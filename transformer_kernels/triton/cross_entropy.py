@@ -150,35 +150,52 @@ def cross_entropy_fwd(
     return loss, grad
 
 
-# Budget of one chunk's logits: a slice of free GPU memory, capped (bigger chunks no longer make the
-# GEMMs faster); on the CPU (the interpreter, smoke runs) a fixed size.
-_GPU_CHUNK_FRACTION = 1 / 8
+# Budget of one chunk's logits: a slice of the GPU's memory (its size is cached by torch: no call to
+# the driver, unlike free memory, which would cost one per call), capped (bigger chunks no longer
+# make the GEMMs faster); on the CPU (the interpreter, smoke runs) a fixed size. The fp32 products
+# of a low-precision dweight GEMM are staged in a buffer of at most this size too.
+_GPU_CHUNK_FRACTION = 1 / 64
 _MAX_CHUNK_BYTES = 256 * 2**20
 _CPU_CHUNK_BYTES = 16 * 2**20
 
 
+def _chunk_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return min(int(total * _GPU_CHUNK_FRACTION), _MAX_CHUNK_BYTES)
+    return _CPU_CHUNK_BYTES
+
+
 def default_chunk_size(n: int, v: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: a power of two whose ``[rows, V]`` logits fit the budget; at most ``N``."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(int(free * _GPU_CHUNK_FRACTION), _MAX_CHUNK_BYTES)
-    else:
-        budget = _CPU_CHUNK_BYTES
-    rows = max(budget // (v * torch.tensor([], dtype=dtype).element_size()), 1)
+    rows = max(_chunk_budget(device) // (v * torch.tensor([], dtype=dtype).element_size()), 1)
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n))
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with the products summed in ``acc``'s dtype (fp32 for fp16/bf16 inputs), so a
-    gradient accumulated over chunks is rounded once, as eager's single GEMM rounds it."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        # cuBLAS with an fp32 output (torch >= 2.8); the products of fp16/bf16 are exact in fp32.
-        acc += torch.mm(a, b, out_dtype=acc.dtype)
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` in fp32 for fp16/bf16 ``a``, ``b``: the products are exact in fp32."""
+    if a.is_cuda:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)  # cuBLAS, fp32 output (torch >= 2.8)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # CPU / interpreter: the same sums, upcast
+        torch.mm(a.float(), b.float(), out=out)  # CPU / interpreter: the same sums, upcast
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, staging: torch.Tensor | None) -> None:
+    """``acc += a @ b`` with the products summed in ``acc``'s dtype (fp32 for fp16/bf16 inputs), so a
+    gradient accumulated over chunks is rounded once, as eager's single GEMM rounds it. Same-dtype
+    inputs accumulate in place; low-precision ones through ``staging`` (fp32 ``[r, acc.shape[1]]``),
+    ``r`` rows of ``acc`` at a time: no temporary as large as ``acc`` (cuBLAS cannot add fp16
+    products into an fp32 matrix in place)."""
+    if staging is None:
+        acc.addmm_(a, b)
+        return
+    step = staging.shape[0]
+    for start in range(0, acc.shape[0], step):
+        rows = slice(start, min(start + step, acc.shape[0]))
+        part = staging[: rows.stop - start]
+        _mm_fp32(a[rows], b, part)
+        acc[rows] += part
 
 
 def linear_cross_entropy_fwd(
@@ -215,6 +232,11 @@ def linear_cross_entropy_fwd(
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
         dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         dbias = torch.zeros(v, dtype=acc_dtype, device=weight.device) if bias is not None else None
+        staging = None
+        if acc_dtype != hidden.dtype:
+            d = weight.shape[1]
+            staging_rows = min(v, max(1, _chunk_budget(hidden.device) // (d * dweight.element_size())))
+            staging = dweight.new_empty(staging_rows, d)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         h = hidden[rows]  # [c, d]
@@ -226,7 +248,7 @@ def linear_cross_entropy_fwd(
         if not compute_grad:
             continue
         torch.mm(grad, weight, out=dhidden[rows])  # each row in one chunk: rounded once
-        _add_product(dweight, grad.t(), h)
+        _add_product(dweight, grad.t(), h, staging)
         if dbias is not None:
             dbias += grad.sum(0, dtype=dbias.dtype)
         del logits, grad

@@ -35,8 +35,9 @@ import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
-from .launch import device_ctx
+from .launch import autotune, device_ctx
 from .philox import dropout_keep
+from .precision import matmul_dot_precision
 
 ACTIVATION_IDS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
@@ -81,13 +82,25 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile sizes. On a GPU the GEMM is autotuned, keyed on N, K, a power-of-two bucket of M and the
-# epilogue (Triton adds the dtypes); TK_AUTOTUNE=0 takes the first candidate. Under
-# TRITON_INTERPRET=1 one small config whose tiles are smaller than the test sizes, and unequal, so
-# partial tiles, several K steps and the grouped order all run. The candidates are those of the
-# matmul tutorial plus the large-tile ones that serve Hopper well; their speed here is unmeasured:
-# tune them with `python -m transformer_kernels.bench.bench_ffn`. Configs whose tiles overflow
-# shared memory for the operand dtype (most of the big ones, for fp32) are pruned before compiling.
+# Tile sizes. On a GPU the GEMM is autotuned, keyed on power-of-two buckets of M, N and K (in the
+# weight-gradient GEMM K is the token count, which changes with every token-budget batch: exact
+# sizes would retune each step), the operand layout, the epilogue and the dot precision (Triton
+# adds the dtypes); TK_AUTOTUNE=0 takes the first candidate that may run. Under TRITON_INTERPRET=1
+# one small config whose tiles are smaller than the test sizes, and unequal, so partial tiles,
+# several K steps and the grouped order all run. The candidates are those of the matmul tutorial
+# plus the large-tile ones that serve Hopper well; their speed here is unmeasured: tune them with
+# `python -m transformer_kernels.bench.bench_ffn`. Configs whose tiles overflow shared memory for
+# the operand dtype (most of the big ones, for fp32) are pruned before compiling.
+#
+# Dropout in the epilogue draws a Philox4x32-10 per element, whose state (4 words, 10 rounds) is
+# live for every accumulator element a thread holds: with more than 32 of them (BLOCK_M · BLOCK_N
+# > 32 · 32 · num_warps) ptxas spills, 0.8-6 KB per thread on sm_90 for fp16 (Triton 3.8), and
+# splitting the epilogue into sub-tiles does not stop it on sm_90 (the scheduler interleaves
+# them). With dropout only configs within that bound run, and for fp32 operands only those with
+# BLOCK_K <= 32 (the 8-warp 128 x 64 x 64 tiles spill 0.8-9 KB on sm_80 in fp32, whose IEEE dot
+# runs on FMA units). Their compiles (gelu, Triton 3.8) show no spills on sm_80 or sm_90 except
+# fp32 64 x 64 x 32 on sm_80 (8 bytes per thread: the budget). The two 8-warp 128 x 64 tiles are
+# there for fp16/bf16 with dropout.
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _CONFIGS = [
@@ -96,31 +109,51 @@ _CONFIGS = [
     (128, 128, 64, 8, 4),
     (128, 128, 32, 4, 4),
     (64, 256, 32, 4, 4),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
     (32, 64, 32, 2, 5),
 ]
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-_TUNE_KEY = ["m_bucket", "layout", "N", "K", "ACTIVATION", "HAS_BIAS", "HAS_DROPOUT", "STORE_Z", "ROWSUM"]
+_TUNE_KEY = [
+    "m_bucket",
+    "n_bucket",
+    "k_bucket",
+    "layout",
+    "ACTIVATION",
+    "HAS_BIAS",
+    "HAS_DROPOUT",
+    "STORE_Z",
+    "ROWSUM",
+    "DOT_PRECISION",
+]
 _SMEM_BYTES = 160 * 1024  # what an A100 gives a block (an H100 gives 227 KiB)
+_DROPOUT_ACC_PER_THREAD = 32  # accumulator elements per thread that a dropout epilogue holds unspilled
 
 
-def _fits(block_m: int, block_n: int, block_k: int, stages: int, elt: int) -> bool:
-    """Whether the pipelined A and B tiles fit in shared memory (fp32 tiles take twice fp16's)."""
+def _may_run(block_m: int, block_n: int, block_k: int, warps: int, stages: int, elt: int, dropout: bool) -> bool:
+    """Whether the pipelined A and B tiles fit in shared memory (fp32 tiles take twice fp16's) and,
+    with dropout, the accumulator is small enough per thread."""
+    if dropout and block_m * block_n > _DROPOUT_ACC_PER_THREAD * 32 * warps:
+        return False
+    if dropout and elt == 4 and block_k > 32:  # sm_80's IEEE fp32 dot (FMA) keeps its operands in registers
+        return False
     return (block_m + block_n) * block_k * elt * stages <= _SMEM_BYTES
 
 
 def _prune(configs, named_args, **kwargs):
-    elt = named_args["A"].element_size()
-    return [
-        c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, elt)
-    ]
+    elt, dropout = named_args["A"].element_size(), kwargs["HAS_DROPOUT"]
+    tiles = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+    return [c for c in configs if _may_run(*tiles(c), elt, dropout)]
 
 
-def _first_config(elt: int) -> dict:
-    """The launch parameters without autotuning: the first candidate that fits."""
-    m, n, k, w, s = next(c for c in _CONFIGS if _fits(c[0], c[1], c[2], c[4], elt))
+def _first_config(elt: int, dropout: bool) -> dict:
+    """The launch parameters without autotuning: the first candidate that may run; for fp32 with
+    dropout the last (smallest), the one that spills nothing on sm_80 (64 x 64 spills 8 bytes)."""
+    candidates = [c for c in _CONFIGS if _may_run(*c, elt, dropout)]
+    m, n, k, w, s = candidates[-1 if dropout and elt == 4 else 0]
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
 
 
@@ -147,7 +180,9 @@ def _gemm_kernel(
     stride_cm,
     stride_cn,
     m_bucket,
-    layout,  # next power of two of M, which operands are K-contiguous: autotuning keys only
+    n_bucket,
+    k_bucket,
+    layout,  # next powers of two of M, N, K; which operands are K-contiguous: autotuning keys only
     seed,
     threshold,
     scale,  # dropout: Philox seed, 24-bit threshold, 1 / (1 - p)
@@ -209,13 +244,13 @@ def _gemm_kernel(
     tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
-_tuned_gemm = triton.autotune(
-    configs=[
+_tuned_gemm = autotune(
+    [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in _CONFIGS
     ],
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
+    _TUNE_KEY,
+    _prune,
 )(_gemm_kernel)
 
 
@@ -264,12 +299,6 @@ def _dz_kernel(
 # Launchers: the signatures of tk_C::fused_linear_fwd / _bwd.
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    if dtype != torch.float32:
-        return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout_p=0.0, seed=0) -> None:
     """c = dropout(act(a @ b + bias)) for 2-D views of any strides; z and rowsum(a) if given."""
     m, k = a.shape
@@ -280,6 +309,8 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
         return
     args = dict(
         m_bucket=triton.next_power_of_2(m),
+        n_bucket=triton.next_power_of_2(n),
+        k_bucket=triton.next_power_of_2(k),
         layout=2 * (a.stride(1) == 1) + (b.stride(0) == 1),
         seed=seed,
         threshold=dropout_threshold(dropout_p),
@@ -289,7 +320,7 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
         HAS_DROPOUT=dropout_p > 0.0,
         STORE_Z=z is not None,
         ROWSUM=rowsum is not None,
-        DOT_PRECISION=_dot_precision(a.dtype),
+        DOT_PRECISION=matmul_dot_precision(a.dtype),
     )
     tensors = (a, b, c, c if z is None else z, c if bias is None else bias, c if rowsum is None else rowsum)
     strides = (*a.stride(), *b.stride(), *c.stride())
@@ -301,7 +332,7 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
         if _autotune():
             _tuned_gemm[grid](*tensors, m, n, k, *strides, **args)
         else:
-            config = _INTERPRET_CONFIG if triton_interpret() else _first_config(a.element_size())
+            config = _INTERPRET_CONFIG if triton_interpret() else _first_config(a.element_size(), dropout_p > 0.0)
             _gemm_kernel[grid](*tensors, m, n, k, *strides, **args, **config)
 
 
