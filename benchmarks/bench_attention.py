@@ -39,6 +39,7 @@ from benchmarks.common import (
     default_device,
     input_sets,  # noqa: E402
     label,
+    mark_not_run,
     peak_mib,
     standalone_parser,
     time_passes,
@@ -227,7 +228,47 @@ def run(
                                     notes=notes,
                                     peaks=peaks if p == "fwd+bwd" else None,
                                 )
-    return [report]
+        dropout = dropout_cost(device, impls, quick)
+    return [report, dropout]
+
+
+def dropout_cost(device: torch.device, impls: dict, quick: bool) -> Report:
+    """What the dropout mask costs: the Triton kernels at p = 0 and at p = 0.1, L = 2048, D = 64, bf16."""
+    seqlen, d, dt = 2048, 64, torch.bfloat16
+    b = max(TOKENS // seqlen, 1)
+    report = Report(
+        "bench_attention_dropout",
+        FLOP_COUNTS + f"; B*L = {TOKENS} tokens, H = {HEADS}",
+        str(device),
+        unit="TFLOP/s",
+        baseline="p=0",
+        x="L",
+        panels=["pass"],
+    )
+    timings = {p: {} for p in PASSES}
+    notes = {}
+    if isinstance(impls.get("triton", "not an implementation here"), str):
+        for name in ("p=0", "p=0.1"):
+            mark_not_run(timings, notes, name, impls.get("triton", "not an implementation here"))
+    else:
+        sets = input_sets(
+            lambda seed: make_inputs(b, seqlen, HEADS, d, dt, device, False, False, seed),
+            device,
+            4 * b * seqlen * HEADS * d * 2,
+        )
+        for name, p in (("p=0", 0.0), ("p=0.1", 0.1)):
+
+            def fn(q, k, v, causal, kpm, p=p):
+                return tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, backend="triton")
+
+            for ps, ms in time_passes(fn, sets, device, quick).items():
+                timings[ps][name] = ms
+    fwd_flops = 4 * b * HEADS * seqlen * seqlen * d
+    flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+    for ps in PASSES:
+        case = {"dtype": label(dt), "D": d, "B": b, "L": seqlen, "pass": ps}
+        report.add_case(case, timings[ps], int(flops[ps]), baseline="p=0", notes=notes)
+    return report
 
 
 def main(argv=None) -> int:
