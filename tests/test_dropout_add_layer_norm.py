@@ -55,15 +55,84 @@ def test_reference_gradcheck(rms_norm, dropout_p):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-def test_philox_known_answer():
-    # Random123's known-answer vector for philox4x32-10: counter 0, key 0 -> first word 0x6627e8d5.
-    from transformer_kernels.reference.philox import philox
+# Random123's known-answer vectors for Philox4x32-10 (its tests/kat_vectors): counter, key, words.
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
 
-    assert philox(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+
+def _philox_scalar(ctr, key):
+    """Philox4x32-10 on Python ints, written from Salmon et al. independently of reference/philox.py."""
+    (c0, c1, c2, c3), (k0, k1) = ctr, key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("ctr, key, words", PHILOX_KAT)
+def test_philox_known_answers(ctr, key, words):
+    from transformer_kernels.reference.philox import philox4x32
+
+    assert _philox_scalar(ctr, key) == words
+    seed = key[0] | key[1] << 32
+    seed = seed - 2**64 if seed >= 2**63 else seed  # the same 64 key bits as an int64
+    counters = [torch.tensor([c], dtype=torch.int64) for c in ctr]
+    got = philox4x32(seed, *counters)
+    assert tuple(int(w) for w in got) == words
     # The seed may be a 0-dim tensor (inside compiled graphs) and gives the same numbers.
-    idx = torch.arange(2**32 - 2, 2**32 + 3)
+    assert tuple(int(w) for w in philox4x32(torch.tensor(seed), *counters)) == words
+
+
+def test_dropout_mask_specification_known_answer():
+    """Element (row, col) takes word col % 4 of Philox4x32-10((col // 4, row_lo, row_hi, 0), seed)."""
+    from transformer_kernels.reference.philox import dropout_keep_mask, dropout_threshold, dropout_words
+
+    # Row 0, columns 0-3, seed 0: Random123's all-zero vector, word by word.
+    assert dropout_words(0, 1, 4).tolist() == [list(PHILOX_KAT[0][2])]
     seed = 0x0123456789ABCDEF
-    assert torch.equal(philox(seed, idx), philox(torch.tensor(seed), idx))
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    for first_row, rows, cols in [(0, 3, 11), (2**32 - 2, 4, 9), (2**40 + 3, 1, 5)]:
+        words = dropout_words(seed, rows, cols, first_row=first_row)
+        for i in range(rows):
+            row = first_row + i
+            for j in range(cols):
+                expected = _philox_scalar((j // 4, row & 0xFFFFFFFF, row >> 32, 0), key)[j % 4]
+                assert words[i, j].item() == expected, (row, j)
+    # keep iff the word's top 24 bits reach the threshold
+    words = dropout_words(seed, 5, 13)
+    for p in (0.0, 0.1, 0.5, 1.0):
+        assert torch.equal(dropout_keep_mask(seed, p, 5, 13), (words >> 8) >= dropout_threshold(p))
+
+
+def test_reference_depends_on_torch_alone():
+    """reference/ is the specification: it imports torch, the standard library and itself, never
+    the extension or Triton (the op layer picks faster implementations of its masks)."""
+    import ast
+    import pathlib
+    import sys
+
+    import transformer_kernels.reference as ref
+
+    for path in pathlib.Path(ref.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name} imports from outside reference/"
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top == "torch" or top in sys.stdlib_module_names, f"{path.name} imports {name}"
 
 
 # --- kernel backends against the float64 reference -------------------------------------------
@@ -178,6 +247,34 @@ def test_optional_arguments(backend, variant, dtype):
 @pytest.mark.parametrize("hidden", [4096, 16384])
 def test_large_hidden(backend, hidden):
     _compare(backend, (3, hidden), torch.float16, dropout_p=0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(
+    "variant",
+    [dict(dropout_p=0.1), dict(dropout_p=0.1, rms_norm=True, prenorm=True), dict(residual=False)],
+    ids=["dropout", "rms_prenorm_dropout", "no_residual"],
+)
+@pytest.mark.parametrize("hidden", [4097, 8209, 40000])
+def test_wide_rows(backend, hidden, variant):
+    """Rows wider than a program keeps in registers: the kernels loop over blocks of the row."""
+    _compare(backend, (3, hidden), torch.bfloat16, **variant)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("hidden", [113, 8209])
+def test_forward_without_stored_s_matches(backend, hidden):
+    """Without autograd s is not stored: the wide-row forward recomputes it from x, the residual
+    and the mask for its second pass, and must give the output of the pass that stores it."""
+    x, r, w, b = _make_inputs((3, hidden), torch.bfloat16)
+    torch.manual_seed(5)
+    with_grad = tk.dropout_add_layer_norm(x, r, w, b, 0.3, backend=backend).detach()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        without = tk.dropout_add_layer_norm(x, r, w, b, 0.3, backend=backend)
+    assert torch.equal(with_grad, without)
 
 
 @needs_kernels

@@ -114,34 +114,41 @@ def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
 
 
 def test_native_philox_matches_the_pytorch_specification():
-    from transformer_kernels.reference.philox import philox
+    from transformer_kernels.reference.philox import philox4x32
 
     gen = torch.Generator().manual_seed(7)
-    # Counters with non-zero high words, and seeds across the whole int64 range (negative too).
-    idx = torch.cat(
+    # Counters across all 32 bits of every word, and seeds across the whole int64 range (negative too).
+    counters = torch.cat(
         [
-            torch.arange(4096),
-            torch.randint(0, 2**62, (4096,), generator=gen),
-            torch.tensor([2**32 - 1, 2**32, 2**63 - 1]),
+            torch.arange(4096 * 4).view(4096, 4) % 7,
+            torch.randint(0, 2**32, (4096, 4), generator=gen),
+            torch.tensor([[2**32 - 1] * 4, [0, 2**32 - 1, 0, 2**32 - 1]]),
         ]
     )
     for seed in (0, 1, 2**32 - 1, 2**32, 2**62 + 12345, -1, -(2**63)):
         s = torch.tensor(seed, dtype=torch.int64)
-        assert torch.equal(torch.ops.tk_C.philox_first_word(s, idx), philox(s, idx)), seed
-    # Random123's known answer: counter 0, key 0 -> 0x6627e8d5.
-    assert torch.ops.tk_C.philox_first_word(torch.tensor(0), torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+        expected = torch.stack(philox4x32(s, *counters.unbind(-1)), dim=-1)
+        assert torch.equal(torch.ops.tk_C.philox4x32(s, counters), expected), seed
+    # Random123's known answers: counter 0, key 0; and the counter/key of pi's digits.
+    zero = torch.ops.tk_C.philox4x32(torch.tensor(0), torch.zeros(1, 4, dtype=torch.int64))
+    assert zero.tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+    pi = torch.tensor([[0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]])
+    assert torch.ops.tk_C.philox4x32(torch.tensor(0x299F31D0A4093822), pi).tolist() == [
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    ]
 
 
-@pytest.mark.parametrize("rows, cols", [(1, 1), (17, 113), (1023, 17), (3, 0)])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (17, 113), (1023, 17), (3, 0), (2, 4), (5, 6)])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
 def test_native_keep_mask_is_the_specified_mask(rows, cols, p):
-    from transformer_kernels.reference.philox import dropout_keep_mask, native_mask_available, philox_keep_mask
+    from transformer_kernels.ops.dropout_mask import dropout_keep_mask, native_mask_available
+    from transformer_kernels.reference.philox import dropout_keep_mask as specified_mask
 
     assert native_mask_available()
     for seed in (3, 2**62 - 1, torch.tensor(2**40 + 9)):
         fast = dropout_keep_mask(seed, p, rows, cols)
         assert fast.dtype == torch.bool and fast.shape == (rows, cols)
-        assert torch.equal(fast, philox_keep_mask(seed, p, rows, cols))
+        assert torch.equal(fast, specified_mask(seed, p, rows, cols))
 
 
 def test_native_keep_mask_rejects_bad_arguments():
@@ -151,3 +158,5 @@ def test_native_keep_mask_rejects_bad_arguments():
         torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 2**24 + 1, 2, 2)
     with pytest.raises(RuntimeError, match="rows and cols must be >= 0"):
         torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 10, -1, 2)
+    with pytest.raises(RuntimeError, match=r"counters must be an int64 CPU tensor \[\.\.\., 4\]"):
+        torch.ops.tk_C.philox4x32(torch.tensor(1), torch.zeros(2, 3, dtype=torch.int64))

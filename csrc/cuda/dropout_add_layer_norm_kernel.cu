@@ -146,10 +146,12 @@ __global__ void __launch_bounds__(kMaxThreads) dropout_add_ln_fwd_kernel(const F
       float rv[VEC];
       load_f32<VEC>(x + col, xv);
       if (residual) load_f32<VEC>(residual + col, rv);
+      float keep[VEC];
+      if (p.dropout.enabled) dropout_factors(p.dropout, row, col, keep);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float v = xv[e];
-        if (p.dropout.enabled) v *= dropout_factor(p.dropout, row_start + col + e);
+        if (p.dropout.enabled) v *= keep[e];
         if (residual) v = rv[e] + v;
         s[k][e] = round_to<T>(v);
         sum += p.rms_norm ? s[k][e] * s[k][e] : s[k][e];
@@ -331,8 +333,10 @@ __global__ void __launch_bounds__(kMaxThreads) dropout_add_ln_bwd_kernel(const B
         }
         store_f32<VEC>(ds + col, g);
         if (dx) {
+          float keep[VEC];
+          dropout_factors(p.dropout, row, col, keep);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) g[e] *= dropout_factor(p.dropout, row_start + col + e);
+          for (int e = 0; e < VEC; ++e) g[e] *= keep[e];
           store_f32<VEC>(dx + col, g);
         }
       }

@@ -72,9 +72,10 @@ struct Dropout {
   bool enabled;        // p > 0
 };
 
-// keep(idx) * scale for the element with flat index idx (row * N + col).
-__device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t idx) {
-  return tk_philox_keep(d.seed, static_cast<uint64_t>(idx), d.threshold) ? d.scale : 0.f;
+// keep * scale of the VEC elements (row, col .. col + VEC - 1) of the [M, N] mask, col % VEC == 0.
+template <int VEC>
+__device__ __forceinline__ void dropout_factors(const Dropout& d, int64_t row, int64_t col, float (&f)[VEC]) {
+  dropout_factors<VEC>(d.seed, d.threshold, d.scale, static_cast<uint64_t>(row), static_cast<uint64_t>(col), f);
 }
 
 }  // namespace tk

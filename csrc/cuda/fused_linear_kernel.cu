@@ -134,9 +134,13 @@ __global__ void __launch_bounds__(kThreads) fused_linear_epilogue_kernel(const E
     }
     float o[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      o[e] = activate<A>(z[e]);
-      if (p.dropout.enabled) o[e] *= dropout_factor(p.dropout, i + e);
+    for (int e = 0; e < VEC; ++e) o[e] = activate<A>(z[e]);
+    if (p.dropout.enabled) {
+      float f[VEC];
+      const int64_t row = i / p.cols;
+      dropout_factors(p.dropout, row, i - row * p.cols, f);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o[e] *= f[e];
     }
     store_f32<VEC>(out + i, o);
   }
@@ -153,6 +157,7 @@ struct DzParams {
   const void* preact;  // [M, N] T, read for gelu / gelu_tanh only
   void* dz;            // [M, N] T
   int64_t numel;       // M * N
+  int64_t cols;        // N
   Dropout dropout;
 };
 
@@ -178,8 +183,11 @@ __global__ void __launch_bounds__(kThreads) fused_linear_dz_kernel(const DzParam
         for (int e = 0; e < VEC; ++e) g[e] *= activation_grad<A>(z[e]);
       }
       if (p.dropout.enabled) {
+        float f[VEC];
+        const int64_t row = i / p.cols;
+        dropout_factors(p.dropout, row, i - row * p.cols, f);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) g[e] *= dropout_factor(p.dropout, i + e);
+        for (int e = 0; e < VEC; ++e) g[e] *= f[e];
       }
     }
     store_f32<VEC>(dz + i, g);
@@ -391,6 +399,7 @@ void fused_linear_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, const at
     p.preact = act == Act::kGelu || act == Act::kGeluTanh ? preact.data_ptr() : nullptr;
     p.dz = dz.data_ptr();
     p.numel = rows * out_dim;
+    p.cols = out_dim;
     p.dropout = dropout;
     tk::launch_dz(dout.scalar_type(), act, out_dim, p);
   }

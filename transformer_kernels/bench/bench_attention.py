@@ -227,7 +227,8 @@ def run(
             gqa = run_gqa(quick, dtypes, device, 4096, 128)
         else:
             gqa = run_gqa(quick, dtypes, device, 64, 16)
-    return [report, gqa]
+        dropout = dropout_cost(device, impls, quick)
+    return [report, gqa, dropout]
 
 
 GQA_QUERY_HEADS = 32
@@ -278,6 +279,46 @@ def run_gqa(quick, dtypes, device, seqlen, d) -> Report:
             case = {"dtype": label(dt), "D": d, "L": seqlen, "Hkv": hkv, "pass": "bwd"}
             flops = 2.5 * 4 * hq * seqlen * seqlen * d * 0.5
             report.add_case(case, timings, int(flops), baseline=f"{ours}_hkv=hq", notes=notes)
+    return report
+
+
+def dropout_cost(device: torch.device, impls: list[Impl], quick: bool) -> Report:
+    """What the dropout mask costs: the Triton kernels at p = 0 and at p = 0.1, L = 2048, D = 64, bf16."""
+    seqlen, d, dt = 2048, 64, torch.bfloat16
+    b = max(TOKENS // seqlen, 1)
+    report = Report(
+        "bench_attention_dropout",
+        FLOP_COUNTS + f"; B*L = {TOKENS} tokens, H = {HEADS}",
+        str(device),
+        unit="TFLOP/s",
+        baseline="p=0",
+        x="L",
+        panels=["pass"],
+    )
+    triton = next(i for i in impls if i.name == "triton")
+
+    def with_p(p):
+        def fn(q, k, v, causal, kpm):
+            return tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, backend="triton")
+
+        return fn
+
+    cands = [Impl.unless(triton.why_not, name, with_p(p)) for name, p in (("p=0", 0.0), ("p=0.1", 0.1))]
+    sets = (
+        input_sets(
+            lambda seed: make_inputs(b, seqlen, HEADS, d, dt, device, False, False, seed),
+            device,
+            4 * b * seqlen * HEADS * d * 2,
+        )
+        if triton.fn is not None
+        else []
+    )
+    measured = measure(cands, lambda fn: time_passes(fn, sets, device, quick), device)
+    fwd_flops = 4 * b * HEADS * seqlen * seqlen * d
+    flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+    for ps in PASSES:
+        case = {"dtype": label(dt), "D": d, "B": b, "L": seqlen, "pass": ps}
+        report.add_case(case, measured.timings[ps], int(flops[ps]), baseline="p=0", notes=measured.notes)
     return report
 
 

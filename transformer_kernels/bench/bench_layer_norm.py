@@ -12,6 +12,7 @@ On a CPU only the eager baseline and the package's reference backend run (smoke 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -152,7 +153,33 @@ def run(
     for row in report.rows:
         if row.rate is not None:
             row.note = f"{100 * row.rate / copy_gbps:.0f}% of copy bandwidth"
-    return [report]
+    return [report, dropout_cost(device, impls, quick)]
+
+
+def dropout_cost(device: torch.device, impls: list[Impl], quick: bool) -> Report:
+    """What the dropout mask costs: each kernel backend at p = 0 and at p = 0.1, 16k x 4096 bf16."""
+    m, n, dt = 16384, 4096, torch.bfloat16
+    elt = 2
+    per_pass_bytes = {"fwd": 3 * m * n * elt, "bwd": 4 * m * n * elt, "fwd+bwd": 6 * m * n * elt}
+    report = Report(
+        "bench_layer_norm_dropout", BYTE_COUNTS, str(device), baseline="p=0", x="N", panels=["backend", "pass"]
+    )
+    for backend in ("triton", "cuda"):
+        impl = next(i for i in impls if i.name == backend)
+        cands = [
+            Impl.unless(impl.why_not, name, functools.partial(impl.fn, p=p) if impl.fn else None)
+            for name, p in (("p=0", 0.0), ("p=0.1", DROPOUT_P))
+        ]
+        sets = (
+            input_sets(lambda seed: make_inputs(m, n, dt, device, seed), device, 3 * m * n * elt)
+            if impl.fn is not None
+            else []
+        )
+        measured = measure(cands, lambda fn, sets=sets: time_passes(fn, sets, device, quick), device)
+        for ps in PASSES:
+            case = {"backend": backend, "dtype": label(dt), "M": m, "N": n, "pass": ps}
+            report.add_case(case, measured.timings[ps], per_pass_bytes[ps], baseline="p=0", notes=measured.notes)
+    return report
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from .. import backends
 from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
 from . import autocast as amp
 from .custom_ops import kernel_op
+from .dropout_mask import dropout_keep_mask
 from .seed import draw_seed, seed_value
 
 OP = "dropout_add_layer_norm"
@@ -184,6 +185,14 @@ def _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm) -> None:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
+def _reference_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor) -> Optional[Tensor]:
+    """The reference backend's keep-mask over the [M, N] rows of x (None without dropout)."""
+    if seed is None:
+        return None
+    n = x.shape[-1]
+    return dropout_keep_mask(seed, dropout_p, x.numel() // max(n, 1), n, x.device).view(x.shape)
+
+
 def dropout_add_layer_norm(
     x: Tensor,
     residual: Optional[Tensor],
@@ -232,7 +241,15 @@ def dropout_add_layer_norm(
     if name == "reference":
         with amp.disabled(x.device):
             return dropout_add_layer_norm_ref(
-                x, residual, weight, bias, dropout_p, eps, prenorm=prenorm, rms_norm=rms_norm, seed=seed
+                x,
+                residual,
+                weight,
+                bias,
+                dropout_p,
+                eps,
+                prenorm=prenorm,
+                rms_norm=rms_norm,
+                keep_mask=_reference_keep_mask(seed, dropout_p, x),
             )
     x2 = x.reshape(-1, n).contiguous()
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()

@@ -18,6 +18,7 @@ from .. import backends
 from ..reference.ffn import ACTIVATIONS, ffn_ref, fused_linear_ref
 from . import autocast as amp
 from .custom_ops import kernel_op
+from .dropout_mask import dropout_keep_mask
 from .seed import draw_seed, seed_value
 
 OP = "fused_linear"
@@ -160,6 +161,14 @@ def _linear(
     return out
 
 
+def _reference_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """The reference backend's keep-mask over the [M, N] output of ``x Wᵀ`` (None without dropout)."""
+    if seed is None:
+        return None
+    n = weight.shape[0]
+    return dropout_keep_mask(seed, dropout_p, math.prod(x.shape[:-1]), n, x.device).view(*x.shape[:-1], n)
+
+
 def fused_linear(
     x: Tensor,
     weight: Tensor,
@@ -194,7 +203,9 @@ def fused_linear(
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
         with amp.disabled(x.device):
-            return fused_linear_ref(x, weight, bias, activation, dropout_p, seed=seed)
+            return fused_linear_ref(
+                x, weight, bias, activation, dropout_p, keep_mask=_reference_keep_mask(seed, dropout_p, x, weight)
+            )
     out = _linear(_rows(x), weight, bias, activation, dropout_p, seed, name)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -233,7 +244,9 @@ def ffn(
     seed = draw_seed() if dropout_p > 0.0 else None
     if name == "reference":
         with amp.disabled(x.device):
-            return ffn_ref(x, w1, b1, w2, b2, activation, dropout_p, seed=seed)
+            return ffn_ref(
+                x, w1, b1, w2, b2, activation, dropout_p, keep_mask=_reference_keep_mask(seed, dropout_p, x, w1)
+            )
     h = _linear(_rows(x), w1, b1, activation, dropout_p, seed, name)
     out = _linear(h, w2, b2, None, 0.0, None, name)
     return out.view(*x.shape[:-1], w2.shape[0])

@@ -11,8 +11,8 @@ query head reads the key/value head ``h // (Hq / Hkv)``):
     visible(i, j) = not key_padding_mask[b, j]  and  (not causal or j <= i + Lk - Lq)
 
 ``causal`` is aligned bottom-right: the last query sees every key (a decoder step over a KV cache).
-The dropout mask ``keep`` is the Philox mask of :mod:`.philox` over the flat index
-``((b · Hq + h) · Lq + i) · Lk + j`` of the [B, Hq, Lq, Lk] probabilities, so every backend draws
+The dropout mask ``keep`` is the Philox mask of :mod:`.philox` over the probabilities viewed as
+[B · Hq · Lq, Lk] (row ``(b · Hq + h) · Lq + i``, column ``j``), so every backend draws
 the same mask from the same seed. The whole [B, Hq, Lq, Lk] matrix is built here: small sizes only.
 """
 

@@ -1,36 +1,39 @@
-"""The dropout keep-mask, specified in PyTorch: counter-based Philox4x32-10.
+"""The dropout keep-mask, specified in PyTorch: counter-based Philox4x32-10, one call per 4 elements.
 
 Every backend draws the same mask from the same seed, so a run is reproducible across backends
-and the backward regenerates the forward's mask instead of storing it:
+and the backward regenerates the forward's mask instead of storing it. Element ``(i, j)`` of a
+mask over ``[rows, cols]`` (layer norm's rows, the GEMM output, attention's ``[B·H·Lq, Lk]``
+probabilities) is decided by
 
-    r    = Philox4x32-10(counter=(idx_lo, idx_hi, 0, 0), key=(seed_lo, seed_hi))[0]
-    keep = (r >> 8) >= round(p * 2**24)
+    (r0, r1, r2, r3) = Philox4x32-10(counter=(j // 4, i_lo, i_hi, 0), key=(seed_lo, seed_hi))
+    keep[i, j]       = (r[j % 4] >> 8) >= round(p * 2**24)
 
-with ``idx`` the element's index in the row-major [M, N] view. The generator is the one of
+so one Philox call (ten rounds of two 32x32->64-bit multiplies) serves four neighbouring
+elements of a row, a quarter of the integer work of a call per element. Keying the counter by
+(row, column group) rather than by the flat index keeps every group of four inside one row, so
+any tile whose columns start at a multiple of 4 (every power-of-two tile of 4 or more, every
+vector of 4 or 8) covers whole groups, whatever the row length. The generator is the one of
 Random123 (Salmon et al., SC'11), as in curand and Triton's ``tl.philox``; the 24-bit integer
 comparison keeps the decision exact in every language. The Triton kernels compute it with
-``tl.philox`` and the CUDA kernels in ``csrc/cuda/philox.cuh``; tests hold both to this file.
+``triton/philox.py``, the CUDA kernels and the CPU loop of the extension with
+``csrc/cuda/philox.cuh``; tests hold them all to this file, bit for bit.
 
-On the CPU, when the extension is built, ``dropout_keep_mask`` computes the same bits with a
-parallel C++ loop (``csrc/dropout_mask.cpp``, the CUDA kernels' header): the specification below
-takes ~250 whole-tensor int64 operations per mask, which made dropout most of a CPU training
-step. ``philox_keep_mask`` is the specification itself, always in PyTorch; tests hold the C++
-loop to it bit for bit.
+This module is the specification and depends on PyTorch alone; the op layer
+(``ops/dropout_mask.py``) swaps in the extension's C++ loop on the CPU when it is built.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-
-from .. import _extension
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
+
+# Elements served by one Philox call: its four 32-bit output words.
+WORDS_PER_CALL = 4
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,23 +50,35 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox(seed: int | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox4x32-10 for counters ``idx`` (int64 tensor), as int64 in [0, 2**32).
+def philox4x32(
+    seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four output words of Philox4x32-10 for counters ``(c0, c1, c2, c3)`` (int64 tensors of
+    one shape, values in [0, 2**32)) and key ``(seed_lo, seed_hi)``, as int64 in [0, 2**32).
 
     ``seed`` is a Python int or a 0-dim int64 tensor (which keeps ``torch.compile`` graphs whole).
+    Each round: (c0, c1, c2, c3) <- (hi(B·c2) ^ c1 ^ k0, lo(B·c2), hi(A·c0) ^ c3 ^ k1, lo(A·c0)),
+    then the key takes a Weyl step.
     """
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0 = idx & _MASK32
-    c1 = (idx >> 32) & _MASK32
-    c2 = torch.zeros_like(idx)
-    c3 = torch.zeros_like(idx)
     for _ in range(10):
         hi0, lo0 = _mulhilo(_ROUND_A, c0)
         hi1, lo1 = _mulhilo(_ROUND_B, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_words(seed: int | torch.Tensor, rows: int, cols: int, device=None, *, first_row: int = 0) -> torch.Tensor:
+    """The 32-bit random word of every element of a [rows, cols] mask, as int64 [rows, cols]
+    (of rows ``first_row`` to ``first_row + rows - 1`` of a taller mask, when given)."""
+    groups = -(-cols // WORDS_PER_CALL)
+    row = torch.arange(first_row, first_row + rows, dtype=torch.int64, device=device).view(rows, 1).expand(rows, groups)
+    c0 = torch.arange(groups, dtype=torch.int64, device=device).view(1, groups).expand(rows, groups)
+    words = philox4x32(seed, c0, row & _MASK32, row >> 32, torch.zeros_like(row))
+    # [rows, groups, 4] -> [rows, 4 · groups]: word w of group g is column 4g + w.
+    return torch.stack(words, dim=-1).view(rows, groups * WORDS_PER_CALL)[:, :cols]
 
 
 def dropout_threshold(p: float) -> int:
@@ -75,31 +90,6 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def philox_keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
-    """The specification of the keep-mask, in PyTorch: bool [rows, cols] for ``seed`` and rate ``p``."""
-    idx = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    return (philox(seed, idx) >> 8) >= dropout_threshold(p)
-
-
-@functools.cache
-def native_mask_available() -> bool:
-    """Whether the extension's C++ keep-mask is there (an extension built before it was added is not)."""
-    return _extension.loaded() and hasattr(torch.ops.tk_C, "dropout_keep_mask")
-
-
-def _native_seed(seed: int | torch.Tensor) -> torch.Tensor | None:
-    """``seed`` as the C++ loop takes it (a 0-dim int64 CPU tensor), or None when it cannot."""
-    if isinstance(seed, torch.Tensor):
-        ok = seed.device.type == "cpu" and seed.dim() == 0 and seed.dtype == torch.int64
-        return seed if ok else None
-    return torch.tensor(seed, dtype=torch.int64) if -(2**63) <= seed < 2**63 else None
-
-
 def dropout_keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """The bool keep-mask [rows, cols] that every backend uses for ``seed`` and rate ``p``."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if on_cpu and not torch.compiler.is_compiling() and native_mask_available():
-        native = _native_seed(seed)
-        if native is not None:
-            return torch.ops.tk_C.dropout_keep_mask(native, dropout_threshold(p), rows, cols)
-    return philox_keep_mask(seed, p, rows, cols, device)
+    return (dropout_words(seed, rows, cols, device) >> 8) >= dropout_threshold(p)

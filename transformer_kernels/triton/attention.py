@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
 from .launch import autotune, check_grid, device_ctx
-from .philox import dropout_keep
+from .philox import dropout_keep_tile
 from .precision import attention_dot_precision
 
 LOG2E = 1.4426950408889634
@@ -242,7 +242,7 @@ def _attention_fwd_kernel(
         other=0.0,
     )  # [BLOCK_M, BLOCK_D]
     # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter.
-    row_base = (bh.to(tl.int64) * Lq + offs_m) * Lk
+    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -265,7 +265,7 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
+            keep = dropout_keep_tile(seed, drop_rows, start_n, drop_threshold, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(
             V + _offsets(offs_n, stride_vn, offs_d, stride_vd),
@@ -431,8 +431,8 @@ def _attention_bwd_dkdv_kernel(
             pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                idx = (bh.to(tl.int64) * Lq + offs_m[None, :]) * Lk + offs_n[:, None]
-                keep = dropout_keep(seed, idx, drop_threshold)
+                drop_rows = bh.to(tl.int64) * Lq + offs_m
+                keep = tl.trans(dropout_keep_tile(seed, drop_rows, pid_n * BLOCK_N, drop_threshold, BLOCK_N))
                 dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             else:
@@ -524,7 +524,7 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    row_base = (bh.to(tl.int64) * Lq + offs_m) * Lk
+    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     hi = Lk
@@ -541,7 +541,7 @@ def _attention_bwd_dq_kernel(
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row_base[:, None] + offs_n[None, :], drop_threshold)
+            keep = dropout_keep_tile(seed, drop_rows, start_n, drop_threshold, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)

@@ -1,9 +1,12 @@
 # Fused residual + dropout + LayerNorm / RMSNorm, forward and backward, in Triton.
 # Modelled on the Triton layer-norm tutorial and flash-attention's Triton layer norm: one program
-# normalises one whole row held in registers (so hidden sizes up to 64k, spilling past ~16k);
-# the backward's weight/bias gradients are accumulated per program over a strip of rows and then
-# reduced across programs by a second kernel, instead of atomics (deterministic, no contention).
-# The dropout mask is regenerated in the backward from the seed (Philox), never stored.
+# normalises one row, held in registers up to a width that does not spill (FWD/BWD_ONE_BLOCK_MAX);
+# wider rows (up to 64k) take two passes over blocks of the row, the forward's statistics merged
+# block by block, at the price of reading the row twice. The backward's weight/bias gradients are
+# accumulated per program over a strip of rows and then reduced across programs by a second
+# kernel, instead of atomics (deterministic, no contention); for wide rows its second pass walks
+# column blocks outermost so that the block's sums stay in registers. The dropout mask is
+# regenerated in the backward from the seed (Philox), never stored.
 """Triton kernels of ``dropout_add_layer_norm`` and their launchers.
 
 Forward, per row of ``s = residual + dropout(x)`` (``s`` rounded to x's dtype):
@@ -28,9 +31,24 @@ import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from .launch import check_grid, device_ctx
-from .philox import dropout_keep
+from .philox import dropout_keep_row
 
 MAX_HIDDEN = 65536
+
+
+@triton.jit
+def _residual_dropout(
+    X, RES, offs, mask, row, col_start, seed, drop_threshold, drop_scale, HAS_RES, HAS_DROPOUT, BLOCK_N: tl.constexpr
+):
+    """s = residual + dropout(x) over one block of a row, rounded to x's dtype (0 past the row's end)."""
+    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = dropout_keep_row(seed, row, col_start, drop_threshold, BLOCK_N)
+        s = tl.where(keep, s * drop_scale, 0.0)
+    if HAS_RES:
+        s += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+    # Round s to the input dtype: the stored s and the statistics must agree.
+    return s.to(X.dtype.element_ty)
 
 
 @triton.jit
@@ -54,39 +72,122 @@ def _dropout_add_layer_norm_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     STORE_S: tl.constexpr,
     RMS_NORM: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # BLOCK_N >= N: the row stays in registers
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    offs = row * N + cols
-    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, offs, drop_threshold)
-        s = tl.where(keep, s * drop_scale, 0.0)
-    if HAS_RES:
-        s += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
-    # Round s to the input dtype: the stored s and the statistics must agree.
-    s = s.to(X.dtype.element_ty)
-    if STORE_S:
-        tl.store(S + offs, s, mask=mask)
-    s = s.to(tl.float32)
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        offs = row * N + cols
+        s = _residual_dropout(
+            X, RES, offs, mask, row, 0, seed, drop_threshold, drop_scale, HAS_RES, HAS_DROPOUT, BLOCK_N
+        )
+        if STORE_S:
+            tl.store(S + offs, s, mask=mask)
+        s = s.to(tl.float32)
+        if RMS_NORM:
+            rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
+            xhat = s * rstd
+        else:
+            mean = tl.sum(s, axis=0) / N
+            centered = tl.where(mask, s - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+            xhat = centered * rstd
+            tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        y = xhat
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        # Wide rows, two passes over blocks of the row. Pass 1: s, stored, and the statistics,
+        # merging each block's mean and M2 = Σ (s - mean_block)² into the running ones (Chan,
+        # Golub & LeVeque): as exact as a second pass over the centred row, without one.
+        mean = 0.0
+        m2 = 0.0  # RMSNorm: Σ s²
+        seen = 0.0
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            offs = row * N + cols
+            s = _residual_dropout(
+                X, RES, offs, mask, row, start, seed, drop_threshold, drop_scale, HAS_RES, HAS_DROPOUT, BLOCK_N
+            )
+            if STORE_S:
+                tl.store(S + offs, s, mask=mask)
+            s = s.to(tl.float32)
+            if RMS_NORM:
+                m2 += tl.sum(s * s, axis=0)
+            else:
+                count = tl.sum(mask.to(tl.float32), axis=0)
+                mean_b = tl.sum(s, axis=0) / count
+                centered = tl.where(mask, s - mean_b, 0.0)
+                total = seen + count
+                delta = mean_b - mean
+                mean += delta * (count / total)
+                m2 += tl.sum(centered * centered, axis=0) + delta * delta * (seen * count / total)
+                seen = total
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        if not RMS_NORM:
+            tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+        if STORE_S:
+            tl.debug_barrier()  # pass 2 reads s back, possibly stored by another thread
+        # Pass 2: normalise, from the stored s (one read) or from x and the residual again.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            offs = row * N + cols
+            if STORE_S:
+                s = tl.load(S + offs, mask=mask, other=0.0)
+            else:
+                s = _residual_dropout(
+                    X, RES, offs, mask, row, start, seed, drop_threshold, drop_scale, HAS_RES, HAS_DROPOUT, BLOCK_N
+                )
+            s = s.to(tl.float32)
+            if RMS_NORM:
+                y = s * rstd
+            else:
+                y = (s - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_row_block(
+    DOUT, DS_IN, S, W, DS, DX, offs, cols, mask, row, col_start, N, mean, rstd, c1, c2,
+    seed, drop_threshold, drop_scale,
+    HAS_DS_IN: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr, RMS_NORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """ds (and dx) of one block of a row from its c1 = mean(x̂ · g), c2 = mean(g); returns (dout, x̂)."""
+    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     if RMS_NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
         xhat = s * rstd
     else:
-        mean = tl.sum(s, axis=0) / N
-        centered = tl.where(mask, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-        xhat = centered * rstd
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    y = xhat
+        xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+    g = dout
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+        g = dout * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS_NORM:
+        ds = (g - xhat * c1) * rstd
+    else:
+        ds = (g - (xhat * c1 + c2)) * rstd
+    if HAS_DS_IN:
+        ds += tl.load(DS_IN + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+    if HAS_DROPOUT:
+        keep = dropout_keep_row(seed, row, col_start, drop_threshold, BLOCK_N)
+        dx = tl.where(keep, ds * drop_scale, 0.0)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    return dout, xhat
 
 
 @triton.jit
@@ -101,6 +202,7 @@ def _dropout_add_layer_norm_bwd_kernel(
     DX,  # [M, N] gradient of x (if HAS_DROPOUT; else it equals DS)
     DW_PARTIAL,  # [programs, N] fp32 per-program sums of dout * x̂ (if HAS_W)
     DB_PARTIAL,  # [programs, N] fp32 per-program sums of dout (if HAS_B)
+    C12,  # [2, M] fp32 scratch: each row's c1 and c2 (if not ONE_BLOCK)
     M,
     N,
     rows_per_program,
@@ -112,50 +214,102 @@ def _dropout_add_layer_norm_bwd_kernel(
     HAS_B: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     RMS_NORM: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # BLOCK_N >= N: a row and the dw/db sums stay in registers
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row in range(row_start, row_end):
-        offs = tl.cast(row, tl.int64) * N + cols
-        s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        if RMS_NORM:
-            xhat = s * rstd
-        else:
-            xhat = tl.where(mask, (s - tl.load(MEAN + row)) * rstd, 0.0)
-        g = dout
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
         if HAS_W:
-            g = dout * w
-        c1 = tl.sum(xhat * g, axis=0) / N
-        if RMS_NORM:
-            ds = (g - xhat * c1) * rstd
-        else:
-            c2 = tl.sum(g, axis=0) / N
-            ds = (g - (xhat * c1 + c2)) * rstd
-        if HAS_DS_IN:
-            ds += tl.load(DS_IN + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs, drop_threshold)
-            dx = tl.where(keep, ds * drop_scale, 0.0)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for row in range(row_start, row_end):
+            row64 = tl.cast(row, tl.int64)
+            offs = row64 * N + cols
+            s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            if RMS_NORM:
+                xhat = s * rstd
+            else:
+                xhat = tl.where(mask, (s - tl.load(MEAN + row)) * rstd, 0.0)
+            g = dout
+            if HAS_W:
+                g = dout * w
+            c1 = tl.sum(xhat * g, axis=0) / N
+            if RMS_NORM:
+                ds = (g - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(g, axis=0) / N
+                ds = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DS_IN:
+                ds += tl.load(DS_IN + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+            if HAS_DROPOUT:
+                keep = dropout_keep_row(seed, row64, 0, drop_threshold, BLOCK_N)
+                dx = tl.where(keep, ds * drop_scale, 0.0)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw += dout * xhat
+            if HAS_B:
+                db += dout
         if HAS_W:
-            dw += dout * xhat
+            tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
         if HAS_B:
-            db += dout
-    if HAS_W:
-        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
-    if HAS_B:
-        tl.store(DB_PARTIAL + pid * N + cols, db, mask=mask)
+            tl.store(DB_PARTIAL + pid * N + cols, db, mask=mask)
+    else:
+        # Wide rows. Pass 1, row by row: c1 = mean(x̂ · g) and c2 = mean(g) over blocks of the row.
+        for row in range(row_start, row_end):
+            rstd = tl.load(RSTD + row)
+            mean = 0.0
+            if not RMS_NORM:
+                mean = tl.load(MEAN + row)
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                offs = tl.cast(row, tl.int64) * N + cols
+                s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_W:
+                    g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                acc1 += tl.where(mask, (s - mean) * rstd, 0.0) * g
+                acc2 += g
+            tl.store(C12 + row, tl.sum(acc1, axis=0) / N)
+            tl.store(C12 + M + row, tl.sum(acc2, axis=0) / N)
+        tl.debug_barrier()  # pass 2 reads every row's c1, c2, stored by one thread
+        # Pass 2, block by block of columns, so that the block's dw and db sums stay in registers.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for row in range(row_start, row_end):
+                row64 = tl.cast(row, tl.int64)
+                offs = row64 * N + cols
+                rstd = tl.load(RSTD + row)
+                mean = 0.0
+                if not RMS_NORM:
+                    mean = tl.load(MEAN + row)
+                c1 = tl.load(C12 + row)
+                c2 = tl.load(C12 + M + row)
+                dout, xhat = _ln_bwd_row_block(
+                    DOUT, DS_IN, S, W, DS, DX, offs, cols, mask, row64, start, N, mean, rstd, c1, c2,
+                    seed, drop_threshold, drop_scale, HAS_DS_IN, HAS_W, HAS_DROPOUT, RMS_NORM, BLOCK_N,
+                )  # fmt: skip
+                if HAS_W:
+                    dw += dout * xhat
+                if HAS_B:
+                    db += dout
+            if HAS_W:
+                tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+            if HAS_B:
+                tl.store(DB_PARTIAL + pid * N + cols, db, mask=mask)
 
 
 @triton.jit
@@ -176,10 +330,24 @@ def _column_sum_kernel(
     tl.store(OUT + cols, tl.sum(acc, axis=0), mask=cols < N)
 
 
-def _launch_params(n: int) -> tuple[int, int]:
-    block_n = triton.next_power_of_2(n)
-    num_warps = min(max(block_n // 256, 1), 16)
-    return block_n, num_warps
+# Widest row a program keeps in registers (ONE_BLOCK_MAX), and the block that wider rows loop over
+# (LOOP_BLOCK). The backward holds more per element (w, the dw/db sums, s, dout, x̂) and runs at
+# most 8 warps, so that ptxas may use up to 255 registers a thread rather than 128; its loop
+# blocks are narrower, so that a wide row's program keeps the occupancy of a 2,048-column one.
+# Checked with ptxas -v (Triton 3.8, sm_80 and sm_90): no spills at any width up to MAX_HIDDEN,
+# where a whole row in registers spilled from 8,192 columns (backward) and 16,384 (forward), up
+# to ~12 KB a thread at 65,536.
+FWD_ONE_BLOCK_MAX, FWD_LOOP_BLOCK, FWD_MAX_WARPS = 8192, 8192, 16
+BWD_ONE_BLOCK_MAX, BWD_LOOP_BLOCK, BWD_MAX_WARPS = 4096, 2048, 8
+
+
+def _launch_params(n: int, one_block_max: int, loop_block: int, max_warps: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, ONE_BLOCK) for rows of n: a whole row, or blocks of ``loop_block``."""
+    # >= 4: the dropout mask is drawn in groups of four columns.
+    whole = max(triton.next_power_of_2(n), 4)
+    block_n = whole if whole <= one_block_max else loop_block
+    num_warps = min(max(block_n // 256, 1), max_warps)
+    return block_n, num_warps, block_n >= n
 
 
 def dropout_add_layer_norm_fwd(
@@ -205,7 +373,7 @@ def dropout_add_layer_norm_fwd(
     rstd = x.new_empty(m, dtype=torch.float32)
     if m == 0:
         return out, s, mean, rstd
-    block_n, num_warps = _launch_params(n)
+    block_n, num_warps, one_block = _launch_params(n, FWD_ONE_BLOCK_MAX, FWD_LOOP_BLOCK, FWD_MAX_WARPS)
     check_grid((m,), "dropout_add_layer_norm")
     with device_ctx(x):
         _dropout_add_layer_norm_fwd_kernel[(m,)](
@@ -228,6 +396,7 @@ def dropout_add_layer_norm_fwd(
             HAS_DROPOUT=dropout_p > 0.0,
             STORE_S=store_s,
             RMS_NORM=rms_norm,
+            ONE_BLOCK=one_block,
             BLOCK_N=block_n,
             num_warps=num_warps,
         )
@@ -278,7 +447,8 @@ def dropout_add_layer_norm_bwd(
     dw_partial = dout.new_zeros(partial_shape, dtype=torch.float32) if has_w else None
     db_partial = dout.new_zeros(partial_shape, dtype=torch.float32) if has_bias else None
     if m > 0:
-        block_n, num_warps = _launch_params(n)
+        block_n, num_warps, one_block = _launch_params(n, BWD_ONE_BLOCK_MAX, BWD_LOOP_BLOCK, BWD_MAX_WARPS)
+        c12 = dout.new_empty(0 if one_block else 2 * m, dtype=torch.float32)
         with device_ctx(dout):
             _dropout_add_layer_norm_bwd_kernel[(programs,)](
                 dout,
@@ -291,6 +461,7 @@ def dropout_add_layer_norm_bwd(
                 dx,
                 dw_partial,
                 db_partial,
+                c12 if c12.numel() else dout,
                 m,
                 n,
                 triton.cdiv(m, programs),
@@ -302,6 +473,7 @@ def dropout_add_layer_norm_bwd(
                 HAS_B=has_bias,
                 HAS_DROPOUT=dropout_p > 0.0,
                 RMS_NORM=rms_norm,
+                ONE_BLOCK=one_block,
                 BLOCK_N=block_n,
                 num_warps=num_warps,
             )

@@ -36,7 +36,7 @@ import triton.language as tl
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
 from .launch import autotune, device_ctx
-from .philox import dropout_keep
+from .philox import dropout_keep_tile
 from .precision import matmul_dot_precision
 
 ACTIVATION_IDS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -197,7 +197,7 @@ def _gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C = dropout(act(A B + bias)), dropout index = row · N + col of C."""
+    """C = dropout(act(A B + bias)), dropout mask element (row, col) of C."""
     # Grouped order: GROUP_M row tiles sweep the columns together, so B's tiles stay in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -239,8 +239,8 @@ def _gemm_kernel(
         tl.store(Z + c_offs, acc.to(Z.dtype.element_ty), mask=c_mask)
     acc = _activation(acc, ACTIVATION)
     if HAS_DROPOUT:
-        idx = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        acc = tl.where(dropout_keep(seed, idx, threshold), acc * scale, 0.0)
+        keep = dropout_keep_tile(seed, offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
+        acc = tl.where(keep, acc * scale, 0.0)
     tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=c_mask)
 
 
@@ -287,7 +287,8 @@ def _dz_kernel(
         dz = tl.where(tl.load(OUT + idx, mask=mask, other=0.0) != 0, dz, 0.0)
     else:
         if HAS_DROPOUT:
-            dz = tl.where(dropout_keep(seed, idx, threshold), dz, 0.0)
+            keep = dropout_keep_tile(seed, offs_m.to(tl.int64), tl.program_id(1) * BLOCK_N, threshold, BLOCK_N)
+            dz = tl.where(keep, dz, 0.0)
         if ACTIVATION >= 2:
             dz = dz * _activation_grad(tl.load(Z + idx, mask=mask, other=0.0).to(tl.float32), ACTIVATION)
     tl.store(DZ + idx, dz.to(DZ.dtype.element_ty), mask=mask)
