@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -101,7 +102,7 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
     leading dims, ``dims`` the feature sizes (in, out) or (d_model, d_ff, d_out)."""
     torch.manual_seed(seed_for(op, lead, dims, dtype, activation, dropout_p, bias))
     x = torch.randn(*lead, dims[0], device=device()).to(dtype).requires_grad_()
-    params = [p for k, n in zip(dims, dims[1:], strict=True) for p in _linear_params(dtype, k, n, bias)]
+    params = [p for k, n in itertools.pairwise(dims) for p in _linear_params(dtype, k, n, bias)]
     tensors = [x, *params]
     grad = torch.randn(*lead, dims[-1], device=device()).to(dtype)  # every path gets the same dout
     fast_fn, ref_fn = (tk.fused_linear, fused_linear_ref) if op == "fused_linear" else (tk.ffn, ffn_ref)
