@@ -2,8 +2,8 @@
 
 The kernel backends (``triton``, ``cuda``) are reached through two ``torch.library`` custom ops,
 ``transformer_kernels::dropout_add_layer_norm_fwd`` / ``_bwd``, with fake implementations and
-registered autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The ``reference``
-backend is plain differentiable PyTorch and needs neither.
+registered autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The direct
+backends (``reference``, ``native``) are plain differentiable PyTorch and need neither.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .seed import draw_seed, seed_value
@@ -33,7 +32,8 @@ def _max_hidden(limit: int):
 
 backends.register_op(
     OP,
-    reference=backends.reference(),
+    reference=backends.reference("dropout_add_layer_norm"),
+    native=backends.native("dropout_add_layer_norm"),
     triton=backends.triton_kernels("dropout_add_layer_norm", check=_max_hidden(TRITON_MAX_HIDDEN)),
     cuda=backends.cuda_kernels(check=_max_hidden(CUDA_MAX_HIDDEN)),
 )
@@ -201,7 +201,7 @@ def dropout_add_layer_norm(
 
     Args:
         x: input of the dropout, any leading shape ``[..., N]``; fp16, bf16 or fp32
-            (fp64 on the reference backend).
+            (fp64 on the reference and native backends).
         residual: added after the dropout, same shape and dtype as ``x``; or None.
         weight, bias: ``[N]``, x's dtype or fp32; either may be None (no scale / no shift).
         dropout_p: probability of zeroing an element of ``x``; applied only when ``training``.
@@ -209,7 +209,7 @@ def dropout_add_layer_norm(
         prenorm: also return ``s = residual + dropout(x)``, the residual stream of a pre-LN block.
         rms_norm: RMSNorm instead of LayerNorm (``bias`` must be None).
         training: ``False`` disables dropout (and draws no random numbers).
-        backend: ``reference``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
 
     Returns:
         The normalised tensor in x's dtype, or ``(normed, s)`` with ``prenorm=True``.
@@ -229,11 +229,10 @@ def dropout_add_layer_norm(
     n = x.shape[-1]
     name = backends.resolve(OP, backend, x.device, x.dtype, hidden=n)
     seed = draw_seed() if dropout_p > 0.0 else None
-    if name == "reference":
+    direct = backends.direct(OP, name)
+    if direct is not None:
         with amp.disabled(x.device):
-            return dropout_add_layer_norm_ref(
-                x, residual, weight, bias, dropout_p, eps, prenorm=prenorm, rms_norm=rms_norm, seed=seed
-            )
+            return direct(x, residual, weight, bias, dropout_p, eps, prenorm=prenorm, rms_norm=rms_norm, seed=seed)
     x2 = x.reshape(-1, n).contiguous()
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     weight = None if weight is None else weight.contiguous()
