@@ -21,8 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.attention import _visible_mask, attention_ref
+from ..reference.attention import attention_ref
 from ..reference.philox import dropout_keep_mask, dropout_scale
+
+
+def _visible(lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device) -> Tensor:
+    """Bool, True where query i may see key j, in the smallest shape that broadcasts to
+    [B, 1, Lq, Lk]: [B, 1, 1, Lk] for padding alone, [1, 1, Lq, Lk] for causal alone (as a
+    torch.nn user would pass them: SDPA's CPU kernel expands the mask per block it reads)."""
+    vis = None
+    if causal:
+        i = torch.arange(lq, device=device)[:, None]
+        vis = (torch.arange(lk, device=device)[None, :] <= i + (lk - lq))[None, None]
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask[:, None, None, :]
+        vis = pad if vis is None else vis & pad
+    return torch.ones(1, 1, 1, lk, dtype=torch.bool, device=device) if vis is None else vis
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, compute: torch.dtype) -> Tensor:
@@ -74,7 +88,7 @@ def attention(
     def masked_scores() -> Tensor:  # [B, Hq, Lq, Lk] in fp32 (or wider), -inf where not visible
         return _scores(q, k, scale, compute).masked_fill(~vis, float("-inf"))
 
-    vis = _visible_mask(lq, lk, causal, key_padding_mask, q.device)  # [B or 1, 1, Lq, Lk], True = visible
+    vis = _visible(lq, lk, causal, key_padding_mask, q.device)
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("attention: dropout_p > 0 needs a seed")
@@ -92,8 +106,13 @@ def attention(
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
         empty = ~vis.any(-1, keepdim=True)  # rows that see no key
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=vis | empty, scale=scale, enable_gqa=gqa)
-        out = out.masked_fill(empty, 0.0)  # a row with no key saw every key above
+        # Eager, the check (no device sync on a CPU) spares a masked copy of the output and of its
+        # gradient when no row is empty, the usual case; a compiled graph takes both, branch-free.
+        fill = torch.compiler.is_compiling() or bool(empty.any())
+        attn_mask = vis | empty if fill else vis
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+        if fill:
+            out = out.masked_fill(empty, 0.0)  # a row with no key saw every key above
     out = out.transpose(1, 2)
     if not return_lse:
         return out

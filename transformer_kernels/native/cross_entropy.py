@@ -4,8 +4,8 @@
 which are the package's definitions), on the logits upcast to fp32 first as the reference does,
 so the loss of fp16/bf16 logits is the fp32 one and their gradient is rounded once.
 
-``linear_cross_entropy``: the rows in chunks, each chunk's logits ``h Wᵀ + b`` used while they sit
-in cache and dropped: per chunk the forward takes the log-sum-exp and the loss, turns the logits
+``linear_cross_entropy``: the rows in chunks, each chunk's logits ``h Wᵀ + b`` used and dropped:
+per chunk the forward takes the log-sum-exp and the loss, turns the logits
 in place into their gradient ``g · (softmax - (1-ε)·onehot - ε/V)`` and accumulates
 ``dh = G W``, ``dW += Gᵀ h``, ``db += Σ G`` (``g``: the reduction's factor per row, 0 on ignored
 rows). The ``[N, V]`` logits never exist whole, and the backward only scales the stored
@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Logits per chunk: ~4 MB of fp32, a size that stays in a CPU's L2/L3 between the GEMM that
-# writes the chunk and the passes that read it (measured: benchmarks/bench_cross_entropy.py).
-CHUNK_ELEMENTS = 1 << 20
+# Logits per chunk (64 MB of fp32): the chunks bound the memory, and must stay large for the GEMMs'
+# sake. Measured on a 2-core CPU, N 2048, V 10000, against eager F.linear + F.cross_entropy: 2**20
+# elements a chunk (cache-sized, 100 rows) ran 0.6x, 2**23 1.3x, one chunk 1.4x. The speed comes
+# from the fused gradient (one pass less over the logits), not from the cache.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def cross_entropy(

@@ -314,7 +314,8 @@ def linear_cross_entropy(
         hidden: ``[N, d]``; weight: ``[V, d]`` (may be tied to an embedding); bias: ``[V]`` or None;
             one dtype: fp16, bf16 or fp32 (fp64 on the reference and native backends).
         target, label_smoothing, ignore_index, reduction: as in :func:`cross_entropy`.
-        chunk_size: rows per chunk on the triton backend; None chooses from N, V and free memory.
+        chunk_size: rows per chunk on the triton backend; None chooses from N, V and free memory
+            (the native backend sizes its chunks itself, to stay in the CPU's cache).
         backend: ``reference`` (materialises the logits), ``native``, ``triton`` or ``auto``.
 
     Returns:
