@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import test_attention as attn
+import test_autocast as amp_tests
 import test_cross_entropy as ce
 import test_dropout_add_layer_norm as daln
 import test_ffn as ffn_tests
@@ -262,3 +263,23 @@ def test_float64_matches_the_reference():
         reference = fn("reference")
         assert native.dtype == reference.dtype == torch.float64
         torch.testing.assert_close(native, reference, rtol=1e-12, atol=1e-12)
+
+
+# --- autocast: the policy of the torch op each replaces, as on every backend -------------------
+
+
+@pytest.mark.parametrize("amp_dtype", amp_tests.AMP_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "test",
+    [
+        amp_tests.test_ffn_casts_like_linear,
+        amp_tests.test_fused_linear_casts_like_linear,
+        amp_tests.test_attention_casts_like_sdpa,
+        amp_tests.test_layer_norm_follows_torch_add_then_layer_norm,
+        amp_tests.test_linear_cross_entropy_casts_the_projection,
+        amp_tests.test_cross_entropy_keeps_the_logits,
+    ],
+    ids=lambda t: t.__name__,
+)
+def test_autocast(test, amp_dtype):
+    test(NATIVE, amp_dtype)

@@ -5,9 +5,8 @@ own fast paths with the package's exact semantics: the CPU backend), ``triton`` 
 compiled extension). Each backend of each op declares what it supports in one place (an
 :class:`OpBackend`), in one :func:`register_op` call in the op's own file; the declaration also
 names the module of the backend's kernels, which :func:`kernel` imports on first use (a direct
-backend's, below, at the declaration). The
-dispatcher, the error messages, ``info`` and the tests all read those declarations instead of
-repeating them.
+backend's, below, at the declaration). The dispatcher, the error messages, ``info`` and the tests
+all read those declarations instead of repeating them.
 
 Two kinds of backend: *direct* ones (``reference``, ``native``) are plain differentiable PyTorch,
 one function per op that the op calls itself (:func:`direct`); *kernel* ones (``triton``,
