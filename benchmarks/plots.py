@@ -130,9 +130,9 @@ def bars(report: Report, path: Path) -> Path:
     width = 0.8 / len(impls)
     keys = report.panels or list(report.rows[0].case)
     labels = ["\n".join(f"{k}={dict(c)[k]}" for k in keys) for c in cases]
-    for ax, value, ylabel in zip(
-        axes[0], (lambda r: r.rate, lambda r: r.peak_mib), (report.unit, "peak MiB above the inputs"), strict=True
-    ):
+    # the memory panel only where some row measured its peak (the CPU rows do not)
+    panels = ((lambda r: r.rate, report.unit), (lambda r: r.peak_mib, "peak MiB above the inputs"))[: len(axes[0])]
+    for ax, (value, ylabel) in zip(axes[0], panels, strict=True):
         for j, impl in enumerate(impls):
             xs = [i + j * width for i in range(len(cases))]
             rows = [by.get((c, impl)) for c in cases]
