@@ -40,10 +40,41 @@ def test_call_keyword_wins_over_scope():
     torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
 
 
-def test_auto_on_cpu_is_reference():
-    assert (
-        backends.resolve("dropout_add_layer_norm", "auto", torch.device("cpu"), torch.float32, hidden=8) == "reference"
+@pytest.mark.parametrize("op", backends.ops())
+def test_auto_on_cpu_is_native_then_reference(op, monkeypatch):
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert backends.resolve(op, "auto", cpu, dtype, hidden=8, head_dim=8, vocab=8) == "native"
+    # Where the native backend cannot serve the inputs, auto falls back to the specification.
+    native = backends._OPS[op].backends["native"]
+    monkeypatch.setitem(backends._OPS[op].backends, "native", backends.OpBackend(native.devices, (torch.float16,)))
+    assert backends.resolve(op, "auto", cpu, torch.float32, hidden=8, head_dim=8, vocab=8) == "reference"
+
+
+def test_native_is_cpu_only_and_auto_on_cuda_never_picks_it():
+    assert backends.why_not("attention", "native", torch.device("cuda"), torch.float32, head_dim=8) == (
+        "cuda tensors are not supported (supported: cpu)"
     )
+    for op in backends.ops():
+        assert "native" not in backends.auto_order(op, "cuda")
+
+
+def test_every_op_declares_both_direct_backends():
+    for op in backends.ops():
+        for name in ("reference", "native"):
+            assert backends.spec(op, name).direct and callable(backends.direct(op, name))
+        for name in ("triton", "cuda"):
+            if name in backends._OPS[op].backends:
+                assert backends.direct(op, name) is None
+
+
+def test_native_is_the_default_on_a_cpu_and_matches_the_reference():
+    torch.manual_seed(0)
+    x, r = torch.randn(3, 40), torch.randn(3, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    out = tk.dropout_add_layer_norm(x, r, w, b)  # auto
+    torch.testing.assert_close(out, tk.dropout_add_layer_norm(x, r, w, b, backend="native"), rtol=0, atol=0)
+    torch.testing.assert_close(out, tk.dropout_add_layer_norm(x, r, w, b, backend="reference"))
 
 
 def test_auto_on_cuda_follows_the_preference_order(monkeypatch):

@@ -8,11 +8,14 @@ import torch.nn.functional as F
 from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
+from transformer_kernels import backends
 from transformer_kernels.ops.glu import OP, _bwd, _fwd
 from transformer_kernels.reference import glu_ref
 from transformer_kernels.reference.glu import GLU_ACTIVATIONS
 
 KERNEL_BACKENDS = kernel_backends(OP)
+# the native backend (torch's fast CPU paths) where the tests run on a CPU
+NATIVE = ["native"] if backends.why_not(OP, "native", device(), torch.float32) is None else []
 needs_kernels = pytest.mark.skipif(
     not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
 )
@@ -40,8 +43,7 @@ def test_reference_gradcheck(activation):
     assert torch.autograd.gradcheck(lambda g, u: glu_ref(g, u, activation), (g, u))
 
 
-@needs_kernels
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + NATIVE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", GLU_ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,15 +1,20 @@
 """The backend registry: which implementation serves which op for which inputs.
 
-Every op has the backends ``reference`` (pure PyTorch, the specification and the CPU fallback),
-``triton`` and ``cuda`` (the compiled extension). Each backend of each op declares what it
-supports in one place (an :class:`OpBackend`), in one :func:`register_op` call in the op's own
-file; the declaration also names the module of the backend's kernels, which :func:`kernel` imports
-on first use. The dispatcher, the error messages, ``info`` and the tests all read those
-declarations instead of repeating them.
+Every op has the backends ``reference`` (pure PyTorch, the specification), ``native`` (torch's
+own fast paths with the package's exact semantics: the CPU backend), ``triton`` and ``cuda`` (the
+compiled extension). Each backend of each op declares what it supports in one place (an
+:class:`OpBackend`), in one :func:`register_op` call in the op's own file; the declaration also
+names the module of the backend's kernels, which :func:`kernel` imports on first use (a direct
+backend's, below, at the declaration). The dispatcher, the error messages, ``info`` and the tests
+all read those declarations instead of repeating them.
 
-``auto`` picks, for CPU tensors, ``reference``; for CUDA tensors, the first backend of the op's
-preference order (``AUTO_ORDER``, set from GPU measurements in ``benchmarks/results/``) that
-supports the inputs.
+Two kinds of backend: *direct* ones (``reference``, ``native``) are plain differentiable PyTorch,
+one function per op that the op calls itself (:func:`direct`); *kernel* ones (``triton``,
+``cuda``) are reached through the op's ``torch.library`` custom ops and their registered autograd.
+
+``auto`` picks the first backend of the preference order of the input's device type that
+supports the inputs: on CPU tensors :data:`CPU_AUTO_ORDER` (``native``, then ``reference``); on
+CUDA tensors the op's ``AUTO_ORDER`` (set from GPU measurements in ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,23 @@ import torch
 
 from .triton import triton_interpret
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "native", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 
 # The preference order of `auto` on CUDA tensors, per op. Until GPU measurements are committed
 # under benchmarks/results/, Triton (tested in CI under the interpreter) comes first.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {}
 DEFAULT_AUTO_ORDER = ("triton", "cuda", "reference")
+# ... and on CPU tensors, for every op: torch's fast CPU paths (measured in benchmarks/results/),
+# then the specification.
+CPU_AUTO_ORDER = ("native", "reference")
+
+
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries, in order, for ``op`` on tensors of ``device_type``."""
+    if device_type == "cuda":
+        return AUTO_ORDER.get(op, DEFAULT_AUTO_ORDER)
+    return CPU_AUTO_ORDER
 
 
 class BackendError(ValueError):
@@ -68,9 +83,11 @@ class OpBackend:
     ``devices``: device types of the input tensors it accepts. ``dtypes``: input dtypes.
     ``check``: extra, op-specific limits; returns a reason string when the inputs are out of them.
     ``unavailable``: returns why the backend cannot run on this machine at all, or None.
-    ``kernels``: the module that holds the backend's kernel functions, imported on first use
-    (``transformer_kernels.triton.<op>``, or ``torch.ops.tk_C`` for the extension); None for the
-    reference, which is plain differentiable PyTorch called by the op itself.
+    ``kernels``: the module that holds the backend's functions, imported on first use
+    (``transformer_kernels.<backend>.<module>``, or ``torch.ops.tk_C`` for the extension).
+    ``entry``: for a direct backend, the name of its differentiable function per op, a template of
+    ``{op}`` (the reference's ``attention_ref``, the native ``attention``); None for a kernel
+    backend, whose functions the op's custom ops fetch by name.
     ``interpretable``: Triton kernels, which also take CPU tensors under ``TRITON_INTERPRET=1``
     (that is how CI tests them).
     """
@@ -80,7 +97,13 @@ class OpBackend:
     check: Callable[..., str | None] = lambda **_: None
     unavailable: Callable[[], str | None] = lambda: None
     kernels: str | None = None
+    entry: str | None = None
     interpretable: bool = False
+
+    @property
+    def direct(self) -> bool:
+        """Plain differentiable PyTorch that the op calls itself (no custom op)."""
+        return self.entry is not None
 
     def device_types(self) -> tuple[str, ...]:
         if self.interpretable and triton_interpret() and "cpu" not in self.devices:
@@ -92,9 +115,19 @@ class OpBackend:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def reference(dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)) -> OpBackend:
-    """The pure-PyTorch specification: every device, every dtype it is written for."""
-    return OpBackend(devices=("cpu", "cuda"), dtypes=dtypes)
+def reference(module: str, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)) -> OpBackend:
+    """The pure-PyTorch specification, ``<op>_ref`` in ``transformer_kernels.reference.<module>``:
+    every device, every dtype it is written for."""
+    return OpBackend(
+        devices=("cpu", "cuda"), dtypes=dtypes, kernels=f"{__package__}.reference.{module}", entry="{op}_ref"
+    )
+
+
+def native(module: str, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)) -> OpBackend:
+    """Torch's own fast paths with the package's semantics, ``<op>`` in
+    ``transformer_kernels.native.<module>``. CPU tensors only: on CUDA the kernel backends serve
+    (and where they cannot, the reference)."""
+    return OpBackend(devices=("cpu",), dtypes=dtypes, kernels=f"{__package__}.native.{module}", entry="{op}")
 
 
 def triton_kernels(
@@ -131,6 +164,7 @@ class Op:
 
 
 _OPS: dict[str, Op] = {}
+_DIRECT: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def register_op(op: str, **specs: OpBackend) -> None:
@@ -140,6 +174,11 @@ def register_op(op: str, **specs: OpBackend) -> None:
     if unknown:
         raise ValueError(f"{op}: unknown backend(s) {sorted(unknown)}; expected some of {BACKENDS}")
     _OPS[op] = Op(op, dict(specs))
+    # Direct backends are imported now, not on first use: the op looks them up inside graphs that
+    # torch.compile traces, where an import cannot run (and they are plain PyTorch, cheap to load).
+    for backend, s in specs.items():
+        if s.entry is not None:
+            _DIRECT[op, backend] = kernel(op, backend, s.entry.format(op=op))
 
 
 def ops() -> list[str]:
@@ -163,10 +202,16 @@ def kernel(op: str, backend: str, name: str) -> Callable[..., Any]:
     """
     module = spec(op, backend).kernels
     if module is None:
-        raise ValueError(f"{op}: the {backend} backend has no kernels (it is called directly)")
+        raise ValueError(f"{op}: the {backend} backend declares no kernel module")
     if module == "torch.ops.tk_C":
         return getattr(torch.ops.tk_C, name)
     return getattr(importlib.import_module(module), name)
+
+
+def direct(op: str, backend: str) -> Callable[..., Any] | None:
+    """The differentiable function of a direct backend (``reference``, ``native``) for ``op``,
+    which the op calls in place of its custom ops; None for a kernel backend."""
+    return _DIRECT.get((op, backend))
 
 
 def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> str | None:
@@ -244,10 +289,10 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
             hint = "" if name == "reference" else "; use backend='reference' or 'auto'"
             raise BackendError(f"{op}: the {name} backend cannot run these inputs: {reason}{hint}")
         return name
-    if device.type != "cuda":
-        return "reference"
+    if device.type not in ("cpu", "cuda"):
+        return "reference"  # the specification runs wherever torch does (meta tensors, ...)
     reasons = []
-    for candidate in AUTO_ORDER.get(op, DEFAULT_AUTO_ORDER):
+    for candidate in auto_order(op, device.type):
         reason = why_not(op, candidate, device, dtype, **problem)
         if reason is None:
             return candidate

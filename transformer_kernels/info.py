@@ -76,8 +76,6 @@ def info() -> str:
             reason = spec.unavailable()
             status = "available" if reason is None else f"unavailable: {reason}"
             lines.append(f"  {op:<26} {name:<10} {status}")
-        lines.append(
-            f"  {op:<26} {'auto':<10} order on CUDA: "
-            + " > ".join(backends.AUTO_ORDER.get(op, backends.DEFAULT_AUTO_ORDER))
-        )
+        orders = "; ".join(f"on {dev.upper()} {' > '.join(backends.auto_order(op, dev))}" for dev in ("cpu", "cuda"))
+        lines.append(f"  {op:<26} {'auto':<10} order {orders}")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ layout of a fused projection (SDPA gets [B, H, L, D] views of the same tensors, 
   triton          transformer_kernels, backend='triton'
   reference       transformer_kernels, backend='reference' (materialises [L, L]: short lengths only)
 With a padding mask, SDPA gets the equivalent boolean attn_mask [B, 1, 1, L] (which takes it off
-its flash path) and ours the key_padding_mask. On a CPU only sdpa and the reference run (tiny sizes).
+its flash path) and ours the key_padding_mask. On a CPU sdpa and the native
+(auto there) and reference backends run; --quick at a tiny size, else at 4096 tokens.
 
     python -m transformer_kernels.bench.bench_attention [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
@@ -96,6 +97,7 @@ def implementations(device: torch.device) -> list[Impl]:
     refuses = (RuntimeError,)
     impls = [Impl("sdpa", _sdpa_impl(), refuses=refuses)]
     if device.type != "cuda":
+        impls.append(Impl("native", package("native"), refuses=refuses))
         impls.append(Impl("reference", package("reference"), refuses=refuses))
         names = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton")
         return impls + [Impl(name, why_not="needs a CUDA device") for name in names]
@@ -174,11 +176,11 @@ def run(
         seqlens = seqlens or ([1024, 8192] if quick else [512, 1024, 2048, 4096, 8192, 16384])
         head_dims = head_dims or ([128] if quick else [64, 128])
         tokens = TOKENS
-    else:  # smoke sizes: only the reference against SDPA's CPU path
+    else:  # the native and reference backends against SDPA's CPU path
         dtypes = dtypes or [torch.float32]
-        seqlens = seqlens or ([64] if quick else [128, 256])
+        seqlens = seqlens or ([64] if quick else [32, 128, 512])
         head_dims = head_dims or [64]
-        tokens = 2 * max(seqlens)
+        tokens = 2 * max(seqlens) if quick else 4096
     impls = implementations(device)
 
     report = Report(

@@ -9,7 +9,8 @@ and the loss, logits never materialised): time, and for the latter peak memory.
   eager    torch: F.cross_entropy(F.linear(hidden, weight), target)   (the baseline)
   compile  torch.compile of the eager function
   triton   transformer_kernels.linear_cross_entropy, backend='triton'
-On a CPU only eager and the package's reference backend run (smoke sizes).
+On a CPU eager and the package's native (auto there) and reference backends run; --quick at smoke
+sizes, else at 4096 tokens.
 
 Peak memory: torch.cuda.max_memory_allocated() during one loss + backward, minus what was allocated
 before it (the inputs); on a CPU it is not measured.
@@ -71,6 +72,7 @@ def implementations(op: str, device: torch.device) -> list[Impl]:
     oom = (torch.OutOfMemoryError,) if op == "linear_cross_entropy" else ()
     impls = [Impl("eager", eager, refuses=oom)]
     if device.type != "cuda":
+        impls.append(Impl("native", lambda *a: fn(*a, backend="native", **kw)))
         impls.append(Impl("reference", lambda *a: fn(*a, backend="reference", **kw)))
         return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton")]
     impls.append(Impl("compile", eager, compile=True, refuses=oom))
@@ -147,7 +149,10 @@ def run(
         lce_cases = [(8192, 131072)] if quick else [(n, v) for n in (8192, 32768) for v in (32768, 131072)]
     else:
         dtypes = dtypes or [torch.float32]
-        d, ce_cases, lce_cases = 64, [(64, 512)] if quick else [(256, 1000), (256, 4000)], [(256, 1000)]
+        if quick:
+            d, ce_cases, lce_cases = 64, [(64, 512)], [(256, 1000)]
+        else:  # a CPU training batch: 4096 tokens, a joint BPE vocabulary of 8000-10000
+            d, ce_cases, lce_cases = 512, [(4096, 10000)], [(4096, 10000)]
 
     ce = Report(
         "bench_cross_entropy",

@@ -7,7 +7,8 @@ Implementations, all measured in the same run on the same device:
   cuda     transformer_kernels.ffn, backend='cuda'
   gemm     the bare cuBLAS GEMMs of the same shapes (torch.mm, no bias, activation or dropout):
            2 in the forward, 4 in the backward; the ceiling a fused FFN can reach
-On a CPU only eager, gemm and the package's reference backend run (smoke sizes).
+On a CPU eager, gemm and the package's native (auto there) and reference backends run; --quick at
+smoke sizes, else at 4096 tokens.
 
     python -m transformer_kernels.bench.bench_ffn [--quick] [--dtype bf16 ...] [--d-model 1024 ...] [--tokens 16384 ...]
                                    [--activation relu] [--dropout 0.1] [--out DIR]
@@ -66,6 +67,7 @@ def implementations(device: torch.device) -> list[Impl]:
     """The columns but the last, the bare GEMMs (:func:`bare_gemms`, timed in run_case)."""
     impls = [Impl("eager", eager)]
     if device.type != "cuda":
+        impls.append(Impl("native", package("native")))
         impls.append(Impl("reference", package("reference")))
         return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton", "cuda")]
     impls.append(Impl("compile", eager, compile=True))
@@ -156,7 +158,9 @@ def run(
         d_models = d_models or ([1024, 4096] if quick else [512, 1024, 4096])
         tokens = tokens or ([16384] if quick else [4096, 16384, 65536])
     else:
-        dtypes, d_models, tokens = dtypes or [torch.float32], d_models or [64], tokens or ([128] if quick else [256])
+        dtypes = dtypes or [torch.float32]
+        d_models = d_models or ([64] if quick else [256, 512])
+        tokens = tokens or ([128] if quick else [4096])
     impls = implementations(device)
     act = None if activation == "none" else activation
 

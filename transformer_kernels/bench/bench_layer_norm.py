@@ -5,7 +5,8 @@ Implementations, all measured in the same run on the same device:
   compile  torch.compile of the eager function (default mode, static shapes)
   triton   transformer_kernels, backend='triton'
   cuda     transformer_kernels, backend='cuda'
-On a CPU only the eager baseline and the package's reference backend run (smoke sizes).
+On a CPU the eager baseline, the package's native backend (what auto runs there) and its
+reference run; --quick at smoke sizes, else at ~4k-token batches.
 
     python -m transformer_kernels.bench.bench_layer_norm [--quick] [--dtype bf16 ...] [--hidden 1024 ...] [--out DIR]
 """
@@ -59,6 +60,7 @@ def implementations(device: torch.device) -> list[Impl]:
     dropout, which would compile a second graph)."""
     impls = [Impl("eager", eager, check=False)]
     if device.type != "cuda":
+        impls.append(Impl("native", package("native")))
         impls.append(Impl("reference", package("reference")))
         return impls + [Impl(name, why_not="needs a CUDA device") for name in ("compile", "triton", "cuda")]
     impls.append(Impl("compile", eager, compile=True, check=False))
@@ -121,10 +123,11 @@ def run(
             if on_gpu
             else [256]
             if quick
-            else [256, 1024]
+            else [256, 512, 1024]
         )
     # Rows such that each [M, N] tensor is 64 MiB of fp16 on the GPU (L2 is 50 MiB): data >> L2.
-    elements = (2**25 if quick else 2**26) if on_gpu else 2**14 if quick else 2**16
+    # On a CPU, without --quick: a batch of 4096 tokens at N = 512 (a CPU training batch).
+    elements = (2**25 if quick else 2**26) if on_gpu else 2**14 if quick else 2**21
     impls = implementations(device)
     copy_gbps = copy_bandwidth_gbps(device, quick)
 

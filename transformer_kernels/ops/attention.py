@@ -2,8 +2,8 @@
 
 The kernel backend (``triton``) is reached through two ``torch.library`` custom ops,
 ``transformer_kernels::attention_fwd`` / ``_bwd``, with fake implementations and registered
-autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The ``reference`` backend is
-plain differentiable PyTorch and needs neither.
+autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The direct backends
+(``reference``, ``native``) are plain differentiable PyTorch and need neither.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.attention import attention_ref
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import dropout_keep_mask
@@ -33,7 +32,8 @@ def _triton_check(head_dim: Optional[int] = None, **_) -> Optional[str]:
 
 backends.register_op(
     OP,
-    reference=backends.reference(),
+    reference=backends.reference("attention"),
+    native=backends.native("attention"),
     triton=backends.triton_kernels("attention", check=_triton_check),
 )
 
@@ -150,8 +150,9 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> None:
         raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
 
 
-def _reference_keep_mask(seed: Optional[Tensor], dropout_p: float, q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """The reference backend's keep-mask over the [B, Hq, Lq, Lk] probabilities (None without dropout)."""
+def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The direct backends' (reference, native) keep-mask over the [B, Hq, Lq, Lk] probabilities
+    (None without dropout)."""
     if seed is None:
         return None
     b, lq, hq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
@@ -173,7 +174,7 @@ def attention(
     """Scaled dot-product attention, fused: ``softmax(scale · q kᵀ + mask) v`` with dropout.
 
     Args:
-        q: ``[B, Lq, Hq, D]``; fp16, bf16 or fp32 (fp64 on the reference backend).
+        q: ``[B, Lq, Hq, D]``; fp16, bf16 or fp32 (fp64 on the reference and native backends).
         k, v: ``[B, Lk, Hkv, D]``, q's dtype; ``Hq % Hkv == 0`` (multi-head, grouped-query,
             multi-query). Any strides: the layout a fused QKV projection produces needs no copy.
         causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned bottom-right).
@@ -182,7 +183,7 @@ def attention(
         softmax_scale: defaults to ``D ** -0.5``.
         return_lse: also return the log-sum-exp of the scores, fp32 ``[B, Hq, Lq]``, -inf on
             rows that see no key (not differentiable).
-        backend: ``reference``, ``triton`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton`` or ``auto``; wins over the global choice.
 
     Returns:
         ``out`` ``[B, Lq, Hq, D]`` in q's dtype (zeros on rows that see no key), or
@@ -195,9 +196,10 @@ def attention(
     scale = float(d**-0.5 if softmax_scale is None else softmax_scale)
     name = backends.resolve(OP, backend, q.device, q.dtype, head_dim=d)
     seed = draw_seed() if dropout_p > 0.0 else None
-    if name == "reference":
+    direct = backends.direct(OP, name)
+    if direct is not None:
         with amp.disabled(q.device):
-            return attention_ref(
+            return direct(
                 q,
                 k,
                 v,
@@ -206,7 +208,7 @@ def attention(
                 dropout_p=dropout_p,
                 softmax_scale=scale,
                 return_lse=return_lse,
-                keep_mask=_reference_keep_mask(seed, dropout_p, q, k),
+                keep_mask=_direct_keep_mask(seed, dropout_p, q, k),
             )
     out, lse2 = _fwd(q, k, v, key_padding_mask, bool(causal), float(dropout_p), scale, seed, name)
     return (out, lse2 * math.log(2.0)) if return_lse else out

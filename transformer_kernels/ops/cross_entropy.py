@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.cross_entropy import REDUCTIONS, cross_entropy_ref, linear_cross_entropy_ref
+from ..reference.cross_entropy import REDUCTIONS
 from . import autocast as amp
 from .custom_ops import kernel_op
 
@@ -35,7 +35,12 @@ LCE_OP = "linear_cross_entropy"
 
 # linear_cross_entropy's kernels live in cross_entropy's kernel file, so both ops declare the same backends.
 for _op in (CE_OP, LCE_OP):
-    backends.register_op(_op, reference=backends.reference(), triton=backends.triton_kernels("cross_entropy"))
+    backends.register_op(
+        _op,
+        reference=backends.reference("cross_entropy"),
+        native=backends.native("cross_entropy"),
+        triton=backends.triton_kernels("cross_entropy"),
+    )
 
 
 def _check_targets(op: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -263,11 +268,11 @@ def cross_entropy(
     """``torch.nn.functional.cross_entropy`` for class indices, loss and gradient fused.
 
     Args:
-        logits: ``[N, V]``; fp16, bf16 or fp32 (fp64 on the reference backend).
+        logits: ``[N, V]``; fp16, bf16 or fp32 (fp64 on the reference and native backends).
         target: ``[N]`` int64 class indices in ``[0, V)``, or ``ignore_index`` (no loss, no gradient).
         label_smoothing: ``ε``: the target distribution is ``(1 - ε)·onehot + ε/V``.
         reduction: ``"mean"`` (over rows not ignored; nan if none), ``"sum"`` or ``"none"``.
-        backend: ``reference``, ``triton`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton`` or ``auto``; wins over the global choice.
 
     Returns:
         The loss in fp32 (fp64 for fp64 logits): ``[]``, or ``[N]`` with ``reduction="none"``.
@@ -282,11 +287,12 @@ def cross_entropy(
     _check_options(CE_OP, label_smoothing, ignore_index, reduction)
     name = backends.resolve(CE_OP, backend, logits.device, logits.dtype, vocab=v)
     kw: dict[str, Any] = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
-    if name == "reference":  # no cast under autocast: computed in fp32 from any dtype, as torch's upcast
+    direct = backends.direct(CE_OP, name)
+    if direct is not None:  # no cast under autocast: computed in fp32 from any dtype, as torch's upcast
         if not torch.compiler.is_compiling():
             _check_targets(CE_OP, target, v, ignore_index)
         with amp.disabled(logits.device):
-            return cross_entropy_ref(logits, target, **kw)
+            return direct(logits, target, **kw)
     return _ce_fwd(logits.contiguous(), target.contiguous(), float(label_smoothing), ignore_index, reduction, name)
 
 
@@ -306,10 +312,11 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``[N, d]``; weight: ``[V, d]`` (may be tied to an embedding); bias: ``[V]`` or None;
-            one dtype: fp16, bf16 or fp32 (fp64 on the reference backend).
+            one dtype: fp16, bf16 or fp32 (fp64 on the reference and native backends).
         target, label_smoothing, ignore_index, reduction: as in :func:`cross_entropy`.
-        chunk_size: rows per chunk on the triton backend; None chooses from N, V and free memory.
-        backend: ``reference`` (materialises the logits), ``triton`` or ``auto``.
+        chunk_size: rows per chunk on the triton backend; None chooses from N, V and free memory
+            (the native backend sizes its chunks itself, to stay in the CPU's cache).
+        backend: ``reference`` (materialises the logits), ``native``, ``triton`` or ``auto``.
 
     Returns:
         The loss, as :func:`cross_entropy`; gradients come in the input dtype.
@@ -337,11 +344,12 @@ def linear_cross_entropy(
         raise ValueError(f"{LCE_OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     name = backends.resolve(LCE_OP, backend, hidden.device, hidden.dtype, vocab=v)
     kw: dict[str, Any] = dict(label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
-    if name == "reference":
+    direct = backends.direct(LCE_OP, name)
+    if direct is not None:
         if not torch.compiler.is_compiling():
             _check_targets(LCE_OP, target, v, ignore_index)
         with amp.disabled(hidden.device):
-            return linear_cross_entropy_ref(hidden, weight, target, bias, **kw)
+            return direct(hidden, weight, target, bias, **kw)
     compute_grad = (
         reduction != "none"
         and torch.is_grad_enabled()

@@ -2,8 +2,8 @@
 
 The kernel backends (``triton``, ``cuda``) are reached through two ``torch.library`` custom ops,
 ``transformer_kernels::dropout_add_layer_norm_fwd`` / ``_bwd``, with fake implementations and
-registered autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The ``reference``
-backend is plain differentiable PyTorch and needs neither.
+registered autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. The direct
+backends (``reference``, ``native``) are plain differentiable PyTorch and need neither.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.dropout_add_layer_norm import dropout_add_layer_norm_ref
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import dropout_keep_mask
@@ -34,7 +33,8 @@ def _max_hidden(limit: int):
 
 backends.register_op(
     OP,
-    reference=backends.reference(),
+    reference=backends.reference("dropout_add_layer_norm"),
+    native=backends.native("dropout_add_layer_norm"),
     triton=backends.triton_kernels("dropout_add_layer_norm", check=_max_hidden(TRITON_MAX_HIDDEN)),
     cuda=backends.cuda_kernels(check=_max_hidden(CUDA_MAX_HIDDEN)),
 )
@@ -185,8 +185,8 @@ def _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm) -> None:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
-def _reference_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor) -> Optional[Tensor]:
-    """The reference backend's keep-mask over the [M, N] rows of x (None without dropout)."""
+def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor) -> Optional[Tensor]:
+    """The direct backends' (reference, native) keep-mask over the [M, N] rows of x (None without dropout)."""
     if seed is None:
         return None
     n = x.shape[-1]
@@ -210,7 +210,7 @@ def dropout_add_layer_norm(
 
     Args:
         x: input of the dropout, any leading shape ``[..., N]``; fp16, bf16 or fp32
-            (fp64 on the reference backend).
+            (fp64 on the reference and native backends).
         residual: added after the dropout, same shape and dtype as ``x``; or None.
         weight, bias: ``[N]``, x's dtype or fp32; either may be None (no scale / no shift).
         dropout_p: probability of zeroing an element of ``x``; applied only when ``training``.
@@ -218,7 +218,7 @@ def dropout_add_layer_norm(
         prenorm: also return ``s = residual + dropout(x)``, the residual stream of a pre-LN block.
         rms_norm: RMSNorm instead of LayerNorm (``bias`` must be None).
         training: ``False`` disables dropout (and draws no random numbers).
-        backend: ``reference``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
 
     Returns:
         The normalised tensor in x's dtype, or ``(normed, s)`` with ``prenorm=True``.
@@ -238,9 +238,10 @@ def dropout_add_layer_norm(
     n = x.shape[-1]
     name = backends.resolve(OP, backend, x.device, x.dtype, hidden=n)
     seed = draw_seed() if dropout_p > 0.0 else None
-    if name == "reference":
+    direct = backends.direct(OP, name)
+    if direct is not None:
         with amp.disabled(x.device):
-            return dropout_add_layer_norm_ref(
+            return direct(
                 x,
                 residual,
                 weight,
@@ -249,7 +250,7 @@ def dropout_add_layer_norm(
                 eps,
                 prenorm=prenorm,
                 rms_norm=rms_norm,
-                keep_mask=_reference_keep_mask(seed, dropout_p, x),
+                keep_mask=_direct_keep_mask(seed, dropout_p, x),
             )
     x2 = x.reshape(-1, n).contiguous()
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()

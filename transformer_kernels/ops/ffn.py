@@ -3,7 +3,8 @@
 The kernel backends (``triton``, ``cuda``) are reached through two ``torch.library`` custom ops,
 ``transformer_kernels::fused_linear_fwd`` / ``_bwd``, with fake implementations and registered
 autograd, so ``torch.compile(fullgraph=True)`` sees each call whole. ``ffn`` is two of them (the
-second without activation or dropout). The ``reference`` backend is plain differentiable PyTorch.
+second without activation or dropout). The direct backends (``reference``, ``native``) are plain
+differentiable PyTorch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.ffn import ACTIVATIONS, ffn_ref, fused_linear_ref
+from ..reference.ffn import ACTIVATIONS
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import dropout_keep_mask
@@ -27,7 +28,8 @@ FFN_OP = "ffn"
 for _op in (OP, FFN_OP):
     backends.register_op(
         _op,
-        reference=backends.reference(),
+        reference=backends.reference("ffn"),
+        native=backends.native("ffn"),
         triton=backends.triton_kernels("ffn"),
         cuda=backends.cuda_kernels(),
     )
@@ -161,8 +163,8 @@ def _linear(
     return out
 
 
-def _reference_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor, weight: Tensor) -> Optional[Tensor]:
-    """The reference backend's keep-mask over the [M, N] output of ``x Wᵀ`` (None without dropout)."""
+def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """The direct backends' (reference, native) keep-mask over the [M, N] output of ``x Wᵀ`` (None without dropout)."""
     if seed is None:
         return None
     n = weight.shape[0]
@@ -182,13 +184,13 @@ def fused_linear(
     """``dropout(act(x @ weight.T + bias))``, the GEMM with its epilogue fused.
 
     Args:
-        x: ``[..., in_features]``; fp16, bf16 or fp32 (fp64 on the reference backend).
+        x: ``[..., in_features]``; fp16, bf16 or fp32 (fp64 on the reference and native backends).
         weight: ``[out_features, in_features]`` (``torch.nn.Linear``'s layout), x's dtype.
         bias: ``[out_features]`` in x's dtype, or None.
         activation: None, ``"relu"``, ``"gelu"`` (exact, erf) or ``"gelu_tanh"``.
         dropout_p: probability of zeroing an output element; applied only when ``training``.
         training: ``False`` disables dropout (and draws no random numbers).
-        backend: ``reference``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton``, ``cuda`` or ``auto``; wins over the global choice.
 
     Returns:
         ``[..., out_features]`` in x's dtype. fp32 GEMMs run on TF32 tensor cores exactly when
@@ -201,10 +203,11 @@ def fused_linear(
         dropout_p = 0.0
     name = backends.resolve(OP, backend, x.device, x.dtype)
     seed = draw_seed() if dropout_p > 0.0 else None
-    if name == "reference":
+    direct = backends.direct(OP, name)
+    if direct is not None:
         with amp.disabled(x.device):
-            return fused_linear_ref(
-                x, weight, bias, activation, dropout_p, keep_mask=_reference_keep_mask(seed, dropout_p, x, weight)
+            return direct(
+                x, weight, bias, activation, dropout_p, keep_mask=_direct_keep_mask(seed, dropout_p, x, weight)
             )
     out = _linear(_rows(x), weight, bias, activation, dropout_p, seed, name)
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -225,7 +228,7 @@ def ffn(
     """The position-wise feed-forward block ``dropout(act(x W1ᵀ + b1)) W2ᵀ + b2``, two fused GEMMs.
 
     Args:
-        x: ``[..., d_model]``; fp16, bf16 or fp32 (fp64 on the reference backend).
+        x: ``[..., d_model]``; fp16, bf16 or fp32 (fp64 on the reference and native backends).
         w1, b1: ``[d_ff, d_model]`` and ``[d_ff]`` (or None); w2, b2: ``[d_out, d_ff]`` and
             ``[d_out]`` (or None); all in x's dtype.
         activation, dropout_p, training, backend: as in :func:`fused_linear`, for the first layer
@@ -242,11 +245,10 @@ def ffn(
         dropout_p = 0.0
     name = backends.resolve(FFN_OP, backend, x.device, x.dtype)
     seed = draw_seed() if dropout_p > 0.0 else None
-    if name == "reference":
+    direct = backends.direct(FFN_OP, name)
+    if direct is not None:
         with amp.disabled(x.device):
-            return ffn_ref(
-                x, w1, b1, w2, b2, activation, dropout_p, keep_mask=_reference_keep_mask(seed, dropout_p, x, w1)
-            )
+            return direct(x, w1, b1, w2, b2, activation, dropout_p, keep_mask=_direct_keep_mask(seed, dropout_p, x, w1))
     h = _linear(_rows(x), w1, b1, activation, dropout_p, seed, name)
     out = _linear(h, w2, b2, None, 0.0, None, name)
     return out.view(*x.shape[:-1], w2.shape[0])

@@ -14,12 +14,14 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference.glu import GLU_ACTIVATIONS, glu_ref
+from ..reference.glu import GLU_ACTIVATIONS
 from . import autocast as amp
 from .custom_ops import kernel_op
 
 OP = "glu"
-backends.register_op(OP, reference=backends.reference(), triton=backends.triton_kernels("glu"))
+backends.register_op(
+    OP, reference=backends.reference("glu"), native=backends.native("glu"), triton=backends.triton_kernels("glu")
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def glu(gate: Tensor, up: Tensor, activation: str = "silu", *, backend: Optional
         gate, up: the gate and up projections of a gated FFN, one shape, one dtype: fp16, bf16
             or fp32 (fp64 on the reference backend).
         activation: ``"silu"`` (SwiGLU), ``"gelu"`` (GeGLU, exact) or ``"gelu_tanh"``.
-        backend: ``reference``, ``triton`` or ``auto``; wins over the global choice.
+        backend: ``reference``, ``native``, ``triton`` or ``auto``; wins over the global choice.
 
     Returns:
         ``act(gate) * up`` in gate's shape and dtype, computed in fp32 and rounded once. Like
@@ -99,7 +101,8 @@ def glu(gate: Tensor, up: Tensor, activation: str = "silu", *, backend: Optional
     """
     _check_inputs(gate, up, activation)
     name = backends.resolve(OP, backend, gate.device, gate.dtype)
-    if name == "reference":
+    direct = backends.direct(OP, name)
+    if direct is not None:
         with amp.disabled(gate.device):
-            return glu_ref(gate, up, activation)
+            return direct(gate, up, activation)
     return _fwd(gate.contiguous(), up.contiguous(), activation, name)

@@ -1,0 +1,120 @@
+"""``attention`` on torch's scaled_dot_product_attention (its CPU flash kernel), with the
+package's semantics where SDPA's differ:
+
+- causal is aligned bottom-right (SDPA's ``is_causal`` is top-left): for ``Lq != Lk`` the causal
+  mask is passed as a bool ``attn_mask`` (for ``Lq == Lk`` the two agree and ``is_causal`` keeps
+  the kernel's block skipping);
+- a row that sees no key returns zeros with zero gradients (SDPA gives NaN): such a row is let see
+  every key, so the kernel stays finite, and its output is zeroed, which zeroes its gradients too
+  (its dO is 0, hence dP, dS and its share of dQ, dK, dV);
+- dropout uses the package's Philox mask, which SDPA cannot take: with ``dropout_p > 0`` the
+  probabilities are formed explicitly (as eager PyTorch forms them for dropout), in fp32, with
+  the grouped query heads of a KV head stacked into one matmul instead of repeating K and V.
+
+``return_lse`` costs one more ``Q Kᵀ`` on the SDPA path (the kernel's own log-sum-exp is not
+public); lengths 0 run the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..reference.attention import attention_ref
+from ..reference.philox import dropout_scale
+
+
+def _visible(lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device) -> Tensor:
+    """Bool, True where query i may see key j, in the smallest shape that broadcasts to
+    [B, 1, Lq, Lk]: [B, 1, 1, Lk] for padding alone, [1, 1, Lq, Lk] for causal alone (as a
+    torch.nn user would pass them: SDPA's CPU kernel expands the mask per block it reads)."""
+    vis = None
+    if causal:
+        i = torch.arange(lq, device=device)[:, None]
+        vis = (torch.arange(lk, device=device)[None, :] <= i + (lk - lq))[None, None]
+    if key_padding_mask is not None:
+        pad = ~key_padding_mask[:, None, None, :]
+        vis = pad if vis is None else vis & pad
+    return torch.ones(1, 1, 1, lk, dtype=torch.bool, device=device) if vis is None else vis
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, compute: torch.dtype) -> Tensor:
+    """scale · q kᵀ, [B, Hq, Lq, Lk] in ``compute``, from q [B, Lq, Hq, D], k [B, Lk, Hkv, D]:
+    the ``Hq / Hkv`` query heads of one key head stacked as rows of one matmul."""
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = (q.to(compute) * scale).transpose(1, 2).reshape(b, hkv, (hq // hkv) * lq, d)
+    return torch.matmul(qg, k.to(compute).permute(0, 2, 3, 1)).view(b, hq, lq, -1)
+
+
+def _by_group(p: Tensor, v: Tensor, hkv: int) -> Tensor:
+    """p [B, Hq, Lq, Lk] times v [B, Lk, Hkv, D], per key head: [B, Hq, Lq, D]."""
+    b, hq, lq, lk = p.shape
+    out = torch.matmul(p.reshape(b, hkv, (hq // hkv) * lq, lk), v.transpose(1, 2))
+    return out.view(b, hq, lq, -1)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    keep_mask: Tensor | None = None,
+):
+    """As :func:`~transformer_kernels.reference.attention_ref`."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    if lq == 0 or lk == 0 or b == 0:
+        return attention_ref(
+            q,
+            k,
+            v,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            softmax_scale=scale,
+            return_lse=return_lse,
+            keep_mask=keep_mask,
+        )
+    compute = torch.promote_types(q.dtype, torch.float32)
+
+    def masked_scores() -> Tensor:  # [B, Hq, Lq, Lk] in fp32 (or wider), -inf where not visible
+        return _scores(q, k, scale, compute).masked_fill(~vis, float("-inf"))
+
+    vis = _visible(lq, lk, causal, key_padding_mask, q.device)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            raise ValueError("attention: dropout_p > 0 needs the keep-mask")
+        keep = keep_mask.view(b, hq, lq, lk)
+        scores = masked_scores()
+        lse = torch.logsumexp(scores.detach(), dim=-1).float() if return_lse else None
+        # masked_fill passes no gradient to masked scores: a row with no key (NaN softmax) gets none.
+        probs = torch.softmax(scores, dim=-1).masked_fill(~(vis & keep), 0.0)
+        out = (_by_group(probs, v.to(compute), hkv) * dropout_scale(dropout_p)).transpose(1, 2).to(q.dtype)
+        return (out, lse) if return_lse else out
+
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = hkv != hq
+    if key_padding_mask is None and (not causal or lq == lk):  # SDPA's flags say it all; no row is empty
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
+    else:
+        empty = ~vis.any(-1, keepdim=True)  # rows that see no key
+        # Eager, the check (no device sync on a CPU) spares a masked copy of the output and of its
+        # gradient when no row is empty, the usual case; a compiled graph takes both, branch-free.
+        fill = torch.compiler.is_compiling() or bool(empty.any())
+        attn_mask = vis | empty if fill else vis
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+        if fill:
+            out = out.masked_fill(empty, 0.0)  # a row with no key saw every key above
+    out = out.transpose(1, 2)
+    if not return_lse:
+        return out
+    with torch.no_grad():
+        return out, torch.logsumexp(masked_scores(), dim=-1).float()

@@ -1,0 +1,62 @@
+"""``fused_linear`` and ``ffn`` on torch's CPU GEMM (``F.linear``: one addmm with the bias) and
+its activation kernels.
+
+These are the ops eager PyTorch runs for ``Linear`` + activation; the differences are the
+package's: the Philox dropout mask (applied in one masked multiply), and for fp16/bf16 the
+accumulation torch's CPU GEMMs already do in fp32, rounded once per GEMM output, as the
+reference's ``upcast=False`` path that the tests measure against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..reference.ffn import ACTIVATIONS
+from ..reference.philox import dropout_scale
+
+
+def _activation(z: Tensor, activation: str | None) -> Tensor:
+    if activation is None:
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation in ("gelu", "gelu_tanh"):
+        return F.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def fused_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    dropout_p: float = 0.0,
+    *,
+    keep_mask: Tensor | None = None,
+) -> Tensor:
+    """As :func:`~transformer_kernels.reference.fused_linear_ref`."""
+    y = _activation(F.linear(x, weight, bias), activation)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            raise ValueError("fused_linear: dropout_p > 0 needs the keep-mask")
+        keep = keep_mask.view(y.shape)
+        # one pass, 0 + scale · y · keep: the dropped elements zeroed and the kept ones scaled
+        y = torch.addcmul(y.new_zeros(()), y, keep, value=dropout_scale(dropout_p))
+    return y
+
+
+def ffn(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str | None = "relu",
+    dropout_p: float = 0.0,
+    *,
+    keep_mask: Tensor | None = None,
+) -> Tensor:
+    """As :func:`~transformer_kernels.reference.ffn_ref`."""
+    return F.linear(fused_linear(x, w1, b1, activation, dropout_p, keep_mask=keep_mask), w2, b2)
