@@ -137,7 +137,7 @@ def _compare_lce(backend, n, d, v, dtype, reduction, *, bias=True, label_smoothi
     exact_inputs = [None if a is None else a.detach().double().requires_grad_() for a in inputs]
     exact, dexact, _ = _loss_and_grads(lambda h, w, b=None: linear_cross_entropy_ref(h, w, t, b, **kw), exact_inputs, g)
     _assert_loss_close(f"{backend} loss", fast, same, exact)
-    for name, a, s, e in zip(["dhidden", "dweight", "dbias"], dfast, dsame, dexact, strict=True):
+    for name, a, s, e in zip(["dhidden", "dweight", "dbias"][: len(dfast)], dfast, dsame, dexact, strict=True):
         assert_close_to_reference(f"{backend} {name}", a, s, e)
 
 
