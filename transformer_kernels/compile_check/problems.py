@@ -16,6 +16,7 @@ the code, without the full product (which would be thousands of compiles):
   residual, dropout, weight and bias, and bare RMSNorm; forward and backward.
 - cross_entropy: vocabularies 1000, 32000 and 128256, with and without the gradient and label
   smoothing; linear_cross_entropy's chunked path.
+- glu: each activation in fp16, the heaviest (gelu_tanh) in bf16 and fp32; forward and backward.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def _t(*shape, dtype=torch.float16):
 
 def modules():
     """The modules whose ``@triton.jit`` functions every problem set must reach."""
-    from ..triton import attention, cross_entropy, dropout_add_layer_norm, ffn, philox
+    from ..triton import attention, cross_entropy, dropout_add_layer_norm, ffn, glu, philox
 
-    return [attention, cross_entropy, dropout_add_layer_norm, ffn, philox]
+    return [attention, cross_entropy, dropout_add_layer_norm, ffn, glu, philox]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +101,14 @@ def _linear_cross_entropy(dtype, v):
     linear_cross_entropy_fwd(_t(n, d, dtype=dtype), _t(v, d, dtype=dtype), target, None, scale, 0.0, -100, True, 0)
 
 
+def _glu(dtype, activation):
+    from ..triton.glu import glu_bwd, glu_fwd
+
+    gate, up = _t(4096, 11008, dtype=dtype), _t(4096, 11008, dtype=dtype)
+    out = glu_fwd(gate, up, activation)
+    glu_bwd(torch.empty_like(out), gate, up, activation)
+
+
 def problems() -> list[Problem]:
     out = []
     for name, dtype in DTYPES.items():
@@ -124,6 +133,10 @@ def problems() -> list[Problem]:
                 out.append(Problem(label, lambda dtype=dtype, v=v, train=train: _cross_entropy(dtype, v, train)))
         label = f"linear_cross_entropy {name} V=32000"
         out.append(Problem(label, lambda dtype=dtype: _linear_cross_entropy(dtype, 32000)))
+    for name, dtype in DTYPES.items():
+        for activation in ("silu", "gelu", "gelu_tanh") if name == "fp16" else ("gelu_tanh",):
+            label = f"glu {name} {activation} 4096x11008"
+            out.append(Problem(label, lambda dtype=dtype, a=activation: _glu(dtype, a)))
     return out
 
 
