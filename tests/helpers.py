@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 import torch
 
 from transformer_kernels import backends
@@ -27,6 +28,14 @@ def kernel_backends(op: str) -> list[str]:
     """The non-reference backends that can run ``op`` on this machine's test device."""
     dev = device()
     return [b for b in ("triton", "cuda") if backends.why_not(op, b, dev, torch.float32, hidden=1) is None]
+
+
+def skip_without_kernels(op: str):
+    """Skip marker for tests of ``op``'s kernel backends where none runs."""
+    return pytest.mark.skipif(
+        not kernel_backends(op),
+        reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)",
+    )
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

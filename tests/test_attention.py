@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, device, kernel_backends, seed_for
+from helpers import assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -20,9 +20,7 @@ from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import attention_ref, dropout_keep_mask
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(
-    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
-)
+needs_kernels = skip_without_kernels(OP)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, max_err, seed_for
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, max_err, seed_for, skip_without_kernels
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -18,9 +18,7 @@ KERNEL_BACKENDS = kernel_backends(CE_OP)
 BACKENDS = ["reference"] + KERNEL_BACKENDS
 REDUCTIONS = ["mean", "sum", "none"]
 IGNORE = -100
-needs_kernels = pytest.mark.skipif(
-    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
-)
+needs_kernels = skip_without_kernels(CE_OP)
 
 
 def _targets(n: int, v: int, *, ignore_every: int = 3, ignore_index: int = IGNORE) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -14,9 +14,7 @@ from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_add_layer_norm_ref, dropout_keep_mask
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(
-    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
-)
+needs_kernels = skip_without_kernels(OP)
 
 
 # --- the reference is the specification: check it against torch itself ----------------------

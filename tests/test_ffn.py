@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -17,9 +17,7 @@ from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_keep_mask, ffn_ref, fused_linear_ref
 
 KERNEL_BACKENDS = kernel_backends(OP)
-needs_kernels = pytest.mark.skipif(
-    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
-)
+needs_kernels = skip_without_kernels(OP)
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh"]
 ACT_IDS = ["none", "relu", "gelu", "gelu_tanh"]
 

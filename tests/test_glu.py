@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for
+from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -16,9 +16,7 @@ from transformer_kernels.reference.glu import GLU_ACTIVATIONS
 KERNEL_BACKENDS = kernel_backends(OP)
 # the native backend (torch's fast CPU paths) where the tests run on a CPU
 NATIVE = ["native"] if backends.why_not(OP, "native", device(), torch.float32) is None else []
-needs_kernels = pytest.mark.skipif(
-    not KERNEL_BACKENDS, reason="no kernel backend runs here (needs a CUDA device, or TRITON_INTERPRET=1 for Triton)"
-)
+needs_kernels = skip_without_kernels(OP)
 # Odd on purpose: empty, one element, a prime and non-power-of-2 widths, more than one program.
 SHAPES = [(0, 17), (1, 1), (17, 113), (3, 5, 33), (2, 1031)]
 
