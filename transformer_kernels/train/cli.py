@@ -77,7 +77,9 @@ def add_train(parser: argparse.ArgumentParser) -> None:
         help="auto: bf16 autocast on a GPU that has it, fp32 on the CPU",
     )
     g.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    g.add_argument("--backend", default=None, help="force the kernels' backend (reference, triton, cuda); default auto")
+    g.add_argument(
+        "--backend", default=None, help="force the kernels' backend (reference, native, triton, cuda); default auto"
+    )
     g.add_argument("--seed", type=int)
     g = groups["memory and parallelism (launch several processes with torchrun)"]
     g.add_argument(
