@@ -15,7 +15,7 @@ from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels import backends
-from transformer_kernels.ops.attention import OP, _bwd, _fwd
+from transformer_kernels.ops.attention import OP
 from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import attention_ref, dropout_keep_mask
 
@@ -435,76 +435,6 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
         op_rng_seed=5,
         keep_mask=keep,
     )
-
-
-# --- torch.compile and the custom ops --------------------------------------------------------
-
-
-def _block(q, k, v, kpm, backend, dropout_p):
-    # work on both sides of the op, so the graph is more than the op
-    out = tk.attention(torch.tanh(q), k, v, causal=True, key_padding_mask=kpm, dropout_p=dropout_p, backend=backend)
-    return out * 2 + q
-
-
-@pytest.mark.parametrize(
-    "backend, compiler, dropout_p",
-    [("reference", "aot_eager", 0.0)]
-    + [(b, c, p) for b in KERNEL_BACKENDS for c, p in (("aot_eager", 0.0), ("aot_eager", 0.3), ("inductor", 0.0))],
-)
-def test_compile_fullgraph(backend, compiler, dropout_p):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    q, k, v = _qkv(2, 17, 17, 2, 1, 16, torch.float32)
-    kpm = _padding(2, 17, "random")
-    compiled = torch.compile(_block, fullgraph=True, backend=compiler)
-    torch.manual_seed(1)
-    got = compiled(q, k, v, kpm, backend, dropout_p)
-    torch.manual_seed(1)
-    expected = _block(q, k, v, kpm, backend, dropout_p)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(got)
-    grads = torch.autograd.grad(got, (q, k, v), g)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), g)
-    for a, e in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck_custom_ops(backend):
-    torch.manual_seed(0)
-    q, k, v = _qkv(1, 9, 17, 2, 1, 16, torch.float32, requires_grad=False)
-    kpm = _padding(1, 17, "random")
-    seed = torch.tensor(7)
-    for p, mask in ((0.0, None), (0.25, kpm)):
-        fwd_args = (
-            q.requires_grad_(),
-            k.requires_grad_(),
-            v.requires_grad_(),
-            mask,
-            True,
-            p,
-            0.25,
-            seed if p else None,
-            backend,
-        )
-        torch.library.opcheck(_fwd, fwd_args)
-        out, lse = _fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args])
-        bwd_args = (
-            torch.randn_like(out),
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            out,
-            lse,
-            mask,
-            True,
-            p,
-            0.25,
-            seed if p else None,
-            backend,
-        )
-        torch.library.opcheck(_bwd, bwd_args)
 
 
 # --- errors at the API boundary --------------------------------------------------------------

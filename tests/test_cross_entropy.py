@@ -11,7 +11,7 @@ from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, 
 
 import transformer_kernels as tk
 from transformer_kernels import backends
-from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
+from transformer_kernels.ops.cross_entropy import CE_OP
 from transformer_kernels.reference import cross_entropy_ref, linear_cross_entropy_ref
 
 KERNEL_BACKENDS = kernel_backends(CE_OP)
@@ -421,48 +421,6 @@ def test_triton_rejects_float64():
             torch.zeros(2, dtype=torch.int64),
             backend="triton",
         )
-
-
-# --- torch.compile and the custom ops ----------------------------------------------------------
-
-
-def _step(h, w, b, t, backend):
-    # the output layer of a model: work on both sides of the ops
-    hidden = torch.tanh(h)
-    loss = tk.linear_cross_entropy(hidden, w, t, b, label_smoothing=0.1, chunk_size=4, backend=backend)
-    return 2 * loss + tk.cross_entropy(hidden @ w.t(), t, reduction="sum", backend=backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(backend, compiler):
-    if compiler == "inductor" and backend == "reference":
-        pytest.skip("inductor once, over the custom ops (it is slow on the CPU)")
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    dev = device()
-    h = torch.randn(10, 8, device=dev, requires_grad=True)
-    w = torch.randn(13, 8, device=dev, requires_grad=True)
-    b = torch.randn(13, device=dev, requires_grad=True)
-    t = _targets(10, 13)
-    compiled = torch.compile(_step, fullgraph=True, backend=compiler)
-    got, expected = compiled(h, w, b, t, backend), _step(h, w, b, t, backend)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for a, e in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(expected, (h, w, b)), strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck_custom_ops(backend):
-    torch.manual_seed(0)
-    dev = device()
-    x, t = torch.randn(5, 9, device=dev, requires_grad=True), _targets(5, 9)
-    h = torch.randn(5, 4, device=dev, requires_grad=True)
-    w, b = torch.randn(9, 4, device=dev, requires_grad=True), torch.randn(9, device=dev, requires_grad=True)
-    for reduction in ("mean", "none"):
-        torch.library.opcheck(_ce_fwd, (x, t, 0.1, IGNORE, reduction, "triton"))
-        torch.library.opcheck(_lce_fwd, (h, w, t, b, 0.1, IGNORE, reduction, 2, reduction != "none", "triton"))
 
 
 # --- on a GPU: realistic sizes, and the memory the fusion saves --------------------------------

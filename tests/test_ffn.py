@@ -12,7 +12,7 @@ from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, 
 
 import transformer_kernels as tk
 from transformer_kernels import backends
-from transformer_kernels.ops.ffn import OP, _bwd, _fwd
+from transformer_kernels.ops.ffn import OP
 from transformer_kernels.ops.seed import draw_seed
 from transformer_kernels.reference import dropout_keep_mask, ffn_ref, fused_linear_ref
 
@@ -352,87 +352,6 @@ def test_ffn_bad_inputs(kwargs, match):
 def test_cuda_backend_on_cpu_tensor_is_a_clear_error():
     with pytest.raises(backends.BackendError, match="ffn: the cuda backend cannot run"):
         tk.ffn(torch.randn(2, 8), torch.randn(16, 8), None, torch.randn(8, 16), None, backend="cuda")
-
-
-# --- torch.compile and the custom ops --------------------------------------------------------
-
-
-def _block(x, w1, b1, w2, b2, backend, dropout_p):
-    # work on both sides of the op, so the graph is more than the op
-    return torch.tanh(tk.ffn(x * 2, w1, b1, w2, b2, "gelu", dropout_p, backend=backend)) + x
-
-
-def _ffn_params(d_model, d_ff):
-    return [
-        t.requires_grad_()
-        for t in (
-            torch.randn(d_ff, d_model, device=device()) / math.sqrt(d_model),
-            torch.randn(d_ff, device=device()),
-            torch.randn(d_model, d_ff, device=device()) / math.sqrt(d_ff),
-            torch.randn(d_model, device=device()),
-        )
-    ]
-
-
-@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph(backend, compiler):
-    if compiler == "inductor" and backend != (KERNEL_BACKENDS or ["reference"])[0]:
-        pytest.skip("inductor once, on the first kernel backend (the compile takes a while on a CPU)")
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 24, device=device(), requires_grad=True)
-    params = _ffn_params(24, 40)
-    compiled = torch.compile(_block, fullgraph=True, backend=compiler)
-    got = compiled(x, *params, backend, 0.0)
-    expected = _block(x, *params, backend, 0.0)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(got)
-    for a, e in zip(
-        torch.autograd.grad(got, [x, *params], g), torch.autograd.grad(expected, [x, *params], g), strict=True
-    ):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
-def test_compile_fullgraph_with_dropout(backend):
-    torch._dynamo.reset()
-    x = torch.randn(4, 24, device=device(), requires_grad=True)
-    params = _ffn_params(24, 40)
-    compiled = torch.compile(_block, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(5)
-    out = compiled(x, *params, backend, 0.5)
-    torch.manual_seed(5)
-    torch.testing.assert_close(out, _block(x, *params, backend, 0.5), rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    # The mask really applied: some hidden units got exactly zero gradient in b1.
-    assert (params[1].grad == 0).any() and (params[1].grad != 0).any()
-
-
-@needs_kernels
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_opcheck_custom_ops(backend):
-    torch.manual_seed(0)
-    dev = device()
-    x, w, b = torch.randn(5, 17, device=dev), torch.randn(33, 17, device=dev), torch.randn(33, device=dev)
-    seed = torch.tensor(7)
-    for activation, bias, p in (("gelu", b, 0.25), ("relu", None, 0.0), ("none", b, 0.5)):
-        fwd_args = (x.requires_grad_(), w.requires_grad_(), bias, activation, p, seed if p else None, backend)
-        torch.library.opcheck(_fwd, fwd_args)
-        out, preact = _fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args])
-        bwd_args = (
-            torch.randn_like(out),
-            x.detach(),
-            w.detach(),
-            out,
-            preact,
-            bias is not None,
-            activation,
-            p,
-            seed if p else None,
-            backend,
-        )
-        torch.library.opcheck(_bwd, bwd_args)
 
 
 def _extension_has_fused_linear() -> bool:
