@@ -287,7 +287,7 @@ def _dz_kernel(
         dz = tl.where(tl.load(OUT + idx, mask=mask, other=0.0) != 0, dz, 0.0)
     else:
         if HAS_DROPOUT:
-            keep = dropout_keep_tile(seed, offs_m.to(tl.int64), tl.program_id(1) * BLOCK_N, threshold, BLOCK_N)
+            keep = dropout_keep_tile(seed, offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
             dz = tl.where(keep, dz, 0.0)
         if ACTIVATION >= 2:
             dz = dz * _activation_grad(tl.load(Z + idx, mask=mask, other=0.0).to(tl.float32), ACTIVATION)
