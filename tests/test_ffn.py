@@ -166,7 +166,11 @@ def test_ffn_matches_reference(backend, dtype, activation, dropout_p):
 @needs_kernels
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_ffn_odd_shapes_no_bias(backend):
-    _compare("ffn", backend, (1,), (7, 29, 3), torch.float16, "gelu", 0.3, bias=False)
+    # Three rows, not one: with one row the error rule compares maxima over three fp16 outputs,
+    # which the output rounding alone decides (under the four-per-call Philox rule, one draw had
+    # the same-dtype path 0.3 ulp off and the kernel 0.9, its hidden activations exactly the
+    # correctly rounded exact ones). Single rows are covered by test_odd_shapes.
+    _compare("ffn", backend, (3,), (7, 29, 3), torch.float16, "gelu", 0.3, bias=False)
 
 
 @pytest.mark.gpu
