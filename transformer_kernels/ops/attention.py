@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import backends
 from . import autocast as amp
 from .custom_ops import kernel_op
-from .dropout_mask import dropout_keep_mask
+from .dropout_mask import keep_mask_for
 from .seed import draw_seed, seed_value
 
 OP = "attention"
@@ -150,15 +150,6 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> None:
         raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
 
 
-def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """The direct backends' (reference, native) keep-mask over the [B, Hq, Lq, Lk] probabilities
-    (None without dropout)."""
-    if seed is None:
-        return None
-    b, lq, hq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
-    return dropout_keep_mask(seed, dropout_p, b * hq * lq, lk, q.device).view(b, hq, lq, lk)
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -208,7 +199,7 @@ def attention(
                 dropout_p=dropout_p,
                 softmax_scale=scale,
                 return_lse=return_lse,
-                keep_mask=_direct_keep_mask(seed, dropout_p, q, k),
+                keep_mask=keep_mask_for(seed, dropout_p, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), q.device),
             )
     out, lse2 = _fwd(q, k, v, key_padding_mask, bool(causal), float(dropout_p), scale, seed, name)
     return (out, lse2 * math.log(2.0)) if return_lse else out

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import backends
 from . import autocast as amp
 from .custom_ops import kernel_op
-from .dropout_mask import dropout_keep_mask
+from .dropout_mask import keep_mask_for
 from .seed import draw_seed, seed_value
 
 OP = "dropout_add_layer_norm"
@@ -185,14 +185,6 @@ def _check_inputs(x, residual, weight, bias, dropout_p, eps, rms_norm) -> None:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
-def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor) -> Optional[Tensor]:
-    """The direct backends' (reference, native) keep-mask over the [M, N] rows of x (None without dropout)."""
-    if seed is None:
-        return None
-    n = x.shape[-1]
-    return dropout_keep_mask(seed, dropout_p, x.numel() // max(n, 1), n, x.device).view(x.shape)
-
-
 def dropout_add_layer_norm(
     x: Tensor,
     residual: Optional[Tensor],
@@ -250,7 +242,7 @@ def dropout_add_layer_norm(
                 eps,
                 prenorm=prenorm,
                 rms_norm=rms_norm,
-                keep_mask=_direct_keep_mask(seed, dropout_p, x),
+                keep_mask=keep_mask_for(seed, dropout_p, tuple(x.shape), x.device),
             )
     x2 = x.reshape(-1, n).contiguous()
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()

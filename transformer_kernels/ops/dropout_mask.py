@@ -11,6 +11,7 @@ The choice lives here, in the op layer, so that ``reference/`` stays plain PyTor
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -41,3 +42,13 @@ def dropout_keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, 
         if native is not None:
             return torch.ops.tk_C.dropout_keep_mask(native, philox.dropout_threshold(p), rows, cols)
     return philox.dropout_keep_mask(seed, p, rows, cols, device)
+
+
+def keep_mask_for(seed: torch.Tensor | None, p: float, shape: tuple[int, ...], device) -> torch.Tensor | None:
+    """The keep-mask the direct backends (reference, native) apply to a tensor of ``shape``: its
+    last dim the mask's columns, the rest flattened into rows; None without dropout (no seed)."""
+    if seed is None:
+        return None
+    cols = shape[-1]
+    rows = math.prod(shape[:-1]) if cols else 0
+    return dropout_keep_mask(seed, p, rows, cols, device).view(shape)

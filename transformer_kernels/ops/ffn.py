@@ -19,7 +19,7 @@ from .. import backends
 from ..reference.ffn import ACTIVATIONS
 from . import autocast as amp
 from .custom_ops import kernel_op
-from .dropout_mask import dropout_keep_mask
+from .dropout_mask import keep_mask_for
 from .seed import draw_seed, seed_value
 
 OP = "fused_linear"
@@ -163,14 +163,6 @@ def _linear(
     return out
 
 
-def _direct_keep_mask(seed: Optional[Tensor], dropout_p: float, x: Tensor, weight: Tensor) -> Optional[Tensor]:
-    """The direct backends' (reference, native) keep-mask over the [M, N] output of ``x Wᵀ`` (None without dropout)."""
-    if seed is None:
-        return None
-    n = weight.shape[0]
-    return dropout_keep_mask(seed, dropout_p, math.prod(x.shape[:-1]), n, x.device).view(*x.shape[:-1], n)
-
-
 def fused_linear(
     x: Tensor,
     weight: Tensor,
@@ -207,7 +199,12 @@ def fused_linear(
     if direct is not None:
         with amp.disabled(x.device):
             return direct(
-                x, weight, bias, activation, dropout_p, keep_mask=_direct_keep_mask(seed, dropout_p, x, weight)
+                x,
+                weight,
+                bias,
+                activation,
+                dropout_p,
+                keep_mask=keep_mask_for(seed, dropout_p, (*x.shape[:-1], weight.shape[0]), x.device),
             )
     out = _linear(_rows(x), weight, bias, activation, dropout_p, seed, name)
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -248,7 +245,16 @@ def ffn(
     direct = backends.direct(FFN_OP, name)
     if direct is not None:
         with amp.disabled(x.device):
-            return direct(x, w1, b1, w2, b2, activation, dropout_p, keep_mask=_direct_keep_mask(seed, dropout_p, x, w1))
+            return direct(
+                x,
+                w1,
+                b1,
+                w2,
+                b2,
+                activation,
+                dropout_p,
+                keep_mask=keep_mask_for(seed, dropout_p, (*x.shape[:-1], w1.shape[0]), x.device),
+            )
     h = _linear(_rows(x), w1, b1, activation, dropout_p, seed, name)
     out = _linear(h, w2, b2, None, 0.0, None, name)
     return out.view(*x.shape[:-1], w2.shape[0])
