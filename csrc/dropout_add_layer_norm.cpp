@@ -16,13 +16,13 @@ int64_t dropout_add_layer_norm_cuda_max_hidden();
 void dropout_add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, double dropout_p,
-                                     double eps, int64_t seed, bool rms_norm, const at::Tensor& out,
-                                     const at::Tensor& s, const at::Tensor& mean,
-                                     const at::Tensor& rstd);
+                                     double eps, const int64_t* seed, bool rms_norm,
+                                     const at::Tensor& out, const at::Tensor& s,
+                                     const at::Tensor& mean, const at::Tensor& rstd);
 void dropout_add_layer_norm_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& ds_in,
                                      const at::Tensor& s, const std::optional<at::Tensor>& weight,
                                      const at::Tensor& mean, const at::Tensor& rstd,
-                                     double dropout_p, int64_t seed, bool rms_norm,
+                                     double dropout_p, const int64_t* seed, bool rms_norm,
                                      const at::Tensor& ds, const at::Tensor& dx,
                                      const at::Tensor& dweight, const at::Tensor& dbias);
 
@@ -88,12 +88,28 @@ void check_dropout_p(double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, kOp, ": dropout_p must be in [0, 1] (got ", p, ")");
 }
 
+// The dropout seed: a 0-dim int64 tensor on the activation's device, which the kernels read there
+// (never on the host, so a captured CUDA graph reads each replay's fresh draw); null without
+// dropout.
+const int64_t* seed_ptr(const std::optional<at::Tensor>& seed, double dropout_p,
+                        const at::Tensor& ref, const char* ref_name) {
+  if (dropout_p <= 0.0) return nullptr;
+  TORCH_CHECK(seed.has_value(), kOp, ": seed must be given when dropout_p > 0");
+  TORCH_CHECK(seed->dim() == 0 && seed->scalar_type() == at::kLong, kOp,
+              ": seed must be a 0-dim int64 tensor (got ", seed->scalar_type(), " of shape ",
+              seed->sizes(), ")");
+  TORCH_CHECK(seed->device() == ref.device(), kOp, ": seed is on ", seed->device(), " but ",
+              ref_name, " is on ", ref.device(), " (the kernels read it on the device)");
+  return seed->data_ptr<int64_t>();
+}
+
 at::Tensor empty_of(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double dropout_p, double eps, int64_t seed, bool rms_norm, bool store_s) {
+    double dropout_p, double eps, const std::optional<at::Tensor>& seed, bool rms_norm,
+    bool store_s) {
   check_activation(x, "x");
   if (residual.has_value()) check_like(*residual, "residual", x, "x");
   if (weight.has_value()) check_param(*weight, "weight", x, "x");
@@ -102,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     check_param(*bias, "bias", x, "x");
   }
   check_dropout_p(dropout_p);
+  const int64_t* seed_data = seed_ptr(seed, dropout_p, x, "x");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
@@ -111,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   at::Tensor mean = rms_norm ? at::empty({0}, f32) : at::empty({rows}, f32);
   at::Tensor rstd = at::empty({rows}, f32);
   if (rows > 0) {
-    dropout_add_layer_norm_fwd_cuda(x, residual, weight, bias, dropout_p, eps, seed, rms_norm, out,
-                                    s, mean, rstd);
+    dropout_add_layer_norm_fwd_cuda(x, residual, weight, bias, dropout_p, eps, seed_data, rms_norm,
+                                    out, s, mean, rstd);
   }
   return {out, s, mean, rstd};
 }
@@ -120,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_norm_bwd(
     const at::Tensor& dout, const std::optional<at::Tensor>& ds_in, const at::Tensor& s,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
-    double dropout_p, int64_t seed, bool rms_norm, bool has_bias) {
+    double dropout_p, const std::optional<at::Tensor>& seed, bool rms_norm, bool has_bias) {
   check_activation(dout, "dout");
   check_like(s, "s", dout, "dout");
   if (ds_in.has_value()) check_like(*ds_in, "ds_in", dout, "dout");
@@ -129,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   if (!rms_norm) check_stat(mean, "mean", dout);
   check_stat(rstd, "rstd", dout);
   check_dropout_p(dropout_p);
+  const int64_t* seed_data = seed_ptr(seed, dropout_p, dout, "dout");
 
   const c10::cuda::CUDAGuard guard(dout.device());
   const int64_t rows = dout.size(0);
@@ -144,8 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
   at::Tensor dweight = param_grad(weight.has_value());
   at::Tensor dbias = param_grad(has_bias);
   if (rows > 0) {
-    dropout_add_layer_norm_bwd_cuda(dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm,
-                                    ds, dx, dweight, dbias);
+    dropout_add_layer_norm_bwd_cuda(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_data,
+                                    rms_norm, ds, dx, dweight, dbias);
   }
   return {ds, dx, dweight, dbias};
 }
@@ -155,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
 TORCH_LIBRARY_FRAGMENT(tk_C, m) {
   m.def(
       "dropout_add_layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
-      "float dropout_p, float eps, int seed, bool rms_norm, bool store_s) "
+      "float dropout_p, float eps, Tensor? seed, bool rms_norm, bool store_s) "
       "-> (Tensor out, Tensor s, Tensor mean, Tensor rstd)");
   m.def(
       "dropout_add_layer_norm_bwd(Tensor dout, Tensor? ds_in, Tensor s, Tensor? weight, "
-      "Tensor mean, Tensor rstd, float dropout_p, int seed, bool rms_norm, bool has_bias) "
+      "Tensor mean, Tensor rstd, float dropout_p, Tensor? seed, bool rms_norm, bool has_bias) "
       "-> (Tensor ds, Tensor dx, Tensor dweight, Tensor dbias)");
 }
 

@@ -16,11 +16,11 @@
 int64_t fused_linear_cuda_activation(c10::string_view name);  // throws for an unknown name
 void fused_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t activation,
-                           double dropout_p, int64_t seed, const at::Tensor& out,
+                           double dropout_p, const int64_t* seed, const at::Tensor& out,
                            const at::Tensor& preact);
 void fused_linear_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& out, const at::Tensor& preact, int64_t activation,
-                           double dropout_p, int64_t seed, const at::Tensor& dx,
+                           double dropout_p, const int64_t* seed, const at::Tensor& dx,
                            const at::Tensor& dweight, const at::Tensor& dbias);
 namespace tk {
 bool matmul_allows_tf32();  // Defined in cuda/cublaslt_gemm.cu.
@@ -78,10 +78,26 @@ void check_dropout_p(double p) {
   TORCH_CHECK(p >= 0.0 && p <= 1.0, kOp, ": dropout_p must be in [0, 1] (got ", p, ")");
 }
 
+// The dropout seed: a 0-dim int64 tensor on the activation's device, which the kernels read there
+// (never on the host, so a captured CUDA graph reads each replay's fresh draw); null without
+// dropout.
+const int64_t* seed_ptr(const std::optional<at::Tensor>& seed, double dropout_p,
+                        const at::Tensor& ref, const char* ref_name) {
+  if (dropout_p <= 0.0) return nullptr;
+  TORCH_CHECK(seed.has_value(), kOp, ": seed must be given when dropout_p > 0");
+  TORCH_CHECK(seed->dim() == 0 && seed->scalar_type() == at::kLong, kOp,
+              ": seed must be a 0-dim int64 tensor (got ", seed->scalar_type(), " of shape ",
+              seed->sizes(), ")");
+  TORCH_CHECK(seed->device() == ref.device(), kOp, ": seed is on ", seed->device(), " but ",
+              ref_name, " is on ", ref.device(), " (the kernels read it on the device)");
+  return seed->data_ptr<int64_t>();
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias,
                                                     c10::string_view activation,
-                                                    double dropout_p, int64_t seed) {
+                                                    double dropout_p,
+                                                    const std::optional<at::Tensor>& seed) {
   check_activation(x, "x");
   check_weight(weight, x, "x");
   const int64_t out_dim = weight.size(0);
@@ -92,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_fwd(const at::Tensor& x, const a
   }
   const int64_t act = fused_linear_cuda_activation(activation);
   check_dropout_p(dropout_p);
+  const int64_t* seed_data = seed_ptr(seed, dropout_p, x, "x");
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
@@ -100,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_fwd(const at::Tensor& x, const a
   at::Tensor preact = stores_preact(activation) ? at::empty({rows, out_dim}, x.options())
                                                 : at::empty({0}, x.options());
   if (rows > 0) {
-    fused_linear_fwd_cuda(x, weight, bias, act, dropout_p, seed, out, preact);
+    fused_linear_fwd_cuda(x, weight, bias, act, dropout_p, seed_data, out, preact);
   }
   return {out, preact};
 }
@@ -109,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_fwd(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_bwd(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& preact, bool has_bias, c10::string_view activation, double dropout_p,
-    int64_t seed) {
+    const std::optional<at::Tensor>& seed) {
   check_activation(dout, "dout");
   check_like(x, "x", dout, "dout");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == dout.size(0), kOp, ": x shape ", x.sizes(),
@@ -121,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_bwd(
   if (activation == "relu") check_like_dout(out, "out", dout);
   if (stores_preact(activation)) check_like_dout(preact, "preact", dout);
   check_dropout_p(dropout_p);
+  const int64_t* seed_data = seed_ptr(seed, dropout_p, dout, "dout");
 
   const c10::cuda::CUDAGuard guard(dout.device());
   const int64_t rows = dout.size(0);
@@ -135,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_bwd(
                      : rows > 0 ? at::empty({out_dim}, options)
                                 : at::zeros({out_dim}, options);
   if (rows > 0) {
-    fused_linear_bwd_cuda(dout, x, weight, out, preact, act, dropout_p, seed, dx, dweight, dbias);
+    fused_linear_bwd_cuda(dout, x, weight, out, preact, act, dropout_p, seed_data, dx, dweight,
+                          dbias);
   }
   return {dx, dweight, dbias};
 }
@@ -145,10 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_bwd(
 TORCH_LIBRARY_FRAGMENT(tk_C, m) {
   m.def(
       "fused_linear_fwd(Tensor x, Tensor weight, Tensor? bias, str activation, float dropout_p, "
-      "int seed) -> (Tensor out, Tensor preact)");
+      "Tensor? seed) -> (Tensor out, Tensor preact)");
   m.def(
       "fused_linear_bwd(Tensor dout, Tensor x, Tensor weight, Tensor out, Tensor preact, "
-      "bool has_bias, str activation, float dropout_p, int seed) "
+      "bool has_bias, str activation, float dropout_p, Tensor? seed) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias)");
   // Whether fp32 GEMMs run on TF32 tensor cores, as read from torch's settings: lets tests check
   // that reading on any machine, GPU or not.

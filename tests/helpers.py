@@ -24,6 +24,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def rng_state() -> torch.Tensor:
+    """The state of the generator that the ops draw dropout seeds from for the test device's tensors
+    (the CUDA generator on a GPU, the CPU's otherwise)."""
+    return torch.cuda.get_rng_state() if device().type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    """Restore a :func:`rng_state`: the next op draws the same seed again."""
+    if device().type == "cuda":
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
 def kernel_backends(op: str) -> list[str]:
     """The non-reference backends that can run ``op`` on this machine's test device."""
     dev = device()

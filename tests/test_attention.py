@@ -93,7 +93,7 @@ def _compare(
     torch.manual_seed(op_rng_seed)
     fast = _run(lambda *t: tk.attention(*t, backend=backend, **kw), [q, k, v], dout)
     torch.manual_seed(op_rng_seed)
-    seed = int(draw_seed()) if dropout_p > 0 and keep_mask is None else None
+    seed = int(draw_seed(device())) if dropout_p > 0 and keep_mask is None else None
     kw.update(seed=seed, keep_mask=keep_mask)
     same_dtype = _run(lambda *t: attention_ref(*t, upcast=False, **kw), [q, k, v], dout)
     exact = _run(
@@ -390,7 +390,7 @@ def test_dropout_statistics_and_philox_spec(backend, p):
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
     torch.manual_seed(7)
-    expected = dropout_keep_mask(int(draw_seed()), p, b * h * lq, lk, device()).view(b, h, lq, lk)
+    expected = dropout_keep_mask(int(draw_seed(device())), p, b * h * lq, lk, device()).view(b, h, lq, lk)
     assert torch.equal(kept, expected), "the mask must be the Philox mask of reference/philox.py"
 
 

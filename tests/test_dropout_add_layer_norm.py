@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
+from helpers import (
+    DTYPES,
+    assert_close_to_reference,
+    device,
+    kernel_backends,
+    rng_state,
+    seed_for,
+    set_rng_state,
+    skip_without_kernels,
+)
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -180,7 +189,7 @@ def _compare(
     # Output gradients in x's dtype, so every path (fast, same-dtype, float64) sees the same values.
     grads = [torch.randn(shape, device=tensors[0].device).to(dtype) for _ in range(1 + prenorm)]
 
-    seed_state = torch.get_rng_state()
+    seed_state = rng_state()
     fast = _run(
         lambda *t: tk.dropout_add_layer_norm(*t, dropout_p, 1e-5, prenorm=prenorm, rms_norm=rms_norm, backend=backend),
         tensors,
@@ -188,8 +197,8 @@ def _compare(
         prenorm,
     )
     # The seed the op drew, replayed: the reference applies the very same Philox mask.
-    torch.set_rng_state(seed_state)
-    seed = int(draw_seed()) if dropout_p > 0 else None
+    set_rng_state(seed_state)
+    seed = int(draw_seed(device())) if dropout_p > 0 else None
     kw = dict(prenorm=prenorm, rms_norm=rms_norm, seed=seed)
     same_dtype = _run(
         lambda *t: dropout_add_layer_norm_ref(*t, dropout_p, 1e-5, upcast=False, **kw), tensors, grads, prenorm
@@ -332,7 +341,7 @@ def test_dropout_reproducible_and_matches_philox_spec(backend):
     assert torch.equal(s1, s2), "same seed must give the same mask"
     assert not torch.equal(s1, s3), "a new draw must give a new mask"
     torch.manual_seed(42)
-    expected = dropout_keep_mask(int(draw_seed()), 0.5, 7, 301, x.device)
+    expected = dropout_keep_mask(int(draw_seed(device())), 0.5, 7, 301, x.device)
     assert torch.equal(s1 != 0, expected), "the mask must be the Philox mask of reference/philox.py"
 
 
@@ -377,9 +386,9 @@ def test_dropout_backward_uses_forward_mask(backend, dtype):
 
 def test_eval_mode_skips_dropout():
     x = torch.randn(4, 8, device=device())
-    state = torch.get_rng_state()
+    state = rng_state()
     out = tk.dropout_add_layer_norm(x, None, None, None, 0.9, training=False)
-    assert torch.equal(torch.get_rng_state(), state), "training=False must draw no random numbers"
+    assert torch.equal(rng_state(), state), "training=False must draw no random numbers"
     torch.testing.assert_close(out, F.layer_norm(x, (8,)))
 
 

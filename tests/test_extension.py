@@ -62,12 +62,13 @@ def test_fake_implementations(dtype, rms_norm):
     with FakeTensorMode():
         x = torch.empty(6, 40, dtype=dtype, device="cuda")
         w = torch.empty(40, dtype=torch.float32, device="cuda")
-        out, s, mean, rstd = torch.ops.tk_C.dropout_add_layer_norm_fwd(x, x, w, None, 0.1, 1e-5, 3, rms_norm, True)
+        seed = torch.empty((), dtype=torch.int64, device="cuda")
+        out, s, mean, rstd = torch.ops.tk_C.dropout_add_layer_norm_fwd(x, x, w, None, 0.1, 1e-5, seed, rms_norm, True)
         assert out.shape == s.shape == (6, 40) and out.dtype == s.dtype == dtype
         assert mean.shape == ((0,) if rms_norm else (6,)) and mean.dtype == torch.float32
         assert rstd.shape == (6,) and rstd.dtype == torch.float32
         ds, dx, dw, db = torch.ops.tk_C.dropout_add_layer_norm_bwd(
-            out, None, s, w, mean, rstd, 0.1, 3, rms_norm, not rms_norm
+            out, None, s, w, mean, rstd, 0.1, seed, rms_norm, not rms_norm
         )
         assert ds.shape == dx.shape == (6, 40) and ds.dtype == dx.dtype == dtype
         assert dw.shape == (40,) and dw.dtype == torch.float32
@@ -77,7 +78,7 @@ def test_fake_implementations(dtype, rms_norm):
 def test_cpu_tensors_are_a_clear_error():
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="dropout_add_layer_norm: x must be a CUDA tensor"):
-        torch.ops.tk_C.dropout_add_layer_norm_fwd(x, None, None, None, 0.0, 1e-5, 0, False, False)
+        torch.ops.tk_C.dropout_add_layer_norm_fwd(x, None, None, None, 0.0, 1e-5, None, False, False)
 
 
 @pytest.mark.gpu
@@ -88,8 +89,10 @@ def test_cpu_tensors_are_a_clear_error():
         (dict(weight=torch.randn(8, dtype=torch.float64)), "weight dtype"),
         (dict(bias=torch.randn(8), rms_norm=True), "bias must be None when rms_norm=True"),
         (dict(x=torch.randn(2, 20000)), r"hidden size 20000 is not supported by the cuda backend \(max 16384\)"),
+        (dict(dropout_p=0.1), "seed must be given when dropout_p > 0"),
+        (dict(dropout_p=0.1, seed=torch.tensor([7])), r"seed must be a 0-dim int64 tensor \(got Long of shape \[1\]\)"),
     ],
-    ids=["residual_shape", "weight_dtype", "rms_bias", "hidden"],
+    ids=["residual_shape", "weight_dtype", "rms_bias", "hidden", "no_seed", "seed_shape"],
 )
 def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
     """The C++ op checks its own inputs too, for callers that reach it without the Python layer."""
@@ -100,7 +103,7 @@ def test_bad_inputs_to_the_op_are_clear_errors(kwargs, match):
         bias=None,
         dropout_p=0.0,
         eps=1e-5,
-        seed=0,
+        seed=None,
         rms_norm=False,
         store_s=False,
     )

@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close_to_reference, device, kernel_backends, seed_for, skip_without_kernels
+from helpers import (
+    DTYPES,
+    assert_close_to_reference,
+    device,
+    kernel_backends,
+    rng_state,
+    seed_for,
+    set_rng_state,
+    skip_without_kernels,
+)
 
 import transformer_kernels as tk
 from transformer_kernels import backends
@@ -101,11 +110,11 @@ def _compare(op, backend, lead, dims, dtype, activation, dropout_p, bias=True):
     grad = torch.randn(*lead, dims[-1], device=device()).to(dtype)  # every path gets the same dout
     fast_fn, ref_fn = (tk.fused_linear, fused_linear_ref) if op == "fused_linear" else (tk.ffn, ffn_ref)
 
-    state = torch.get_rng_state()
+    state = rng_state()
     fast = _run(lambda *t: fast_fn(*t, activation, dropout_p, backend=backend), tensors, grad)
     # The seed the op drew, replayed: the reference applies the very same Philox mask.
-    torch.set_rng_state(state)
-    seed = int(draw_seed()) if dropout_p > 0 else None
+    set_rng_state(state)
+    seed = int(draw_seed(device())) if dropout_p > 0 else None
     same_dtype = _run(lambda *t: ref_fn(*t, activation, dropout_p, seed=seed, upcast=False), tensors, grad)
     exact_inputs = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     exact = _run(lambda *t: ref_fn(*t, activation, dropout_p, seed=seed), exact_inputs, grad)
@@ -245,7 +254,7 @@ def test_dropout_reproducible_and_matches_philox_spec(backend):
     assert torch.equal(out1, out2), "same seed must give the same output"
     assert not torch.equal(out1 != 0, out3 != 0), "a new draw must give a new mask"
     torch.manual_seed(42)
-    expected = dropout_keep_mask(int(draw_seed()), 0.5, 7, 45, x.device)
+    expected = dropout_keep_mask(int(draw_seed(device())), 0.5, 7, 45, x.device)
     assert torch.equal(out1 != 0, expected), "the mask must be the Philox mask of reference/philox.py"
 
 
@@ -278,10 +287,10 @@ def test_dropout_backward_uses_forward_mask(backend, dtype, activation):
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 def test_eval_mode_skips_dropout(backend):
     x, w, b = _positive_linear(4, 8, 6)
-    state = torch.get_rng_state()
+    state = rng_state()
     out = tk.fused_linear(x, w, b, "relu", 0.9, training=False, backend=backend)
     y = tk.ffn(x, w, b, w.t().contiguous(), None, "relu", 0.9, training=False, backend=backend)
-    assert torch.equal(torch.get_rng_state(), state), "training=False must draw no random numbers"
+    assert torch.equal(rng_state(), state), "training=False must draw no random numbers"
     torch.testing.assert_close(out, F.relu(F.linear(x, w, b)))
     torch.testing.assert_close(y, F.linear(out, w.t()))
 
@@ -371,12 +380,13 @@ def test_extension_fakes_give_right_shapes(activation):
 
     with FakeTensorMode():
         x, w, b = torch.empty(5, 17), torch.empty(33, 17), torch.empty(33)
-        out, preact = torch.ops.tk_C.fused_linear_fwd(x, w, b, activation, 0.1, 3)
+        seed = torch.empty((), dtype=torch.int64)
+        out, preact = torch.ops.tk_C.fused_linear_fwd(x, w, b, activation, 0.1, seed)
         assert out.shape == (5, 33)
         assert preact.shape == ((5, 33) if activation.startswith("gelu") else (0,))
-        dx, dw, db = torch.ops.tk_C.fused_linear_bwd(out, x, w, out, preact, True, activation, 0.1, 3)
+        dx, dw, db = torch.ops.tk_C.fused_linear_bwd(out, x, w, out, preact, True, activation, 0.1, seed)
         assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (33,)
-        _, _, db = torch.ops.tk_C.fused_linear_bwd(out, x, w, out, preact, False, activation, 0.1, 3)
+        _, _, db = torch.ops.tk_C.fused_linear_bwd(out, x, w, out, preact, False, activation, 0.1, seed)
         assert db.shape == (0,)
 
 

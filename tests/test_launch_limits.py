@@ -69,8 +69,9 @@ def _assert_within_limits(grids, expected_kernels):
 def test_attention_grids(grids, b, lq, lk, hq, hkv):
     q = torch.empty(b, lq, hq, 64, device=META, dtype=torch.float16)
     k = v = torch.empty(b, lk, hkv, 64, device=META, dtype=torch.float16)
-    out, lse = tri_attention.attention_fwd(q, k, v, None, True, 0.1, 0.125, 1)
-    tri_attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, None, True, 0.1, 0.125, 1)
+    seed = torch.empty((), device=META, dtype=torch.int64)
+    out, lse = tri_attention.attention_fwd(q, k, v, None, True, 0.1, 0.125, seed)
+    tri_attention.attention_bwd(torch.empty_like(out), q, k, v, out, lse, None, True, 0.1, 0.125, seed)
     _assert_within_limits(
         grids,
         [f"_attention_{k}_kernel" for k in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")],
@@ -88,7 +89,8 @@ def test_fused_linear_backward_grids(grids):
     x = torch.empty(m, k, device=META, dtype=torch.float16)
     weight = torch.empty(n, k, device=META, dtype=torch.float16)
     out = torch.empty(m, n, device=META, dtype=torch.float16)
-    tri_ffn.fused_linear_bwd(torch.empty_like(out), x, weight, out, out.new_empty(0), True, "relu", 0.1, 1)
+    seed = torch.empty((), device=META, dtype=torch.int64)
+    tri_ffn.fused_linear_bwd(torch.empty_like(out), x, weight, out, out.new_empty(0), True, "relu", 0.1, seed)
     _assert_within_limits(grids, ["_dz_kernel"])
 
 
@@ -102,5 +104,5 @@ def test_row_kernels_refuse_more_rows_than_grid_axis_0_holds(grids):
         tri_ce.cross_entropy_fwd(logits, target, scale, 0.0, -100, True)
     x = torch.empty(rows, 4, device=META, dtype=torch.float16)
     with pytest.raises(ValueError, match="dropout_add_layer_norm: 2147483648 programs on grid axis 0 exceed"):
-        tri_ln.dropout_add_layer_norm_fwd(x, None, None, None, 0.0, 1e-5, 0, False, False)
+        tri_ln.dropout_add_layer_norm_fwd(x, None, None, None, 0.0, 1e-5, None, False, False)
     assert grids == [], "nothing may be launched"

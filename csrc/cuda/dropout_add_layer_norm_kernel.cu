@@ -559,9 +559,9 @@ int64_t dropout_add_layer_norm_cuda_max_hidden() { return tk::kMaxHidden; }
 void dropout_add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                      const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, double dropout_p,
-                                     double eps, int64_t seed, bool rms_norm, const at::Tensor& out,
-                                     const at::Tensor& s, const at::Tensor& mean,
-                                     const at::Tensor& rstd) {
+                                     double eps, const int64_t* seed, bool rms_norm,
+                                     const at::Tensor& out, const at::Tensor& s,
+                                     const at::Tensor& mean, const at::Tensor& rstd) {
   tk::FwdParams p;
   p.x = x.data_ptr();
   p.residual = tk::data_or_null(residual);
@@ -585,7 +585,7 @@ void dropout_add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at
 void dropout_add_layer_norm_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>& ds_in,
                                      const at::Tensor& s, const std::optional<at::Tensor>& weight,
                                      const at::Tensor& mean, const at::Tensor& rstd,
-                                     double dropout_p, int64_t seed, bool rms_norm,
+                                     double dropout_p, const int64_t* seed, bool rms_norm,
                                      const at::Tensor& ds, const at::Tensor& dx,
                                      const at::Tensor& dweight, const at::Tensor& dbias) {
   tk::BwdParams p;

@@ -66,7 +66,9 @@ __device__ __forceinline__ void store_f32(E* p, const float (&src)[VEC]) {
 }
 
 struct Dropout {
-  uint64_t seed;
+  // The Philox key in device memory, written there by the generator's draw: read in the kernel,
+  // never on the host, so a captured CUDA graph uses each replay's fresh seed. Null when disabled.
+  const int64_t* seed;
   uint32_t threshold;  // keep iff (philox >> 8) >= threshold
   float scale;         // 1 / (1 - p), 0 for p = 1
   bool enabled;        // p > 0
@@ -75,7 +77,9 @@ struct Dropout {
 // keep * scale of the VEC elements (row, col .. col + VEC - 1) of the [M, N] mask, col % VEC == 0.
 template <int VEC>
 __device__ __forceinline__ void dropout_factors(const Dropout& d, int64_t row, int64_t col, float (&f)[VEC]) {
-  dropout_factors<VEC>(d.seed, d.threshold, d.scale, static_cast<uint64_t>(row), static_cast<uint64_t>(col), f);
+  const uint64_t seed = static_cast<uint64_t>(__ldg(reinterpret_cast<const long long*>(d.seed)));
+  dropout_factors<VEC>(seed, d.threshold, d.scale, static_cast<uint64_t>(row),
+                       static_cast<uint64_t>(col), f);
 }
 
 }  // namespace tk

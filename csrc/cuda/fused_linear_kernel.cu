@@ -304,7 +304,7 @@ int64_t fused_linear_cuda_activation(c10::string_view name) {
 // empty; M >= 1, all checked by the caller.
 void fused_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, int64_t activation,
-                           double dropout_p, int64_t seed, const at::Tensor& out,
+                           double dropout_p, const int64_t* seed, const at::Tensor& out,
                            const at::Tensor& preact) {
   using tk::Act;
   const Act act = static_cast<Act>(activation);
@@ -380,7 +380,7 @@ void fused_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
 // gelu_tanh); dx [M, K], dweight [N, K], dbias [N] or empty; M >= 1, all checked by the caller.
 void fused_linear_bwd_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& out, const at::Tensor& preact, int64_t activation,
-                           double dropout_p, int64_t seed, const at::Tensor& dx,
+                           double dropout_p, const int64_t* seed, const at::Tensor& dx,
                            const at::Tensor& dweight, const at::Tensor& dbias) {
   using tk::Act;
   const Act act = static_cast<Act>(activation);

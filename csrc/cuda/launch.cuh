@@ -16,9 +16,10 @@ bool all_aligned16(Ptrs... ptrs) {
   return (aligned16(ptrs) && ...);  // null pointers count as aligned
 }
 
-inline Dropout make_dropout(double p, int64_t seed) {
+// seed: the 0-dim int64 seed tensor's device pointer (null when p == 0), read by the kernels.
+inline Dropout make_dropout(double p, const int64_t* seed) {
   Dropout d;
-  d.seed = static_cast<uint64_t>(seed);
+  d.seed = seed;
   d.threshold = static_cast<uint32_t>(std::llrint(p * 16777216.0));
   d.scale = static_cast<float>(p < 1.0 ? 1.0 / (1.0 - p) : 0.0);
   d.enabled = p > 0.0;

@@ -18,7 +18,7 @@ from .. import backends
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import keep_mask_for
-from .seed import draw_seed, seed_value
+from .seed import draw_seed, seed_on
 
 OP = "attention"
 TRITON_MAX_HEAD_DIM = 256
@@ -39,9 +39,9 @@ backends.register_op(
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops. `seed` is a 0-dim int64 CPU tensor (or None without dropout), so drawing it stays
-# inside a compiled graph. The forward returns (out, lse2): lse2 is the log-sum-exp in base 2,
-# what the backward needs (see triton/attention.py).
+# Custom ops. `seed` is a 0-dim int64 tensor on the inputs' device (or None without dropout; see
+# ops/seed.py), so drawing it stays inside a compiled graph. The forward returns (out, lse2):
+# lse2 is the log-sum-exp in base 2, what the backward needs (see triton/attention.py).
 
 
 def _fwd_fake(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
@@ -63,7 +63,7 @@ def _fwd(
 ) -> tuple[Tensor, Tensor]:
     fwd = backends.kernel(OP, backend, "attention_fwd")
     with amp.disabled(q.device):
-        return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
+        return fwd(q, k, v, key_padding_mask, causal, dropout_p, softmax_scale, seed_on(seed, q.device))
 
 
 def _bwd_fake(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed, backend):
@@ -87,7 +87,9 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bwd = backends.kernel(OP, backend, "attention_bwd")
     with amp.disabled(q.device):
-        return bwd(dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_value(seed))
+        return bwd(
+            dout, q, k, v, out, lse2, key_padding_mask, causal, dropout_p, softmax_scale, seed_on(seed, q.device)
+        )
 
 
 def _setup_context(ctx, inputs, output):
@@ -186,7 +188,7 @@ def attention(
     d = q.shape[-1]
     scale = float(d**-0.5 if softmax_scale is None else softmax_scale)
     name = backends.resolve(OP, backend, q.device, q.dtype, head_dim=d)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
     direct = backends.direct(OP, name)
     if direct is not None:
         with amp.disabled(q.device):

@@ -3,8 +3,9 @@
 Every kernel backend of an op is reached through the op's custom ops
 (``transformer_kernels::<name>``): opaque to ``torch.compile``, which sees each call whole and
 traces shapes through the fake. The extension declares its own ops under ``tk_C::<name>`` with the
-same arguments minus the trailing ``backend`` (and the seed as an int); :func:`kernel_op` gives
-those the same fake, so they trace too when called directly.
+same arguments minus the trailing ``backend`` (the seed, too, is a 0-dim int64 tensor on the
+inputs' device, or None); :func:`kernel_op` gives those the same fake, so they trace too when
+called directly.
 """
 
 from __future__ import annotations

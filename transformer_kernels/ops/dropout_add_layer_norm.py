@@ -17,7 +17,7 @@ from .. import backends
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import keep_mask_for
-from .seed import draw_seed, seed_value
+from .seed import draw_seed, seed_on
 
 OP = "dropout_add_layer_norm"
 TRITON_MAX_HIDDEN = 65536
@@ -41,8 +41,8 @@ backends.register_op(
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops over contiguous [M, N] views. `seed` is a 0-dim int64 CPU tensor (or None without
-# dropout), so drawing it stays inside a compiled graph.
+# Custom ops over contiguous [M, N] views. `seed` is a 0-dim int64 tensor on the inputs'
+# device (or None without dropout; see ops/seed.py), so drawing it stays inside a compiled graph.
 
 
 def _fwd_fake(x, residual, weight, bias, dropout_p, eps, seed, rms_norm, store_s, backend):
@@ -70,7 +70,7 @@ def _fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     fwd = backends.kernel(OP, backend, "dropout_add_layer_norm_fwd")
     with amp.disabled(x.device):
-        return fwd(x, residual, weight, bias, dropout_p, eps, seed_value(seed), rms_norm, store_s)
+        return fwd(x, residual, weight, bias, dropout_p, eps, seed_on(seed, x.device), rms_norm, store_s)
 
 
 def _bwd_fake(dout, ds_in, s, weight, mean, rstd, dropout_p, seed, rms_norm, has_bias, backend):
@@ -99,7 +99,7 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     bwd = backends.kernel(OP, backend, "dropout_add_layer_norm_bwd")
     with amp.disabled(dout.device):
-        return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_value(seed), rms_norm, has_bias)
+        return bwd(dout, ds_in, s, weight, mean, rstd, dropout_p, seed_on(seed, dout.device), rms_norm, has_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -229,7 +229,7 @@ def dropout_add_layer_norm(
         dropout_p = 0.0
     n = x.shape[-1]
     name = backends.resolve(OP, backend, x.device, x.dtype, hidden=n)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     direct = backends.direct(OP, name)
     if direct is not None:
         with amp.disabled(x.device):

@@ -20,7 +20,7 @@ from ..reference.ffn import ACTIVATIONS
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import keep_mask_for
-from .seed import draw_seed, seed_value
+from .seed import draw_seed, seed_on
 
 OP = "fused_linear"
 FFN_OP = "ffn"
@@ -37,7 +37,8 @@ for _op in (OP, FFN_OP):
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops over x [M, K], weight [N, K]. `activation` is "none", "relu", "gelu" or "gelu_tanh";
-# `seed` is a 0-dim int64 CPU tensor (or None without dropout), so drawing it stays in the graph.
+# `seed` is a 0-dim int64 tensor on the inputs' device (or None without dropout; see ops/seed.py),
+# so drawing it stays in the graph.
 
 
 def _fwd_fake(x, weight, bias, activation, dropout_p, seed, backend):
@@ -57,7 +58,7 @@ def _fwd(
 ) -> tuple[Tensor, Tensor]:
     fwd = backends.kernel(OP, backend, "fused_linear_fwd")
     with amp.disabled(x.device):
-        return fwd(x, weight, bias, activation, dropout_p, seed_value(seed))
+        return fwd(x, weight, bias, activation, dropout_p, seed_on(seed, x.device))
 
 
 def _bwd_fake(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed, backend):
@@ -79,7 +80,7 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bwd = backends.kernel(OP, backend, "fused_linear_bwd")
     with amp.disabled(x.device):
-        return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_value(seed))
+        return bwd(dout, x, weight, out, preact, has_bias, activation, dropout_p, seed_on(seed, dout.device))
 
 
 def _setup_context(ctx, inputs, output):
@@ -194,7 +195,7 @@ def fused_linear(
     if not training:
         dropout_p = 0.0
     name = backends.resolve(OP, backend, x.device, x.dtype)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     direct = backends.direct(OP, name)
     if direct is not None:
         with amp.disabled(x.device):
@@ -241,7 +242,7 @@ def ffn(
     if not training:
         dropout_p = 0.0
     name = backends.resolve(FFN_OP, backend, x.device, x.dtype)
-    seed = draw_seed() if dropout_p > 0.0 else None
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     direct = backends.direct(FFN_OP, name)
     if direct is not None:
         with amp.disabled(x.device):

@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
 from .launch import autotune, check_grid, device_ctx
-from .philox import dropout_keep_tile
+from .philox import dropout_keep_tile, seed_arg
 from .precision import attention_dot_precision
 
 LOG2E = 1.4426950408889634
@@ -211,7 +211,7 @@ def _attention_fwd_kernel(
     Lk,
     HEAD_DIM,
     scale_log2,  # softmax_scale · log2(e)
-    seed,  # Philox key (if HAS_DROPOUT)
+    SEED,  # Philox key: 0-dim int64, read on the device (if HAS_DROPOUT)
     drop_threshold,  # keep iff (philox >> 8) >= drop_threshold
     drop_scale,  # 1 / (1 - p)
     lq_bucket,  # autotune key only
@@ -243,6 +243,7 @@ def _attention_fwd_kernel(
     )  # [BLOCK_M, BLOCK_D]
     # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter.
     drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -378,7 +379,7 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM,
     softmax_scale,
     scale_log2,
-    seed,
+    SEED,
     drop_threshold,
     drop_scale,
     lq_bucket,
@@ -407,6 +408,7 @@ def _attention_bwd_dkdv_kernel(
     k = tl.load(K + _offsets(offs_n, stride_kn, offs_d, stride_kd), mask=n_mask, other=0.0)
     v = tl.load(V + _offsets(offs_n, stride_vn, offs_d, stride_vd), mask=n_mask, other=0.0)
     key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -485,7 +487,7 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM,
     softmax_scale,
     scale_log2,
-    seed,
+    SEED,
     drop_threshold,
     drop_scale,
     lq_bucket,
@@ -525,6 +527,7 @@ def _attention_bwd_dq_kernel(
     K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     hi = Lk
@@ -614,7 +617,7 @@ def _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed):
     lk, hkv = k.shape[1], k.shape[2]
     kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
     args = dict(
-        seed=seed,
+        SEED=seed_arg(seed, dropout_p, q.device),
         drop_threshold=dropout_threshold(dropout_p),
         drop_scale=dropout_scale(dropout_p),
         lq_bucket=_bucket(lq),
@@ -636,14 +639,15 @@ def attention_fwd(
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ):
     """Forward.
 
     Args:
         q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D] (any strides), fp16/bf16/fp32, D <= 256.
         key_padding_mask: bool [B, Lk], True = padding; or None.
-        seed: the Philox key of the dropout mask (ignored when ``dropout_p == 0``).
+        seed: the Philox key of the dropout mask, a 0-dim int64 tensor on q's device that the
+            kernels read there (no host sync: CUDA-graph capturable); None when ``dropout_p == 0``.
 
     Returns:
         ``(out, lse2)``: out [B, Lq, Hq, D] contiguous in q's dtype; lse2 fp32 [B, Hq, Lq], the
@@ -693,7 +697,7 @@ def attention_bwd(
     causal: bool,
     dropout_p: float,
     softmax_scale: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ):
     """Backward: the gradients of q, k, v, given the forward's ``out`` and ``lse2``.
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..reference.philox import dropout_scale, dropout_threshold
 from .launch import check_grid, device_ctx
-from .philox import dropout_keep_row
+from .philox import dropout_keep_row, seed_arg
 
 MAX_HIDDEN = 65536
 
@@ -63,7 +63,7 @@ def _dropout_add_layer_norm_fwd_kernel(
     RSTD,  # [M] fp32
     N,  # hidden size; rows are contiguous, row stride N
     eps,
-    seed,  # Philox key, int in [0, 2**63)
+    SEED,  # Philox key: 0-dim int64 in [0, 2**63), read on the device (if HAS_DROPOUT)
     drop_threshold,  # 24-bit threshold: keep iff (philox >> 8) >= drop_threshold
     drop_scale,  # 1 / (1 - p)
     HAS_RES: tl.constexpr,
@@ -76,6 +76,7 @@ def _dropout_add_layer_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
@@ -206,7 +207,7 @@ def _dropout_add_layer_norm_bwd_kernel(
     M,
     N,
     rows_per_program,
-    seed,
+    SEED,
     drop_threshold,
     drop_scale,
     HAS_DS_IN: tl.constexpr,
@@ -218,6 +219,7 @@ def _dropout_add_layer_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if ONE_BLOCK:
@@ -357,14 +359,15 @@ def dropout_add_layer_norm_fwd(
     bias: torch.Tensor | None,
     dropout_p: float,
     eps: float,
-    seed: int,
+    seed: torch.Tensor | None,
     rms_norm: bool,
     store_s: bool,
 ):
     """Forward on a contiguous [M, N] view.
 
-    Returns ``(out, s, mean, rstd)``: ``s`` is empty unless ``store_s``, ``mean`` is empty for
-    RMSNorm; ``mean`` and ``rstd`` are fp32 [M].
+    ``seed``: the dropout's Philox key, a 0-dim int64 tensor on x's device that the kernel reads
+    there (None without dropout). Returns ``(out, s, mean, rstd)``: ``s`` is empty unless
+    ``store_s``, ``mean`` is empty for RMSNorm; ``mean`` and ``rstd`` are fp32 [M].
     """
     m, n = x.shape
     out = torch.empty_like(x)
@@ -387,7 +390,7 @@ def dropout_add_layer_norm_fwd(
             rstd,
             n,
             eps,
-            seed,
+            seed_arg(seed, dropout_p, x.device),
             dropout_threshold(dropout_p),
             dropout_scale(dropout_p),
             HAS_RES=residual is not None,
@@ -429,7 +432,7 @@ def dropout_add_layer_norm_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     rms_norm: bool,
     has_bias: bool,
 ):
@@ -465,7 +468,7 @@ def dropout_add_layer_norm_bwd(
                 m,
                 n,
                 triton.cdiv(m, programs),
-                seed,
+                seed_arg(seed, dropout_p, dout.device),
                 dropout_threshold(dropout_p),
                 dropout_scale(dropout_p),
                 HAS_DS_IN=ds_in is not None,

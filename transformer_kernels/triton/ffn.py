@@ -36,7 +36,7 @@ import triton.language as tl
 from ..reference.philox import dropout_scale, dropout_threshold
 from . import triton_interpret
 from .launch import autotune, device_ctx
-from .philox import dropout_keep_tile
+from .philox import dropout_keep_tile, seed_arg
 from .precision import matmul_dot_precision
 
 ACTIVATION_IDS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -183,9 +183,9 @@ def _gemm_kernel(
     n_bucket,
     k_bucket,
     layout,  # next powers of two of M, N, K; which operands are K-contiguous: autotuning keys only
-    seed,
+    SEED,
     threshold,
-    scale,  # dropout: Philox seed, 24-bit threshold, 1 / (1 - p)
+    scale,  # dropout: Philox seed (0-dim int64, read on the device), 24-bit threshold, 1 / (1 - p)
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -239,7 +239,7 @@ def _gemm_kernel(
         tl.store(Z + c_offs, acc.to(Z.dtype.element_ty), mask=c_mask)
     acc = _activation(acc, ACTIVATION)
     if HAS_DROPOUT:
-        keep = dropout_keep_tile(seed, offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
+        keep = dropout_keep_tile(tl.load(SEED), offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
     tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=c_mask)
 
@@ -263,7 +263,7 @@ def _dz_kernel(
     DB_PARTIAL,  # [cdiv(M, BLOCK_M), N] fp32: Σ of dz over each row tile
     M,
     N,
-    seed,
+    SEED,
     threshold,
     scale,
     ACTIVATION: tl.constexpr,
@@ -287,7 +287,7 @@ def _dz_kernel(
         dz = tl.where(tl.load(OUT + idx, mask=mask, other=0.0) != 0, dz, 0.0)
     else:
         if HAS_DROPOUT:
-            keep = dropout_keep_tile(seed, offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
+            keep = dropout_keep_tile(tl.load(SEED), offs_m.to(tl.int64), pid_n * BLOCK_N, threshold, BLOCK_N)
             dz = tl.where(keep, dz, 0.0)
         if ACTIVATION >= 2:
             dz = dz * _activation_grad(tl.load(Z + idx, mask=mask, other=0.0).to(tl.float32), ACTIVATION)
@@ -300,7 +300,7 @@ def _dz_kernel(
 # Launchers: the signatures of tk_C::fused_linear_fwd / _bwd.
 
 
-def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout_p=0.0, seed=0) -> None:
+def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout_p=0.0, seed=None) -> None:
     """c = dropout(act(a @ b + bias)) for 2-D views of any strides; z and rowsum(a) if given."""
     m, k = a.shape
     n = b.shape[1]
@@ -313,7 +313,7 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
         n_bucket=triton.next_power_of_2(n),
         k_bucket=triton.next_power_of_2(k),
         layout=2 * (a.stride(1) == 1) + (b.stride(0) == 1),
-        seed=seed,
+        SEED=seed_arg(seed, dropout_p, a.device),
         threshold=dropout_threshold(dropout_p),
         scale=dropout_scale(dropout_p),
         ACTIVATION=ACTIVATION_IDS[activation],
@@ -338,13 +338,19 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
 
 
 def fused_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, dropout_p: float, seed: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    dropout_p: float,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward GEMM with its epilogue.
 
     Args:
         x: [M, K] contiguous; weight: [N, K] contiguous; bias: [N] or None; all of one dtype.
-        activation: "none", "relu", "gelu" or "gelu_tanh"; dropout_p, seed: the dropout's.
+        activation: "none", "relu", "gelu" or "gelu_tanh"; dropout_p, seed: the dropout's (the seed
+            a 0-dim int64 tensor on x's device, read by the kernel there; None without dropout).
     Returns:
         out [M, N] = dropout(act(x Wᵀ + b)); preact z [M, N] for the GELUs, else an empty tensor.
     """
@@ -366,7 +372,7 @@ def fused_linear_bwd(
     has_bias: bool,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward: dz in one elementwise pass, then dx = dz W and dW = dzᵀ x (with db).
 
@@ -395,7 +401,7 @@ def fused_linear_bwd(
                     partial if has_bias else dz,
                     m,
                     n,
-                    seed,
+                    seed_arg(seed, dropout_p, x.device),
                     dropout_threshold(dropout_p),
                     dropout_scale(dropout_p),
                     ACTIVATION=ACTIVATION_IDS[activation],

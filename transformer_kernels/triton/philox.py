@@ -9,6 +9,7 @@ reshape to ``[..., 4G]`` puts word ``w`` of group ``g`` at column ``4g + w``. Th
 at a multiple of 4 and number a multiple of 4 (a power of two >= 4).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -56,3 +57,20 @@ def dropout_keep_row(seed, row, col_start, threshold, BLOCK_N: tl.constexpr):
     c2 = zero + (row >> 32).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
     return _keep_interleaved(r0, r1, r2, r3, threshold)
+
+
+def seed_arg(seed, dropout_p: float, device):
+    """The launchers' seed argument: the 0-dim int64 tensor on ``device`` that the kernels load
+    (``tl.load(SEED)``) when ``dropout_p > 0``, else None (the kernels then take no seed).
+
+    The seed is read on the device, never on the host, so a launch inside a CUDA graph reads
+    whatever seed the graph drew before it on each replay.
+    """
+    if dropout_p <= 0.0:
+        return None
+    if not isinstance(seed, torch.Tensor) or seed.dim() != 0 or seed.dtype != torch.int64:
+        got = f"{seed.dtype} of shape {list(seed.shape)}" if isinstance(seed, torch.Tensor) else repr(seed)
+        raise TypeError(f"seed must be a 0-dim torch.int64 tensor when dropout_p > 0, got {got}")
+    if seed.device != torch.device(device):
+        raise ValueError(f"seed is on {seed.device}, the inputs on {device}: the kernels read it on the inputs' device")
+    return seed
