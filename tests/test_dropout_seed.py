@@ -197,13 +197,12 @@ def _attention_step(backend):
 
 
 _STEPS = {"dropout_add_layer_norm": _dla_step, "fused_linear": _linear_step, "attention": _attention_step}
-_OPS = {"dropout_add_layer_norm": "dropout_add_layer_norm", "fused_linear": "ffn", "attention": "attention"}
 
 
 def _graph_cases():
     if not torch.cuda.is_available():  # skipped by the gpu marker; one case keeps the test visible
         return [("dropout_add_layer_norm", "triton")]
-    return [(op, b) for op, registry in _OPS.items() for b in kernel_backends(registry) + ["reference"]]
+    return [(op, b) for op in _STEPS for b in kernel_backends(op) + ["reference"]]
 
 
 @pytest.mark.gpu
