@@ -583,7 +583,8 @@ def compile_resources(kind, dtype, block_d, config, arch):
     consts = dict(CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n)
     consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "DK": "*fp32", "DV": "*fp32"}  # dK/dV: the partials
-    scalars = {"seed": "i64", "scale_log2": "fp32", "softmax_scale": "fp32", "drop_scale": "fp32"}
+    pointers["SEED"] = "*i64"  # the dropout seed, loaded on the device
+    scalars = {"scale_log2": "fp32", "softmax_scale": "fp32", "drop_scale": "fp32"}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
