@@ -46,6 +46,7 @@ backends.register_op(
     OP,
     reference=backends.reference("attention_kvcache"),
     native=backends.native("attention_kvcache"),
+    triton=backends.triton_kernels("attention_kvcache", check=_check_head_dim),
 )
 
 
