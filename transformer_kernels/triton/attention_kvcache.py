@@ -44,6 +44,31 @@ MAX_BLOCK_M = 64
 
 
 @triton.jit
+def _attend(
+    q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, kpm_row, scale_log2,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax: q [BLOCK_M, BLOCK_D], kt [BLOCK_D, BLOCK_N], v
+    [BLOCK_N, BLOCK_D] at key positions offs_n (``ok``: inside the slice); returns (m, l, acc)."""
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    key_ok = ok
+    if HAS_KPM:
+        key_ok = key_ok & (tl.load(KPM + kpm_row + offs_n, mask=ok, other=1) == 0)
+    vis = row_ok[:, None] & key_ok[None, :]
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= (n - Lq + qi)[:, None])
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # While a row has seen no visible key its max is -inf: subtract 0 instead (all p are 0).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kvcache_fwd_kernel(
     Q,  # [B, Lq, Hq, D]
     K_CACHE,  # [B, Lmax, Hkv, D], rows [seqlen, seqlen + Lnew) written (if HAS_NEW)
@@ -134,48 +159,39 @@ def _attention_kvcache_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    # The slice's keys that are in the cache, then those being appended: two loops, so that each
+    # key tile is one load (no select between two sources).
+    cache_end = tl.minimum(end, seqlen)
+    for start_n in range(start, cache_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_cache = offs_n < seqlen
-        kt = tl.load(
-            KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), mask=d_ok[:, None] & in_cache[None, :], other=0.0
-        )
-        v = tl.load(
-            VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), mask=in_cache[:, None] & d_ok[None, :], other=0.0
-        )
-        if HAS_NEW:
-            KN = K_NEW + b.to(tl.int64) * stride_knb + kvh.to(tl.int64) * stride_knh
-            VN = V_NEW + b.to(tl.int64) * stride_vnb + kvh.to(tl.int64) * stride_vnh
-            is_new = (offs_n >= seqlen) & (offs_n < n)
-            new_n = offs_n - seqlen
-            kn_t = tl.load(
-                KN + _offsets(offs_d, stride_knd, new_n, stride_knn), mask=d_ok[:, None] & is_new[None, :], other=0.0
+        ok = offs_n < cache_end
+        kt = tl.load(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), mask=d_ok[:, None] & ok[None, :], other=0.0)
+        v = tl.load(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), mask=ok[:, None] & d_ok[None, :], other=0.0)
+        m_i, l_i, acc = _attend(
+            q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, scale_log2,
+            CAUSAL, HAS_KPM, DOT_PRECISION,
+        )  # fmt: skip
+    if HAS_NEW:
+        KN = K_NEW + b.to(tl.int64) * stride_knb + kvh.to(tl.int64) * stride_knh
+        VN = V_NEW + b.to(tl.int64) * stride_vnb + kvh.to(tl.int64) * stride_vnh
+        for start_n in range(tl.maximum(start, seqlen), end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            ok = offs_n < end
+            new_n = offs_n - seqlen  # the row of k / v
+            kt = tl.load(
+                KN + _offsets(offs_d, stride_knd, new_n, stride_knn), mask=d_ok[:, None] & ok[None, :], other=0.0
             )
-            vn = tl.load(
-                VN + _offsets(new_n, stride_vnn, offs_d, stride_vnd), mask=is_new[:, None] & d_ok[None, :], other=0.0
+            v = tl.load(
+                VN + _offsets(new_n, stride_vnn, offs_d, stride_vnd), mask=ok[:, None] & d_ok[None, :], other=0.0
             )
-            kt = tl.where(is_new[None, :], kn_t, kt)  # [BLOCK_D, BLOCK_N]
-            v = tl.where(is_new[:, None], vn, v)  # [BLOCK_N, BLOCK_D]
-            # The append: row tile 0 of the slice holding the row writes it (stays below Lmax).
-            store = is_new & (offs_n < Lmax) & (row_tile == 0)
-            tl.store(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), kn_t, mask=d_ok[:, None] & store[None, :])
-            tl.store(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), vn, mask=store[:, None] & d_ok[None, :])
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        key_ok = offs_n < n
-        if HAS_KPM:
-            key_ok = key_ok & (tl.load(KPM + b.to(tl.int64) * Lmax + offs_n, mask=key_ok, other=1) == 0)
-        vis = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= (n - Lq + qi)[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # While a row has seen no visible key its max is -inf: subtract 0 instead (all p are 0).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            # The append: row tile 0 of the slice holding the row writes it (kept below Lmax).
+            store = ok & (offs_n < Lmax) & (row_tile == 0)
+            tl.store(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), kt, mask=d_ok[:, None] & store[None, :])
+            tl.store(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), v, mask=store[:, None] & d_ok[None, :])
+            m_i, l_i, acc = _attend(
+                q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, scale_log2,
+                CAUSAL, HAS_KPM, DOT_PRECISION,
+            )  # fmt: skip
 
     has_key = l_i > 0.0  # l >= 1 once a row has seen one visible key
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -248,15 +264,20 @@ def _attention_kvcache_combine_kernel(
 # The launcher: takes and returns what the op layer's custom op does.
 
 
-def config(rows: int, head_dim: int) -> dict:
+def config(rows: int, head_dim: int, fp32: bool) -> dict:
     """Tile sizes and launch options of the forward kernel. Untuned: the key tile keeps a
     [BLOCK_D, BLOCK_N] K tile and a [BLOCK_N, BLOCK_D] V tile in registers beside the
     [BLOCK_M, BLOCK_D] accumulator; under the interpreter a small key tile, so the tests run the
     multi-tile and multi-split paths at small lengths."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(max(rows, 1))))
-    block_n = 16 if triton_interpret() else (64 if block_d <= 128 else 32)
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    if triton_interpret():
+        block_n = 16
+    elif fp32:  # IEEE fp32 dots run on the CUDA cores, whose operand layouts take several times the registers
+        block_n = 16
+    else:
+        block_n = 64 if block_d <= 128 else 32
+    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1 if fp32 else 2)
 
 
 def attention_with_kvcache_fwd(
@@ -293,7 +314,7 @@ def attention_with_kvcache_fwd(
     lnew = 0 if k is None else k.shape[1]
     if lmax == 0:
         return out.zero_()
-    cfg = config(rows, d)
+    cfg = config(rows, d, q.dtype == torch.float32)
     n_splits = max(1, min(num_splits, triton.cdiv(lmax, cfg["BLOCK_N"])))
     row_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
     grid = (bsz * hkv * row_tiles * n_splits,)
