@@ -23,6 +23,7 @@ REPORTS = {  # benchmark -> the reports it writes
     "cross_entropy": ["bench_cross_entropy", "bench_linear_cross_entropy"],
     "layers": ["bench_layers", "bench_decoding"],
     "training": ["bench_training"],
+    "translate": ["bench_translate"],
 }
 
 

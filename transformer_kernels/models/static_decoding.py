@@ -4,9 +4,11 @@ Cached decoding (:mod:`.decoding`) attends over a cache slice that grows by one 
 reorders beams by allocating new caches, so on a GPU each step is a fresh chain of small kernel
 launches with new shapes. Here every buffer is allocated once, before the first step:
 
-- the self-attention caches are full ``[N, max_len, H, D]`` tensors; the new key/value is written at
-  ``cache_seqlens`` and the valid length lives ON THE DEVICE (``cache_seqlens`` int32 [N], the step
-  ``t`` int64 [1]), advanced by the step itself;
+- the self-attention caches are full ``[N, max_len, H, D]`` tensors and the valid length lives ON
+  THE DEVICE (``cache_seqlens`` int32 [N], the step ``t`` int64 [1]), advanced by the step itself;
+  both attentions are :func:`~transformer_kernels.ops.attention_with_kvcache` (a split-KV decoding
+  kernel on a GPU): self-attention appends the new key/value at ``cache_seqlens`` inside the op,
+  cross-attention reads the projected memory with its padding mask;
 - beam search reorders its state (caches, tokens, finished flags, lengths) with
   ``index_select(out=)`` into a second set of buffers, and the next step reads from those: two
   buffer sets, used alternately, so step ``t`` reads set ``t % 2`` and writes set ``(t + 1) % 2``;
@@ -21,8 +23,8 @@ eagerly. Steps after everything finished (at most ``sync_every - 1``) change not
 hypotheses extend with padding at no cost, and the counter does not advance.
 
 The tokens equal cached decoding's: the same operations on the same values, except that attention
-reduces over the whole cache with the keys beyond ``cache_seqlens`` masked out (their weights are
-exactly 0), so scores can differ only by summation order, in the last bits.
+runs on a different kernel over the whole cache, the keys beyond ``cache_seqlens`` masked out
+(their weights exactly 0), so scores can differ only by rounding.
 """
 
 from __future__ import annotations
@@ -34,20 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import attention_with_kvcache
 from .transformer import EncoderDecoder
-
-
-def attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Write ``k``/``v`` [N, 1, H, D] at position ``cache_seqlens`` of the caches [N, Lmax, H, D], then
-    attention of ``q`` [N, 1, H, D] over the caches' first ``cache_seqlens + 1`` positions."""
-    from ..ops import attention
-
-    n, lmax = k_cache.shape[:2]
-    pos = cache_seqlens[:1].long()  # every row decodes the same step
-    k_cache.index_copy_(1, pos, k)
-    v_cache.index_copy_(1, pos, v)
-    beyond = torch.arange(lmax, device=q.device)[None, :] > cache_seqlens[:, None]  # [N, Lmax] True = masked
-    return attention(q, k_cache, v_cache, key_padding_mask=beyond)  # type: ignore[return-value]
 
 
 class StaticCaches:
@@ -61,6 +51,7 @@ class StaticCaches:
         c = model.config
         n, dev = memory.shape[0], memory.device
         self.src_kpm = src_kpm
+        self.src_lens = torch.full((n,), src_kpm.shape[1], dtype=torch.int32, device=dev)  # padding: src_kpm
         self.cross_kv = [layer.multihead_attn.project_kv(memory) for layer in model.decoder.layers]
         self.sets = []
         for _ in range(copies):
@@ -90,11 +81,14 @@ def hidden_step(model: EncoderDecoder, caches: StaticCaches, kv: list, tokens: T
         def self_attention(h, layer=layer, kc=kc, vc=vc):
             attn = layer.self_attn
             q, k, v = attn.project_qkv(h)
-            return attn.project_out(attend_cache(q, kc, vc, caches.cache_seqlens, k, v))
+            return attn.project_out(attention_with_kvcache(q, kc, vc, caches.cache_seqlens, k, v, causal=True))
 
         def cross_attention(h, layer=layer, ck=ck, cv=cv):
             attn = layer.multihead_attn
-            return attn.attend_heads(attn.project_q(h), ck, cv, caches.src_kpm, False)
+            o = attention_with_kvcache(
+                attn.project_q(h), ck, cv, caches.src_lens, key_padding_mask=caches.src_kpm, causal=False
+            )
+            return attn.project_out(o)
 
         x = layer.blocks(x, self_attention, cross_attention)
     if model.decoder.norm is not None:
