@@ -105,7 +105,7 @@ def translate_all(method: str, models: dict, batches: list[torch.Tensor], beam: 
                     max_new_tokens=steps,
                     min_new_tokens=steps,
                     do_sample=False,
-                    length_penalty=0.6,
+                    **({"length_penalty": 0.6} if beam > 1 else {}),
                 )
             assert out.shape[1] == steps + 1, out.shape  # the decoder start token, then `steps` tokens
         else:
