@@ -287,7 +287,7 @@ def test_translate_ids_returns_input_order_whatever_the_batches(copy_model, beam
     ids = [[t for t in row if t != PAD] for row in src.tolist()]
     alone = [strip(beam_search(copy_model, torch.tensor([s]), beam_size=beam_size), EOS, PAD)[0] for s in ids]
     for decoding in ("static", "cached", "recompute"):
-        for batch_tokens in (1, 16, 1000):
+        for batch_tokens in (16, 1000):
             out, throughput = translate_ids(copy_model, ids, beam_size, batch_tokens=batch_tokens, decoding=decoding)
             assert out == alone, (decoding, batch_tokens)
             assert throughput.sentences == 7 and throughput.tokens == sum(len(h) + 1 for h in alone)
