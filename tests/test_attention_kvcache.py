@@ -102,6 +102,7 @@ MIXED = [0, 17, 1, 113]
     (2, 4, 1, True, True),  # MQA, two new tokens
     (5, 4, 2, True, False),  # a speculative block of 5, GQA
     (5, 3, 3, False, False),  # 5 queries without append: the first rows of short caches see nothing
+    (5, 16, 1, True, True),  # 80 rows of one KV head: several row tiles, the last one appends
 ])  # fmt: skip
 def test_matches_attention_on_sliced_caches(backend, dtype, lq, hq, hkv, append, padding):
     _check_step(backend, MIXED, lq, hq, hkv, 24, 128, dtype, append=append, padding=padding)

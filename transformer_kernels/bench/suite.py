@@ -34,6 +34,7 @@ from .common import DTYPE_METAVAR, Report, card, default_device, label, load_rep
 BENCHMARKS = {
     "layer_norm": "bench_layer_norm",
     "attention": "bench_attention",
+    "attention_kvcache": "bench_attention_kvcache",
     "ffn": "bench_ffn",
     "cross_entropy": "bench_cross_entropy",
     "layers": "bench_layers",

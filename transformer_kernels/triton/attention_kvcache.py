@@ -15,9 +15,10 @@
 Per program: batch ``b``, KV head ``kvh``, a tile of rows ``r = i · G + g`` (query ``i`` of
 ``Lq``, query head ``kvh · G + g`` of the group of ``G = Hq / Hkv``), a slice of the keys
 ``[start, end)`` of the ``n = cache_seqlens[b] + Lnew`` visible ones. Key ``j`` is the cache's
-row ``j`` below ``cache_seqlens[b]``, the new row ``j - cache_seqlens[b]`` above; the program whose
-slice holds a new row writes it into the cache (one writer per row; no program reads a cache row
-at or above ``cache_seqlens[b]``, so the write races with no read). In base 2, with
+row ``j`` below ``cache_seqlens[b]``, the new row ``j - cache_seqlens[b]`` above; of the programs
+whose slice holds a new row, the one of the last row tile writes it into the cache (one writer
+per row; no program reads a cache row at or above ``cache_seqlens[b]``, so the write races with
+no read). In base 2, with
 s = softmax_scale · log2(e) · q·k over the visible keys of the slice:
 
     m = max s,  l = Σ 2^(s - m),  o = Σ 2^(s - m) v / l,  lse₂ = m + log2 l   (o = 0, lse₂ = -inf: none)
@@ -184,8 +185,9 @@ def _attention_kvcache_fwd_kernel(
             v = tl.load(
                 VN + _offsets(new_n, stride_vnn, offs_d, stride_vnd), mask=ok[:, None] & d_ok[None, :], other=0.0
             )
-            # The append: row tile 0 of the slice holding the row writes it (kept below Lmax).
-            store = ok & (offs_n < Lmax) & (row_tile == 0)
+            # The append: the slice's last row tile writes the row (kept below Lmax). Not the first:
+            # causal, an earlier tile's last query stops short of the last new keys.
+            store = ok & (offs_n < Lmax) & (row_tile == n_row_tiles - 1)
             tl.store(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), kt, mask=d_ok[:, None] & store[None, :])
             tl.store(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), v, mask=store[:, None] & d_ok[None, :])
             m_i, l_i, acc = _attend(
@@ -271,12 +273,12 @@ def config(rows: int, head_dim: int, fp32: bool) -> dict:
     multi-tile and multi-split paths at small lengths."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(max(rows, 1))))
-    if triton_interpret():
-        block_n = 16
-    elif fp32:  # IEEE fp32 dots run on the CUDA cores, whose operand layouts take several times the registers
+    if triton_interpret() or fp32 or block_d > 128:
+        # fp32: IEEE dots run on the CUDA cores, whose operand layouts take several times the
+        # registers; D = 256: a 32-key tile spilled on an H100 (fp16, 168 registers).
         block_n = 16
     else:
-        block_n = 64 if block_d <= 128 else 32
+        block_n = 64
     return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1 if fp32 else 2)
 
 
