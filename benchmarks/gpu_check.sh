@@ -78,7 +78,7 @@ for t in "${KERNEL_TESTS[@]}"; do deselect+=(--ignore="$t"); done
 step "tests (kernels)" 240 env TK_REQUIRE_EXTENSION=1 TK_AUTOTUNE=0 $PY -m pytest "${KERNEL_TESTS[@]}" -v -rs \
   "${xdist[@]}" --junitxml="$OUT_DIR/tests_kernels.xml"
 BENCH_DIR="$OUT_DIR/bench"
-for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120; do
+for spec in layer_norm:90 attention:120 training:240 cross_entropy:90 ffn:90 layers:120 translate:150; do
   step "bench ${spec%%:*}" "${spec##*:}" $PY -m transformer_kernels bench "${spec%%:*}" --quick --out "$BENCH_DIR"
 done
 # The autotuned kernels' tests again with autotuning on, the path users get by default (each new

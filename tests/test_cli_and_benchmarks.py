@@ -19,10 +19,12 @@ from transformer_kernels.bench import bench_layer_norm, common, results_readme, 
 REPORTS = {  # benchmark -> the reports it writes
     "layer_norm": ["bench_layer_norm"],
     "attention": ["bench_attention"],
+    "attention_kvcache": ["bench_attention_kvcache"],
     "ffn": ["bench_ffn"],
     "cross_entropy": ["bench_cross_entropy", "bench_linear_cross_entropy"],
     "layers": ["bench_layers", "bench_decoding"],
     "training": ["bench_training"],
+    "translate": ["bench_translate"],
 }
 
 
@@ -152,6 +154,7 @@ def test_bench_script_runs_on_its_own(tmp_path):
     "module, args",
     [
         ("bench_attention", ["--seqlen", "32"]),
+        ("bench_attention_kvcache", ["--seqlen", "32"]),
         ("bench_cross_entropy", ["--dtype", "float32"]),  # torch's name for a dtype works too
         ("bench_ffn", ["--tokens", "64"]),
         ("bench_training", ["--batch", "2", "--max-len", "8"]),

@@ -176,3 +176,122 @@ def test_activation_checkpointing_changes_nothing_but_memory(norm_first):
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=0, msg=name)
     assert stored_ckpt < stored / 2, (stored_ckpt, stored)
+
+
+# Static-shape decoding: the same tokens as cached decoding, however the batch finishes.
+
+
+def _ragged_batch(n: int, seed: int):
+    """Copy-task sources (sentences finishing at different steps) with extra padding columns."""
+    src, _, _ = copy_batch(n, torch.Generator().manual_seed(seed))
+    return torch.cat([src, torch.full((n, 2), PAD)], 1)
+
+
+@pytest.mark.parametrize(
+    "n, beam_size, sync_every",
+    [(1, None, 8), (3, None, 1), (8, None, 3), (3, 1, 3), (8, 1, 8), (1, 4, 3), (3, 4, 8), (8, 4, 1)],
+)
+def test_static_decoding_gives_cached_decodings_tokens(copy_model, n, beam_size, sync_every):
+    src = _ragged_batch(n, 20 + n)
+    if beam_size is None:
+        want = greedy_decode(copy_model, src)
+        got = greedy_decode(copy_model, src, static=True, sync_every=sync_every)
+    else:
+        want = beam_search(copy_model, src, beam_size=beam_size)
+        got = beam_search(copy_model, src, beam_size=beam_size, static=True, sync_every=sync_every)
+    lengths = [row.index(EOS) if EOS in row else None for row in want.tolist()]
+    assert None not in lengths and (n == 1 or len(set(lengths)) > 1), "sentences should finish at different steps"
+    assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.parametrize("beam_size", [None, 4])
+@pytest.mark.parametrize("max_len", [0, 1, 2, 3])
+def test_static_decoding_stopped_by_max_len(copy_model, beam_size, max_len):
+    """Cut before any sentence ends (and the first steps, which a CUDA graph does not capture)."""
+    src = _ragged_batch(5, 30)
+    kw = dict(max_len=max_len) if beam_size is None else dict(max_len=max_len, beam_size=beam_size)
+    decode = greedy_decode if beam_size is None else beam_search
+    got, want = decode(copy_model, src, static=True, **kw), decode(copy_model, src, **kw)
+    assert got.shape == (5, max_len) and torch.equal(got, want)
+
+
+def test_static_decoding_of_a_random_model_in_every_layout():
+    """Random weights (EOS never wins, every row runs to max_len), pre-LN, fp64."""
+    torch.manual_seed(1)
+    model = build_model("tiny", 37, 41, d_model=48, nhead=3, dim_feedforward=40, norm_first=True, dropout=0.0)
+    model = model.double()
+    src = torch.randint(3, 37, (3, 6))
+    src[1, 4:] = PAD
+    assert torch.equal(greedy_decode(model, src, max_len=9, static=True), greedy_decode(model, src, max_len=9))
+    assert torch.equal(
+        beam_search(model, src, beam_size=3, max_len=9, static=True), beam_search(model, src, beam_size=3, max_len=9)
+    )
+
+
+def test_static_decoding_rejects_what_it_cannot_do(copy_model):
+    src = _ragged_batch(2, 31)
+    with pytest.raises(ValueError, match="static=True decodes with the KV cache"):
+        greedy_decode(copy_model, src, static=True, use_cache=False)
+    with pytest.raises(ValueError, match="sync_every must be >= 1"):
+        greedy_decode(copy_model, src, static=True, sync_every=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("beam_size", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decoding_replays_a_cuda_graph_with_eagers_tokens(copy_model, beam_size, dtype, monkeypatch):
+    """Each step captured once and replayed gives the tokens of the same static step run eagerly (and,
+    in fp32, of cached decoding); every step after the warm-up ones is a replay."""
+    import copy
+
+    model = copy.deepcopy(copy_model).to("cuda", dtype)
+    src = _ragged_batch(8, 40).cuda()
+    kw = {} if beam_size is None else dict(beam_size=beam_size)
+    decode = greedy_decode if beam_size is None else beam_search
+    eager = decode(model, src, static=True, cuda_graph=False, **kw)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(g) or replay(g))
+    graphed = decode(model, src, static=True, cuda_graph=True, sync_every=4, **kw)
+    assert torch.equal(graphed, eager)
+    if dtype == torch.float32:  # in bf16 the two paths' different attention kernels round differently
+        assert torch.equal(eager, decode(model, src, **kw))
+    warmup = 1 if beam_size is None else 2
+    assert len(replays) >= eager.shape[1] - warmup > 0, (len(replays), eager.shape)
+    assert len({id(g) for g in replays}) == warmup, "one graph per buffer set, captured once"
+
+
+def test_length_batches_sort_and_fit_the_budget():
+    from transformer_kernels.train.inference import length_batches
+
+    lengths = [5, 1, 9, 3, 3, 0, 12, 4]
+    batches = length_batches(lengths, batch_tokens=10)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths), "sorted by length"
+    order = [i for b in batches for i in b]
+    assert order.index(3) < order.index(4), "equal lengths keep their input order"
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 10, b
+    assert length_batches(lengths, batch_tokens=8)[-1] == [6], "a sentence over the budget goes alone"
+    with pytest.raises(ValueError, match="batch_tokens must be >= 1"):
+        length_batches(lengths, 0)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_translate_ids_returns_input_order_whatever_the_batches(copy_model, beam_size):
+    """Batched by tokens and sorted by length, the outputs come back in input order: each equals the
+    sentence decoded alone, for every decoding method."""
+    from transformer_kernels.train.inference import translate_ids
+
+    src, _, _ = copy_batch(7, torch.Generator().manual_seed(50))
+    ids = [[t for t in row if t != PAD] for row in src.tolist()]
+    alone = [strip(beam_search(copy_model, torch.tensor([s]), beam_size=beam_size), EOS, PAD)[0] for s in ids]
+    for decoding in ("static", "cached", "recompute"):
+        for batch_tokens in (16, 1000):
+            out, throughput = translate_ids(copy_model, ids, beam_size, batch_tokens=batch_tokens, decoding=decoding)
+            assert out == alone, (decoding, batch_tokens)
+            assert throughput.sentences == 7 and throughput.tokens == sum(len(h) + 1 for h in alone)
+            assert throughput.seconds > 0 and throughput.tokens_per_s > 0
+    with pytest.raises(ValueError, match="decoding must be one of static, cached, recompute"):
+        translate_ids(copy_model, ids, decoding="fast")

@@ -53,6 +53,11 @@ def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2
     assert "100%" not in r.stderr, "no progress bar off a terminal"
+    assert "translate: 2 sentences" in r.stderr and "sentences/s" in r.stderr and "tokens/s" in r.stderr
+    cached = cli(
+        "translate", "--model", str(out), "--beam-size", "2", "--decoding", "cached", input="bi ka ro\nta ne\n"
+    )
+    assert cached.returncode == 0 and cached.stdout == r.stdout, cached.stderr
     # on a terminal, translate shows a progress bar on stderr; stdout still holds only the translations
     monkeypatch.setattr(sys, "stdin", io.StringIO("bi ka ro\nta ne\n"))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -64,6 +69,7 @@ def test_train_translate_evaluate(tmp_path, capsys, monkeypatch):
     r = cli("evaluate", "--model", str(out), "--synthetic-test", "4", "--beam-size", "1")
     assert r.returncode == 0, r.stderr
     assert "BLEU" in r.stdout and "signature: nrefs:1" in r.stdout and "loss" in r.stdout
+    assert "decoding (static): 4 sentences" in r.stdout
     assert "100%" not in r.stderr
 
     # every Multi30k test split a user has, in the Multi30k layout (gzip or plain)

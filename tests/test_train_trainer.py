@@ -179,6 +179,8 @@ def test_load_for_inference_and_averaging(tmp_path):
     torch.testing.assert_close(averaged.tgt_embed.weight, expected)
     outputs = translate(model, tok, ["bi ka", "", "ta ro ne"], beam_size=2)
     assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
+    # an empty sentence (a source of padding only) too: static decoding gives cached decoding's output
+    assert outputs == translate(model, tok, ["bi ka", "", "ta ro ne"], beam_size=2, decoding="cached")
 
 
 def test_tensorboard_scalars_and_a_resume_that_retakes_steps(tmp_path):

@@ -3,7 +3,7 @@
     python -m transformer_kernels bench [ops...] [--quick] [--dtype bf16] [--out DIR] [--device cuda]
     python -m transformer_kernels.bench.suite [ops...] ...                     (the same)
 
-ops: any of layer_norm, attention, ffn, cross_entropy, layers, training (default: all). Each runs
+ops: any of layer_norm, attention, ffn, cross_entropy, layers, training, translate (default: all). Each runs
 in this process, in turn, with the methodology of ``common.py``; each report's table is
 printed and written to ``DIR/<report>.md``, ``.csv`` and ``.json`` (with the environment). Then
 ``DIR/summary.md`` (each benchmark's status and time, every table) and ``DIR/plots/``.
@@ -34,10 +34,12 @@ from .common import DTYPE_METAVAR, Report, card, default_device, label, load_rep
 BENCHMARKS = {
     "layer_norm": "bench_layer_norm",
     "attention": "bench_attention",
+    "attention_kvcache": "bench_attention_kvcache",
     "ffn": "bench_ffn",
     "cross_entropy": "bench_cross_entropy",
     "layers": "bench_layers",
     "training": "bench_training",
+    "translate": "bench_translate",
 }
 STATUS_FILE = "suite.json"
 

@@ -17,6 +17,9 @@ the code, without the full product (which would be thousands of compiles):
 - cross_entropy: vocabularies 1000, 32000 and 128256, with and without the gradient and label
   smoothing; linear_cross_entropy's chunked path.
 - glu: each activation in fp16, the heaviest (gelu_tanh) in bf16 and fp32; forward and backward.
+- attention_with_kvcache: head dims 64/128/256 × fp16/bf16/fp32, a decoding step of 1 query
+  (one split, no mask) and a speculative step of 4 (append + key padding + causal, GQA 4:1, four
+  splits and their merge); fp16 takes both, bf16 and fp32 the heavier.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ def _seed(p):
 
 def modules():
     """The modules whose ``@triton.jit`` functions every problem set must reach."""
-    from ..triton import attention, cross_entropy, dropout_add_layer_norm, ffn, glu, philox
+    from ..triton import attention, attention_kvcache, cross_entropy, dropout_add_layer_norm, ffn, glu, philox
 
-    return [attention, cross_entropy, dropout_add_layer_norm, ffn, glu, philox]
+    return [attention, attention_kvcache, cross_entropy, dropout_add_layer_norm, ffn, glu, philox]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +61,19 @@ def _attention(dtype, d, masked):
     seed = _seed(p)
     out, lse2 = attention_fwd(q, k, v, kpm, masked, p, d**-0.5, seed)
     attention_bwd(torch.empty_like(out), q, k, v, out, lse2, kpm, masked, p, d**-0.5, seed)
+
+
+def _attention_kvcache(dtype, d, full):
+    from ..triton.attention_kvcache import attention_with_kvcache_fwd
+
+    b, hq, hkv, lmax = 8, 32, 8, 4096
+    lq = 4 if full else 1
+    q = _t(b, lq, hq, d, dtype=dtype)
+    k_cache, v_cache = _t(b, lmax, hkv, d, dtype=dtype), _t(b, lmax, hkv, d, dtype=dtype)
+    seqlens = torch.empty(b, dtype=torch.int32, device="cuda")
+    k, v = (_t(b, lq, hkv, d, dtype=dtype), _t(b, lq, hkv, d, dtype=dtype)) if full else (None, None)
+    kpm = torch.empty(b, lmax, dtype=torch.bool, device="cuda") if full else None
+    attention_with_kvcache_fwd(q, k_cache, v_cache, seqlens, k, v, kpm, full, d**-0.5, 4 if full else 1)
 
 
 def _ffn(dtype, activation, p, has_bias=True, d=1024, hidden=4096, tokens=4096):
@@ -120,6 +136,11 @@ def problems() -> list[Problem]:
             for masked in (False, True) if name == "fp16" else (True,):
                 label = f"attention {name} d={d} " + ("causal+padding+dropout gqa4 L=1000" if masked else "L=1024")
                 out.append(Problem(label, lambda dtype=dtype, d=d, masked=masked: _attention(dtype, d, masked)))
+    for name, dtype in DTYPES.items():
+        for d in (64, 128, 256):
+            for full in (False, True) if name == "fp16" else (True,):
+                label = f"attention_kvcache {name} d={d} " + ("Lq=4 append+padding gqa4 splits=4" if full else "Lq=1")
+                out.append(Problem(label, lambda dtype=dtype, d=d, full=full: _attention_kvcache(dtype, d, full)))
     for name, dtype in DTYPES.items():
         variants = [("relu", 0.1), ("gelu", 0.0), ("gelu_tanh", 0.1), ("none", 0.0)]
         for activation, p in variants if name == "fp16" else [("gelu_tanh", 0.1)]:

@@ -7,6 +7,10 @@ search runs all sentences' beams as one batch of B·K rows and reorders the self
 by index after each step; the cross-attention caches need no reordering (a beam never leaves its
 sentence). Finished hypotheses stay in the beam, extended by padding at no cost, and the best is
 chosen by GNMT's length-normalised score log P / ((5 + |Y|) / 6)^α.
+
+``static=True`` runs the same search with fixed shapes (:mod:`.static_decoding`): full
+preallocated caches, the step counter on the device, beams reordered into preallocated buffers,
+and on a GPU each step captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import static_decoding
 from .transformer import EncoderDecoder
 
 
@@ -74,13 +79,27 @@ class _EvalMode:
 
 
 @torch.inference_mode()
-def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: int | None = None, use_cache: bool = True) -> Tensor:
+def greedy_decode(
+    model: EncoderDecoder,
+    src: Tensor,
+    max_len: int | None = None,
+    use_cache: bool = True,
+    static: bool = False,
+    cuda_graph: bool = True,
+    sync_every: int = 8,
+) -> Tensor:
     """Greedy translation of ``src`` [B, S]: tokens [B, <= max_len] without BOS, EOS included,
-    padding after it. ``use_cache=False`` recomputes the whole prefix every step (for checking)."""
+    padding after it. ``use_cache=False`` recomputes the whole prefix every step (for checking).
+    ``static=True`` decodes with fixed shapes, replaying one CUDA graph per step on a GPU unless
+    ``cuda_graph=False``, and checks for the end every ``sync_every`` steps."""
     c = model.config
+    if static and not use_cache:
+        raise ValueError("greedy_decode: static=True decodes with the KV cache; it needs use_cache=True")
     with _EvalMode(model):
         memory, src_kpm = model.encode(src)
         max_len = _max_len(model, src, max_len)
+        if static:
+            return static_decoding.decode(model, memory, src_kpm, max_len, None, 0.0, cuda_graph, sync_every)
         tokens = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         cache = DecoderCache(model, memory, src_kpm, max_len) if use_cache else None
@@ -99,19 +118,33 @@ def greedy_decode(model: EncoderDecoder, src: Tensor, max_len: int | None = None
 
 @torch.inference_mode()
 def beam_search(
-    model: EncoderDecoder, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len: int | None = None
+    model: EncoderDecoder,
+    src: Tensor,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    max_len: int | None = None,
+    use_cache: bool = True,
+    static: bool = False,
+    cuda_graph: bool = True,
+    sync_every: int = 8,
 ) -> Tensor:
     """Beam search over ``src`` [B, S], all sentences batched: the best hypothesis per sentence by
-    GNMT's length-normalised score, as tokens [B, <= max_len] (no BOS; EOS, then padding)."""
+    GNMT's length-normalised score, as tokens [B, <= max_len] (no BOS; EOS, then padding).
+    ``use_cache``, ``static``, ``cuda_graph``, ``sync_every``: as for :func:`greedy_decode`."""
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    if static and not use_cache:
+        raise ValueError("beam_search: static=True decodes with the KV cache; it needs use_cache=True")
     c = model.config
     b, k, v = src.shape[0], beam_size, c.tgt_vocab_size
     dev = src.device
     with _EvalMode(model):
         memory, src_kpm = model.encode(src)
         max_len = _max_len(model, src, max_len)
-        cache = DecoderCache(model, memory.repeat_interleave(k, 0), src_kpm.repeat_interleave(k, 0), max_len)
+        if static:
+            return static_decoding.decode(model, memory, src_kpm, max_len, k, length_penalty, cuda_graph, sync_every)
+        memory, src_kpm = memory.repeat_interleave(k, 0), src_kpm.repeat_interleave(k, 0)
+        cache = DecoderCache(model, memory, src_kpm, max_len) if use_cache else None
         tokens = torch.full((b * k, 1), c.bos_id, dtype=torch.long, device=dev)
         scores = torch.zeros(b, k, device=dev)
         scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
@@ -122,7 +155,10 @@ def beam_search(
         pad_only[c.pad_id] = 0.0
         sentence_base = torch.arange(b, device=dev)[:, None] * k
         for t in range(max_len):
-            h = decode_step(model, cache, tokens[:, -1], t)
+            if cache is not None:
+                h = decode_step(model, cache, tokens[:, -1], t)
+            else:
+                h = model.decode(tokens, memory, src_kpm)[:, -1]
             logp = F.log_softmax(model.logits(h).float(), dim=-1)
             logp = torch.where(finished[:, None], pad_only, logp)
             top, idx = (scores.view(-1, 1) + logp).view(b, k * v).topk(k, dim=1)
@@ -133,7 +169,8 @@ def beam_search(
             lengths = lengths + (~finished).long()
             finished = finished | (tok == c.eos_id)
             scores = top
-            cache.reorder(rows)
+            if cache is not None:
+                cache.reorder(rows)
             if bool(finished.all()):
                 break
         normalised = scores.view(-1) / ((5.0 + lengths.float()) / 6.0) ** length_penalty

@@ -148,4 +148,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 dropout_p=self.dropout if self.training else 0.0,
             ),
         )
-        return fused_linear(o.reshape(*q.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+        return self.project_out(o)
+
+    def project_out(self, o: Tensor) -> Tensor:
+        """The output projection of attention's heads ``o`` [B, L, H, D]: [B, L, E]."""
+        return fused_linear(o.reshape(*o.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)

@@ -19,15 +19,18 @@ from .._extension import loaded as _extension_loaded
 NAMESPACE = "transformer_kernels"
 
 
-def kernel_op(name: str, fake: Callable) -> Callable[[Callable], torch.library.CustomOpDef]:
+def kernel_op(
+    name: str, fake: Callable, mutates_args: tuple[str, ...] = ()
+) -> Callable[[Callable], torch.library.CustomOpDef]:
     """Decorator: register ``fn`` as the custom op ``transformer_kernels::<name>`` with ``fake``.
 
     ``fn``'s annotations give the op's schema (keep ``typing.Optional``: torch 2.11 parses it);
     its last argument is the backend name, which ``fn`` passes to ``backends.kernel``.
+    ``mutates_args`` names the arguments ``fn`` writes in place (the schema's ``Tensor(a!)``).
     """
 
     def register(fn: Callable) -> torch.library.CustomOpDef:
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn)
         op.register_fake(fake)
         if _extension_loaded() and hasattr(torch.ops.tk_C, name):
             torch.library.register_fake(f"tk_C::{name}")(lambda *args: fake(*args, "cuda"))

@@ -124,7 +124,15 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--average", type=int, default=1, help="average the last K checkpoints' weights")
     parser.add_argument("--beam-size", type=int, default=4, help="1: greedy")
     parser.add_argument("--length-penalty", type=float, default=0.6)
-    parser.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=2048, help="source tokens per decoding batch (padding included)"
+    )
+    parser.add_argument(
+        "--decoding",
+        choices=("static", "cached", "recompute"),
+        default="static",
+        help="static: fixed shapes, CUDA graphs on a GPU (default); cached: KV cache; recompute: no cache",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", help="force the kernels' backend; default auto")
 
@@ -180,9 +188,18 @@ def run_translate(args) -> int:
     except USER_ERRORS as e:
         print(f"translate: error: {e}", file=sys.stderr)
         return 2
-    out = translate(
-        model, tokenizer, texts, args.beam_size, args.length_penalty, args.batch_size, progress=sys.stderr.isatty()
+    out, throughput = translate(
+        model,
+        tokenizer,
+        texts,
+        args.beam_size,
+        args.length_penalty,
+        args.batch_tokens,
+        args.decoding,
+        progress=sys.stderr.isatty(),
+        return_throughput=True,
     )
+    print(f"translate: {throughput}", file=sys.stderr)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in out)
@@ -221,14 +238,16 @@ def run_evaluate(args) -> int:
         return 2
     data = tokenize_pairs(pairs, tokenizer, max_len=model.config.max_positions - 1)
     loss = evaluate_loss(model, data, batch_tokens=max(4096, model.config.max_positions))
-    hyps = translate(
+    hyps, throughput = translate(
         model,
         tokenizer,
         [s for s, _ in pairs],
         args.beam_size,
         args.length_penalty,
-        args.batch_size,
+        args.batch_tokens,
+        args.decoding,
         progress=sys.stderr.isatty(),
+        return_throughput=True,
     )
     score, signature = bleu(hyps, [t for _, t in pairs])
     print(f"{name}: {len(pairs)} sentences ({data.dropped} too long for the loss)")
@@ -236,4 +255,5 @@ def run_evaluate(args) -> int:
     print(f"BLEU {score.score:.2f} (beam {args.beam_size}, length penalty {args.length_penalty})")
     print(f"{score}")
     print(f"signature: {signature}")
+    print(f"decoding ({args.decoding}): {throughput}")
     return 0
