@@ -20,6 +20,7 @@ import transformer_kernels as tk
 from transformer_kernels.ops.attention import OP as ATTENTION_OP
 from transformer_kernels.ops.attention import _bwd as _attention_bwd
 from transformer_kernels.ops.attention import _fwd as _attention_fwd
+from transformer_kernels.ops.attention_varlen import OP as VARLEN_OP
 from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
 from transformer_kernels.ops.dropout_add_layer_norm import OP as DLA_OP
 from transformer_kernels.ops.dropout_add_layer_norm import _bwd as _dla_bwd
@@ -59,6 +60,11 @@ def _dla_block(x, r, w, b, backend, dropout_p):
 
 def _attention_block(q, k, v, kpm, backend, dropout_p):
     out = tk.attention(torch.tanh(q), k, v, causal=True, key_padding_mask=kpm, dropout_p=dropout_p, backend=backend)
+    return out * 2 + q
+
+
+def _varlen_block(q, k, v, cu_q, cu_k, backend, dropout_p):
+    out = tk.attention_varlen(torch.tanh(q), k, v, cu_q, cu_k, 9, 13, causal=True, dropout_p=dropout_p, backend=backend)
     return out * 2 + q
 
 
@@ -128,6 +134,17 @@ def _attention_case(backend, dropout_p):
     return Compiled(_attention_block, (q, k, v, kpm, backend, dropout_p), (q, k, v), rng_seed=1)
 
 
+def _varlen_case(backend, dropout_p):
+    torch.manual_seed(0)
+    dev = device()
+    cu_q = torch.tensor([0, 9, 9, 10], dtype=torch.int32, device=dev)  # lengths 9, 0, 1
+    cu_k = torch.tensor([0, 13, 15, 15], dtype=torch.int32, device=dev)  # lengths 13, 2, 0
+    q = torch.randn(10, 2, 16, device=dev).requires_grad_()
+    k = torch.randn(15, 1, 16, device=dev).requires_grad_()
+    v = torch.randn(15, 1, 16, device=dev).requires_grad_()
+    return Compiled(_varlen_block, (q, k, v, cu_q, cu_k, backend, dropout_p), (q, k, v), rng_seed=1)
+
+
 def _ffn_case(backend, dropout_p):
     if dropout_p == 0:
         torch.manual_seed(0)
@@ -166,6 +183,7 @@ def _glu_case(backend, dropout_p):
 COMPILE_CASES = {
     "dropout_add_layer_norm": _dla_case,
     "attention": _attention_case,
+    "attention_varlen": _varlen_case,
     "ffn": _ffn_case,
     "cross_entropy": _ce_case,
     "glu": _glu_case,
@@ -189,6 +207,12 @@ def _compile_params():
         for comp, p in (("aot_eager", 0.0), ("aot_eager", 0.3), ("inductor", 0.0)):
             yield "attention", b, comp, p
 
+    # The reference loops over the sequences on the host (a graph break); native and the kernels trace.
+    yield from (("attention_varlen", "native", "aot_eager", p) for p in (0.0, 0.3))
+    for b in kernel_backends(VARLEN_OP):
+        for comp, p in (("aot_eager", 0.0), ("aot_eager", 0.3), ("inductor", 0.0)):
+            yield "attention_varlen", b, comp, p
+
     ffn_kernels = kernel_backends(FFN_OP)
     for b in ["reference"] + ffn_kernels:
         yield "ffn", b, "aot_eager", 0.0
@@ -210,7 +234,7 @@ def _compile_params():
 
 @pytest.mark.parametrize("case, backend, compiler, dropout_p", list(_compile_params()))
 def test_compile_fullgraph(monkeypatch, case, backend, compiler, dropout_p):
-    if case == "attention":
+    if case in ("attention", "attention_varlen"):
         # one tile config on a GPU: autotuning every shape would cost minutes of compiles
         monkeypatch.setenv("TK_AUTOTUNE", "0")
     torch._dynamo.reset()

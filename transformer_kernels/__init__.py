@@ -3,6 +3,7 @@
 Public API::
 
     attention(q, k, v, ...)                         fused attention (causal, padding, dropout, GQA)
+    attention_varlen(q, k, v, cu_seqlens_q, ...)    the same over packed variable-length sequences
     cross_entropy(logits, target, ...)              label-smoothed cross-entropy, loss + gradient fused
     linear_cross_entropy(hidden, weight, target)    output layer + cross-entropy, logits never materialised
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
@@ -19,13 +20,23 @@ Public API::
 from . import nn, reference
 from .backends import BackendError, available_backends, get_backend, set_backend, use_backend
 from .nn import convert
-from .ops import attention, cross_entropy, dropout_add_layer_norm, ffn, fused_linear, glu, linear_cross_entropy
+from .ops import (
+    attention,
+    attention_varlen,
+    cross_entropy,
+    dropout_add_layer_norm,
+    ffn,
+    fused_linear,
+    glu,
+    linear_cross_entropy,
+)
 
 __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads it from here
 
 __all__ = [
     "BackendError",
     "attention",
+    "attention_varlen",
     "available_backends",
     "convert",
     "cross_entropy",
