@@ -335,3 +335,19 @@ def test_value_checks_can_be_switched_off():
         tk.attention_varlen(**bad_dtype, check_seqlens=False)
     out = tk.attention_varlen(**args, check_seqlens=False, backend="reference")  # not read: no error
     assert out.shape == args["q"].shape
+
+
+# --- GPU only: the larger sizes ------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize(
+    "options", [{}, dict(causal=True), dict(causal=True, dropout_p=0.1)], ids=["full", "causal", "causal_dropout"]
+)
+def test_matches_reference_large(backend, d, options):
+    """Many sequences of every length class (0, 1, odd, past the tiles) with GQA, in bf16."""
+    lens_q = [1023, 0, 1, 17, 2047, 113, 640, 0, 5]
+    lens_k = [1023, 3, 0, 17, 2047, 200, 513, 0, 5]
+    _compare(backend, torch.bfloat16, lens_q, lens_k, 8, 2, d, **options)

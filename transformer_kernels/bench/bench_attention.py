@@ -255,13 +255,13 @@ def _flash_attn_varlen():
 
 def _varlen_impls(device: torch.device) -> dict[str, tuple]:
     """name -> (fn, layout, why not): ``fn`` takes the packed inputs ``(q, k, v, cu, max_len,
-    causal)`` or the padded ``(q, k, v, key_padding_mask, causal)``, as ``layout`` says."""
+    causal)`` or the padded ``(q, k, v, causal, key_padding_mask)``, as ``layout`` says."""
 
     def varlen(backend):
         return lambda q, k, v, cu, m, causal: tk.attention_varlen(q, k, v, cu, cu, m, m, causal=causal, backend=backend)
 
     def padded(backend):
-        return lambda q, k, v, kpm, causal: tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
+        return lambda q, k, v, causal, kpm: tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
 
     impls = {"sdpa_padded": (_sdpa_impl(), "padded", None)}
     if device.type != "cuda":
@@ -284,7 +284,7 @@ def _varlen_impls(device: torch.device) -> dict[str, tuple]:
 
 
 def _varlen_inputs(lengths, max_len, heads, d, dtype, device, causal, seed):
-    """{"packed": ((q, k, v, cu, max_len, causal), dout), "padded": ((q, k, v, kpm, causal), dout)}:
+    """{"packed": ((q, k, v, cu, max_len, causal), dout), "padded": ((q, k, v, causal, kpm), dout)}:
     the same sentences both ways."""
     torch.manual_seed(seed)
     total = sum(lengths)
@@ -302,7 +302,7 @@ def _varlen_inputs(lengths, max_len, heads, d, dtype, device, causal, seed):
     padded = tuple(pad(t).requires_grad_() for t in (q, k, v))
     return {
         "packed": ((*packed, cu, max_len, causal), dout),
-        "padded": ((*padded, kpm, causal), pad(dout)),
+        "padded": ((*padded, causal, kpm), pad(dout)),
     }
 
 
@@ -335,7 +335,7 @@ def run_varlen(quick, dtypes, device) -> Report:
                     inputs = _varlen_inputs(lengths, max_len, HEADS, d, dt, device, causal, 0)
                     sets = {layout: [inputs[layout]] for layout in inputs}  # one input set each
                     padded_args = inputs["padded"][0]
-                    kpm = padded_args[3]
+                    kpm = padded_args[4]
                     with torch.no_grad():
                         expected = _sdpa_impl()(*padded_args)[~kpm]  # the real rows, packed
                     timings, notes = {}, {}
