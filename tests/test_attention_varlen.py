@@ -162,6 +162,22 @@ def test_long_sequence_among_short(backend):
     _compare(backend, torch.float16, [1023, 0, 17, 1], [1023, 0, 17, 1], 1, 1, 16, causal=True)
 
 
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("min_programs, splits", [(1, 1), (4, 2)], ids=["one_program_per_group", "two_splits"])
+def test_gqa_dkdv_splits(monkeypatch, min_programs, splits):
+    """dK/dV of a group of 4 query heads summed by 1 or 2 programs per key tile (4 in CASES: the
+    interpreter's default), the packed partials' layout included."""
+    from transformer_kernels.triton import attention as tri
+
+    if device().type == "cuda":
+        monkeypatch.setattr(tri, "_min_programs", lambda dev: min_programs)
+    else:
+        monkeypatch.setattr(tri, "_INTERPRET_MIN_PROGRAMS", min_programs)
+    # 3 sequences x 1 key/value head x one 64-key tile (max_seqlen_k 33) = 3 programs without a split
+    assert tri._dkdv_splits(4, 3, min_programs) == splits
+    _compare("triton", torch.bfloat16, [17, 0, 40], [33, 5, 0], 4, 1, 32, causal=True, dropout_p=0.2)
+
+
 # --- against padded attention -------------------------------------------------------------------
 
 
