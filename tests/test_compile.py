@@ -20,6 +20,9 @@ import transformer_kernels as tk
 from transformer_kernels.ops.attention import OP as ATTENTION_OP
 from transformer_kernels.ops.attention import _bwd as _attention_bwd
 from transformer_kernels.ops.attention import _fwd as _attention_fwd
+from transformer_kernels.ops.attention_varlen import OP as VARLEN_OP
+from transformer_kernels.ops.attention_varlen import _bwd as _varlen_bwd
+from transformer_kernels.ops.attention_varlen import _fwd as _varlen_fwd
 from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
 from transformer_kernels.ops.dropout_add_layer_norm import OP as DLA_OP
 from transformer_kernels.ops.dropout_add_layer_norm import _bwd as _dla_bwd
@@ -59,6 +62,11 @@ def _dla_block(x, r, w, b, backend, dropout_p):
 
 def _attention_block(q, k, v, kpm, backend, dropout_p):
     out = tk.attention(torch.tanh(q), k, v, causal=True, key_padding_mask=kpm, dropout_p=dropout_p, backend=backend)
+    return out * 2 + q
+
+
+def _varlen_block(q, k, v, cu_q, cu_k, backend, dropout_p):
+    out = tk.attention_varlen(torch.tanh(q), k, v, cu_q, cu_k, 9, 13, causal=True, dropout_p=dropout_p, backend=backend)
     return out * 2 + q
 
 
@@ -128,6 +136,17 @@ def _attention_case(backend, dropout_p):
     return Compiled(_attention_block, (q, k, v, kpm, backend, dropout_p), (q, k, v), rng_seed=1)
 
 
+def _varlen_case(backend, dropout_p):
+    torch.manual_seed(0)
+    dev = device()
+    cu_q = torch.tensor([0, 9, 9, 10], dtype=torch.int32, device=dev)  # lengths 9, 0, 1
+    cu_k = torch.tensor([0, 13, 15, 15], dtype=torch.int32, device=dev)  # lengths 13, 2, 0
+    q = torch.randn(10, 2, 16, device=dev).requires_grad_()
+    k = torch.randn(15, 1, 16, device=dev).requires_grad_()
+    v = torch.randn(15, 1, 16, device=dev).requires_grad_()
+    return Compiled(_varlen_block, (q, k, v, cu_q, cu_k, backend, dropout_p), (q, k, v), rng_seed=1)
+
+
 def _ffn_case(backend, dropout_p):
     if dropout_p == 0:
         torch.manual_seed(0)
@@ -166,6 +185,7 @@ def _glu_case(backend, dropout_p):
 COMPILE_CASES = {
     "dropout_add_layer_norm": _dla_case,
     "attention": _attention_case,
+    "attention_varlen": _varlen_case,
     "ffn": _ffn_case,
     "cross_entropy": _ce_case,
     "glu": _glu_case,
@@ -189,6 +209,12 @@ def _compile_params():
         for comp, p in (("aot_eager", 0.0), ("aot_eager", 0.3), ("inductor", 0.0)):
             yield "attention", b, comp, p
 
+    # The reference loops over the sequences on the host (a graph break); native and the kernels trace.
+    yield from (("attention_varlen", "native", "aot_eager", p) for p in (0.0, 0.3))
+    for b in kernel_backends(VARLEN_OP):
+        for comp, p in (("aot_eager", 0.0), ("aot_eager", 0.3), ("inductor", 0.0)):
+            yield "attention_varlen", b, comp, p
+
     ffn_kernels = kernel_backends(FFN_OP)
     for b in ["reference"] + ffn_kernels:
         yield "ffn", b, "aot_eager", 0.0
@@ -210,7 +236,7 @@ def _compile_params():
 
 @pytest.mark.parametrize("case, backend, compiler, dropout_p", list(_compile_params()))
 def test_compile_fullgraph(monkeypatch, case, backend, compiler, dropout_p):
-    if case == "attention":
+    if case in ("attention", "attention_varlen"):
         # one tile config on a GPU: autotuning every shape would cost minutes of compiles
         monkeypatch.setenv("TK_AUTOTUNE", "0")
     torch._dynamo.reset()
@@ -337,6 +363,23 @@ def _attention_opchecks(backend):
         yield _bwd, bwd_args
 
 
+def _varlen_opchecks(backend):
+    torch.manual_seed(0)
+    dev = device()
+    cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=dev)  # lengths 5, 0, 9
+    cu_k = torch.tensor([0, 17, 18, 18], dtype=torch.int32, device=dev)  # lengths 17, 1, 0
+    q = torch.randn(14, 2, 16, device=dev)
+    k = torch.randn(18, 1, 16, device=dev)
+    v = torch.randn(18, 1, 16, device=dev)
+    seed = torch.tensor(7)
+    for p, causal in ((0.0, False), (0.25, True)):
+        sizes = (cu_q, cu_k, 9, 17, causal, p, 0.25, seed if p else None, backend)
+        fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *sizes)
+        yield _varlen_fwd, fwd_args
+        out, lse = _varlen_fwd(*_detached(fwd_args))
+        yield _varlen_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *sizes)
+
+
 def _ffn_opchecks(backend):
     _fwd, _bwd = _ffn_fwd, _ffn_bwd
     torch.manual_seed(0)
@@ -382,6 +425,7 @@ def _glu_opchecks(backend):
 OPCHECK_CASES = {
     "dropout_add_layer_norm": (DLA_OP, _dla_opchecks),
     "attention": (ATTENTION_OP, _attention_opchecks),
+    "attention_varlen": (VARLEN_OP, _varlen_opchecks),
     "ffn": (FFN_OP, _ffn_opchecks),
     "cross_entropy": (CE_OP, _ce_opchecks),
     "glu": (GLU_OP, _glu_opchecks),
@@ -399,7 +443,7 @@ def _opcheck_params():
 
 @pytest.mark.parametrize("case, backend", list(_opcheck_params()))
 def test_opcheck_custom_ops(monkeypatch, case, backend):
-    if case == "attention":
+    if case in ("attention", "attention_varlen"):
         monkeypatch.setenv("TK_AUTOTUNE", "0")
     for custom_op, args in OPCHECK_CASES[case][1](backend):
         torch.library.opcheck(custom_op, args)

@@ -4,6 +4,7 @@ Public API::
 
     attention(q, k, v, ...)                         fused attention (causal, padding, dropout, GQA)
     attention_with_kvcache(q, k_cache, ...)         a decoding step over a KV cache, appending in place
+    attention_varlen(q, k, v, cu_seqlens_q, ...)    the same over packed variable-length sequences
     cross_entropy(logits, target, ...)              label-smoothed cross-entropy, loss + gradient fused
     linear_cross_entropy(hidden, weight, target)    output layer + cross-entropy, logits never materialised
     dropout_add_layer_norm(...)                     fused residual + dropout + LayerNorm/RMSNorm
@@ -22,6 +23,7 @@ from .backends import BackendError, available_backends, get_backend, set_backend
 from .nn import convert
 from .ops import (
     attention,
+    attention_varlen,
     attention_with_kvcache,
     cross_entropy,
     dropout_add_layer_norm,
@@ -37,6 +39,7 @@ __all__ = [
     "BackendError",
     "attention",
     "attention_with_kvcache",
+    "attention_varlen",
     "available_backends",
     "convert",
     "cross_entropy",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.attention import attention_ref
+from ..reference.attention import attention_ref, attention_varlen_ref
 from ..reference.philox import dropout_scale
 
 
@@ -68,8 +68,8 @@ def attention(
     keep_mask: Tensor | None = None,
 ):
     """As :func:`~transformer_kernels.reference.attention_ref`."""
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    b, lq, _, d = q.shape
+    lk = k.shape[1]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     if lq == 0 or lk == 0 or b == 0:
         return attention_ref(
@@ -83,12 +83,24 @@ def attention(
             return_lse=return_lse,
             keep_mask=keep_mask,
         )
+    vis = _visible(lq, lk, causal, key_padding_mask, q.device)
+    # SDPA's flags say it all (and no row is empty) without padding, and causal only where Lq == Lk
+    flags_only = key_padding_mask is None and (not causal or lq == lk)
+    return _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, is_causal=causal if flags_only else None)
+
+
+def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=None):
+    """Attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] where ``vis`` (bool, broadcast to
+    [B, 1, Lq, Lk]) is True, with the package's semantics (rows without keys give zeros, the
+    Philox ``keep_mask``). ``is_causal``: not None when SDPA's own flag says what ``vis`` does
+    (no mask is then passed, and the kernel skips blocks)."""
+    b, lq, hq, _ = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
 
     def masked_scores() -> Tensor:  # [B, Hq, Lq, Lk] in fp32 (or wider), -inf where not visible
         return _scores(q, k, scale, compute).masked_fill(~vis, float("-inf"))
 
-    vis = _visible(lq, lk, causal, key_padding_mask, q.device)
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("attention: dropout_p > 0 needs the keep-mask")
@@ -102,8 +114,8 @@ def attention(
 
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = hkv != hq
-    if key_padding_mask is None and (not causal or lq == lk):  # SDPA's flags say it all; no row is empty
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
+    if is_causal is not None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     else:
         empty = ~vis.any(-1, keepdim=True)  # rows that see no key
         # Eager, the check (no device sync on a CPU) spares a masked copy of the output and of its
@@ -118,3 +130,80 @@ def attention(
         return out
     with torch.no_grad():
         return out, torch.logsumexp(masked_scores(), dim=-1).float()
+
+
+def _packed_layout(cu_seqlens: Tensor, total: int, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """Where the ``total`` packed tokens of ``cu_seqlens`` sit in the padded [B, max_seqlen]
+    layout: each token's flat padded position (int64 [total]), and the sequence lengths (int64
+    [B]). Index arithmetic on the device: no host sync, static shapes (traceable)."""
+    cu = cu_seqlens.long()
+    tokens = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], tokens, right=True)  # the sequence of each token
+    return seq * max_seqlen + (tokens - cu[seq]), cu[1:] - cu[:-1]
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    keep_mask: Tensor | None = None,
+):
+    """As :func:`~transformer_kernels.reference.attention_varlen_ref`: the sequences scattered into
+    the padded [B, max_seqlen, H, D] layout (zeros between them), one SDPA call over all of them
+    with each pair's own mask (its lengths, causal bottom-right within it), the padding rows dropped.
+    The padding costs compute (the CPU kernel has no varlen form) but no Python loop over sequences."""
+    total_q, hq, d = q.shape
+    total_k = k.shape[0]
+    bsz = cu_seqlens_q.numel() - 1
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    if bsz == 0 or total_q == 0 or total_k == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return attention_varlen_ref(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal=causal,
+            dropout_p=dropout_p,
+            softmax_scale=scale,
+            return_lse=return_lse,
+            keep_mask=keep_mask,
+        )
+    pos_q, len_q = _packed_layout(cu_seqlens_q, total_q, max_seqlen_q)
+    pos_k, len_k = _packed_layout(cu_seqlens_k, total_k, max_seqlen_k)
+
+    def padded(t: Tensor, pos: Tensor, rows: int) -> Tensor:  # [total, H, D] -> [B, rows, H, D]
+        flat = t.new_zeros((bsz * rows, *t.shape[1:])).index_copy(0, pos, t)
+        return flat.view(bsz, rows, *t.shape[1:])
+
+    i = torch.arange(max_seqlen_q, device=q.device)[None, :, None]
+    j = torch.arange(max_seqlen_k, device=q.device)[None, None, :]
+    vis = j < len_k[:, None, None]  # [B, 1 or max_q, max_k]
+    if causal:
+        vis = vis & (j <= i + (len_k - len_q)[:, None, None])
+    res = _attend(
+        padded(q, pos_q, max_seqlen_q),
+        padded(k, pos_k, max_seqlen_k),
+        padded(v, pos_k, max_seqlen_k),
+        vis[:, None],
+        scale,
+        dropout_p,
+        keep_mask,
+        return_lse,
+    )
+    out, lse = res if return_lse else (res, None)
+    out = out.reshape(bsz * max_seqlen_q, hq, d).index_select(0, pos_q)
+    if not return_lse:
+        return out
+    return out, lse.transpose(0, 1).reshape(hq, bsz * max_seqlen_q).index_select(1, pos_q)

@@ -86,3 +86,74 @@ def attention_ref(
         return out
     lse = torch.logsumexp(scores.detach(), dim=-1).float()
     return out, lse
+
+
+def attention_varlen_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    seed: int | Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    upcast: bool = True,
+):
+    """The specification of ``attention_varlen``: :func:`attention_ref` on each sequence.
+
+    ``q`` [total_q, Hq, D] holds B sequences back to back, sequence ``b`` at rows
+    ``cu_seqlens_q[b]`` to ``cu_seqlens_q[b + 1] - 1``; ``k``, ``v`` [total_k, Hkv, D] likewise
+    with ``cu_seqlens_k``; query sequence ``b`` attends to key sequence ``b`` alone, causal
+    aligned bottom-right within the pair. It is ``attention`` on the B sequences padded to
+    ``max_seqlen_q`` queries and ``max_seqlen_k`` keys (padded keys masked), padding rows dropped,
+    and its dropout mask is that padded call's: the Philox mask over [B · Hq · max_seqlen_q,
+    max_seqlen_k], query ``i`` of sequence ``b`` at row ``(b · Hq + h) · max_seqlen_q + i``, key
+    ``j`` at column ``j`` (``keep_mask``, if given, is that mask as [B, Hq, max_seqlen_q,
+    max_seqlen_k] bool).
+
+    Returns ``out`` [total_q, Hq, D] in q's dtype, or ``(out, lse)`` with ``return_lse`` (lse fp32
+    [Hq, total_q], -inf on rows that see no key, not differentiable).
+    """
+    hq, d = q.shape[1], q.shape[2]
+    bsz = cu_seqlens_q.numel() - 1
+    if softmax_scale is None:
+        softmax_scale = d**-0.5
+    if dropout_p > 0.0 and keep_mask is None:
+        if seed is None:
+            raise ValueError("attention_varlen_ref: dropout_p > 0 needs a seed or a keep_mask")
+        rows = bsz * hq * max_seqlen_q
+        keep_mask = dropout_keep_mask(seed, dropout_p, rows, max_seqlen_k, q.device)
+        keep_mask = keep_mask.view(bsz, hq, max_seqlen_q, max_seqlen_k)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(bsz):
+        qb, kb, vb = q[cq[b] : cq[b + 1]][None], k[ck[b] : ck[b + 1]][None], v[ck[b] : ck[b + 1]][None]
+        keep = None
+        if dropout_p > 0.0:
+            keep = keep_mask[b : b + 1, :, : qb.shape[1], : kb.shape[1]]
+        res = attention_ref(
+            qb,
+            kb,
+            vb,
+            causal=causal,
+            dropout_p=dropout_p,
+            softmax_scale=softmax_scale,
+            return_lse=return_lse,
+            keep_mask=keep,
+            upcast=upcast,
+        )
+        out, lse = res if return_lse else (res, None)
+        outs.append(out[0])
+        if return_lse:
+            lses.append(lse[0])
+    out = torch.cat(outs) if outs else q.clone()  # no sequence: q is [0, Hq, D]
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=-1) if lses else q.new_empty((hq, q.shape[0]), dtype=torch.float32)
+    return out, lse
