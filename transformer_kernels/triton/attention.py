@@ -120,11 +120,15 @@ def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
 # config: tiles smaller than the test lengths, and unequal, so the partial- and multi-tile paths run.
 #
 # Every candidate was compiled offline (Triton 3.8) for sm_80 and sm_90 with causal + padding +
-# dropout (the most registers): each fits both archs' shared memory per block (166,912 B on an
+# dropout (the most registers) and, for fp16, without either (ptxas allots registers differently:
+# plain fp16 dK/dV at d = 256 in 32 x 32 tiles on 8 warps took 128 registers and spilled 12 B
+# on sm_80, 0 B with the masks): each fits both archs' shared memory per block (166,912 B on an
 # A100, 232,448 B on an H100); each first candidate spills nothing on either, the others at most
 # SPILL_BUDGET bytes per thread: 16 four-byte values, 16 KB of local memory per 256-thread block,
 # which L1 holds; and the autotuner pays for them in its own timing (a config is picked only if it
-# is the fastest as it is). On a GPU with less shared memory
+# is the fastest as it is). The 16-bit dK/dV first candidates at d = 128 and 256 hold 16 queries
+# a step on 8 warps: with 32, the masks and dropout spilled 48 B a thread on sm_80 (d = 128);
+# 64 x 64 tiles on 4 warps at d = 64 spilled 1.4 KB there. On a GPU with less shared memory
 # (sm_86/89: 101,376 B) Triton's autotuner skips the configs that do not fit (OutOfResources), and
 # so does _launch without autotuning. fp32 runs its dots in IEEE fp32 on the CUDA cores (no mma),
 # whose operand layouts take several times the registers of a 16-bit tile's: hence its own,
@@ -143,23 +147,23 @@ _CONFIGS = {
         (2, 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
         (2, 256): [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
         (4, 64): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
-        (4, 128): [(32, 16, 8, 2), (16, 32, 8, 2)],
+        (4, 128): [(16, 32, 8, 2), (32, 16, 8, 2)],
         (4, 256): [(32, 16, 8, 2)],
     },
     "dkdv": {
-        (2, 64): [(16, 64, 4, 2), (32, 64, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3)],
-        (2, 128): [(32, 64, 8, 3), (16, 64, 4, 2)],
-        (2, 256): [(32, 32, 8, 2), (16, 32, 4, 2)],
+        (2, 64): [(16, 64, 4, 2), (32, 64, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        (2, 128): [(16, 64, 8, 2), (32, 64, 8, 3)],
+        (2, 256): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
         (4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
-        (4, 128): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
-        (4, 256): [(16, 16, 8, 2), (16, 32, 8, 2)],
+        (4, 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
+        (4, 256): [(16, 32, 8, 2), (16, 16, 8, 2)],
     },
     "dq": {
         (2, 64): [(128, 32, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
         (2, 128): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
         (2, 256): [(32, 32, 8, 2)],
         (4, 64): [(64, 16, 8, 2), (32, 32, 4, 2), (32, 32, 8, 3), (32, 32, 8, 2), (64, 32, 8, 2)],
-        (4, 128): [(32, 32, 8, 2), (32, 16, 4, 2), (64, 16, 8, 2)],
+        (4, 128): [(32, 16, 4, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
         (4, 256): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
     },
 }

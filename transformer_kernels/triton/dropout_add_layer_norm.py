@@ -333,23 +333,31 @@ def _column_sum_kernel(
 
 
 # Widest row a program keeps in registers (ONE_BLOCK_MAX), and the block that wider rows loop over
-# (LOOP_BLOCK). The backward holds more per element (w, the dw/db sums, s, dout, x̂) and runs at
-# most 8 warps, so that ptxas may use up to 255 registers a thread rather than 128; its loop
-# blocks are narrower, so that a wide row's program keeps the occupancy of a 2,048-column one.
+# (LOOP_BLOCK) with LOOP_WARPS. The backward holds more per element (w, the dw/db sums, s, dout, x̂)
+# and runs a whole row on at most 8 warps, so that ptxas may use up to 255 registers a thread
+# rather than 128. The loops run 16 warps over their block, four to eight columns a thread: with
+# 8 columns a thread on 8 warps (backward, blocks of 2,048) or 16 on 16 warps (forward, 8,192)
+# ptxas chose 40-64 registers and spilled a few words (4-8 B a thread: fp16/bf16 backward with
+# dropout, fp32 RMSNorm forward, on sm_80), where 16 warps over 2,048 columns (backward, 47-50
+# registers) and over 4,096 (forward, 30-32) spill nothing. An SM still holds 1,024 of the
+# backward's threads (two of its four 512-thread programs, by registers, as four 256-thread ones
+# before) and now 2,048 of the forward's (four programs, one a row, at <= 32 registers).
 # Checked with ptxas -v (Triton 3.8, sm_80 and sm_90): no spills at any width up to MAX_HIDDEN,
 # where a whole row in registers spilled from 8,192 columns (backward) and 16,384 (forward), up
 # to ~12 KB a thread at 65,536.
-FWD_ONE_BLOCK_MAX, FWD_LOOP_BLOCK, FWD_MAX_WARPS = 8192, 8192, 16
-BWD_ONE_BLOCK_MAX, BWD_LOOP_BLOCK, BWD_MAX_WARPS = 4096, 2048, 8
+FWD_ONE_BLOCK_MAX, FWD_MAX_WARPS, FWD_LOOP_BLOCK, FWD_LOOP_WARPS = 8192, 16, 4096, 16
+BWD_ONE_BLOCK_MAX, BWD_MAX_WARPS, BWD_LOOP_BLOCK, BWD_LOOP_WARPS = 4096, 8, 2048, 16
 
 
-def _launch_params(n: int, one_block_max: int, loop_block: int, max_warps: int) -> tuple[int, int, bool]:
+def _launch_params(
+    n: int, one_block_max: int, max_warps: int, loop_block: int, loop_warps: int
+) -> tuple[int, int, bool]:
     """(BLOCK_N, num_warps, ONE_BLOCK) for rows of n: a whole row, or blocks of ``loop_block``."""
     # >= 4: the dropout mask is drawn in groups of four columns.
     whole = max(triton.next_power_of_2(n), 4)
-    block_n = whole if whole <= one_block_max else loop_block
-    num_warps = min(max(block_n // 256, 1), max_warps)
-    return block_n, num_warps, block_n >= n
+    if whole > one_block_max:
+        return loop_block, loop_warps, False
+    return whole, min(max(whole // 256, 1), max_warps), True
 
 
 def dropout_add_layer_norm_fwd(
@@ -376,7 +384,7 @@ def dropout_add_layer_norm_fwd(
     rstd = x.new_empty(m, dtype=torch.float32)
     if m == 0:
         return out, s, mean, rstd
-    block_n, num_warps, one_block = _launch_params(n, FWD_ONE_BLOCK_MAX, FWD_LOOP_BLOCK, FWD_MAX_WARPS)
+    block_n, num_warps, one_block = _launch_params(n, FWD_ONE_BLOCK_MAX, FWD_MAX_WARPS, FWD_LOOP_BLOCK, FWD_LOOP_WARPS)
     check_grid((m,), "dropout_add_layer_norm")
     with device_ctx(x):
         _dropout_add_layer_norm_fwd_kernel[(m,)](
@@ -450,7 +458,9 @@ def dropout_add_layer_norm_bwd(
     dw_partial = dout.new_zeros(partial_shape, dtype=torch.float32) if has_w else None
     db_partial = dout.new_zeros(partial_shape, dtype=torch.float32) if has_bias else None
     if m > 0:
-        block_n, num_warps, one_block = _launch_params(n, BWD_ONE_BLOCK_MAX, BWD_LOOP_BLOCK, BWD_MAX_WARPS)
+        block_n, num_warps, one_block = _launch_params(
+            n, BWD_ONE_BLOCK_MAX, BWD_MAX_WARPS, BWD_LOOP_BLOCK, BWD_LOOP_WARPS
+        )
         c12 = dout.new_empty(0 if one_block else 2 * m, dtype=torch.float32)
         with device_ctx(dout):
             _dropout_add_layer_norm_bwd_kernel[(programs,)](

@@ -92,15 +92,30 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 # `python -m transformer_kernels.bench.bench_ffn`. Configs whose tiles overflow shared memory for
 # the operand dtype (most of the big ones, for fp32) are pruned before compiling.
 #
-# Dropout in the epilogue draws a Philox4x32-10 per element, whose state (4 words, 10 rounds) is
-# live for every accumulator element a thread holds: with more than 32 of them (BLOCK_M · BLOCK_N
-# > 32 · 32 · num_warps) ptxas spills, 0.8-6 KB per thread on sm_90 for fp16 (Triton 3.8), and
-# splitting the epilogue into sub-tiles does not stop it on sm_90 (the scheduler interleaves
-# them). With dropout only configs within that bound run, and for fp32 operands only those with
-# BLOCK_K <= 32 (the 8-warp 128 x 64 x 64 tiles spill 0.8-9 KB on sm_80 in fp32, whose IEEE dot
-# runs on FMA units). Their compiles (gelu, Triton 3.8) show no spills on sm_80 or sm_90 except
-# fp32 64 x 64 x 32 on sm_80 (8 bytes per thread: the budget). The two 8-warp 128 x 64 tiles are
-# there for fp16/bf16 with dropout.
+# What may run is judged per epilogue and operand type, from ptxas's figures (Triton 3.8, sm_80 and
+# sm_90): the accumulator elements a thread holds (BLOCK_M · BLOCK_N / (32 · num_warps)) bound
+# what else fits beside them in the 255 registers a thread may have.
+#
+# - Dropout draws a Philox4x32-10 per four elements, whose state (4 words, 10 rounds) is live for
+#   every accumulator element a thread holds: with more than 32 of them ptxas spills, 0.8-6 KB
+#   per thread on sm_90 for fp16, and splitting the epilogue into sub-tiles does not stop it on
+#   sm_90 (the scheduler interleaves them).
+# - GELU (erf's polynomial beside the stored z) and the backward's bias row sum (the A tile
+#   converted to fp32 in every K step) spill from 128 elements a thread: the big tiles, 128 x 256
+#   and 256 x 128 on 8 warps, 128 x 128 and 64 x 256 on 4, stored 276-580 B a thread to local
+#   memory with GELU and 12-92 B with the row sum. At <= 64 elements (128 x 128 x 64 on 8 warps
+#   first) nothing spills, and the tile is still one of the matmul tutorial's big mma tiles; the
+#   tanh form (exp and a reciprocal) is held to the same bound.
+# - fp32 operands with IEEE dots run on the FMA units, whose operand layouts keep a K slice of A
+#   and B per thread in registers: at 128 elements a thread or BLOCK_K = 64 they spilled 300-600
+#   B on sm_80 (the old first config, 128 x 128 x 32 on 4 warps, 564-580 on sm_80 and 80 on
+#   sm_90); at <= 64 and BLOCK_K <= 32, 128 x 64 x 32 on 4 warps first, nothing. fp32 with
+#   dropout keeps BLOCK_K <= 32 under TF32 too (its tiles are twice fp16's), and its first
+#   config is 64 x 64 x 16 on 4 warps (168 / 130 registers on sm_80 / sm_90): 64 x 64 x 32 on 4
+#   warps spilled 8 B a thread on sm_80, 32 x 64 x 32 on 2 warps 8 B on sm_90. BLOCK_K = 16 is
+#   for it alone: a 16-bit mma wants longer K steps.
+# The first candidate that may run is what TK_AUTOTUNE=0 takes, and spills nothing on either GPU;
+# the other candidates stay within the compile check's budget.
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _CONFIGS = [
@@ -113,6 +128,7 @@ _CONFIGS = [
     (64, 128, 64, 8, 3),
     (128, 64, 32, 4, 4),
     (64, 128, 32, 4, 4),
+    (64, 64, 16, 4, 4),  # fp32 with dropout only
     (64, 64, 32, 4, 4),
     (32, 64, 32, 2, 5),
 ]
@@ -130,30 +146,51 @@ _TUNE_KEY = [
     "DOT_PRECISION",
 ]
 _SMEM_BYTES = 160 * 1024  # what an A100 gives a block (an H100 gives 227 KiB)
-_DROPOUT_ACC_PER_THREAD = 32  # accumulator elements per thread that a dropout epilogue holds unspilled
 
 
-def _may_run(block_m: int, block_n: int, block_k: int, warps: int, stages: int, elt: int, dropout: bool) -> bool:
-    """Whether the pipelined A and B tiles fit in shared memory (fp32 tiles take twice fp16's) and,
-    with dropout, the accumulator is small enough per thread."""
-    if dropout and block_m * block_n > _DROPOUT_ACC_PER_THREAD * 32 * warps:
+def _acc_per_thread_max(activation: int, dropout: bool, rowsum: bool, ieee: bool) -> int:
+    """Accumulator elements a thread may hold beside the epilogue (see above)."""
+    if dropout:
+        return 32
+    if activation >= ACTIVATION_IDS["gelu"] or rowsum or ieee:
+        return 64
+    return 128
+
+
+def _may_run(
+    config: tuple, elt: int, *, activation: int = 0, dropout: bool = False, rowsum: bool = False, ieee: bool = False
+) -> bool:
+    """Whether the pipelined A and B tiles fit in shared memory (fp32 tiles take twice fp16's) and
+    the accumulator leaves the epilogue its registers."""
+    block_m, block_n, block_k, warps, stages = config
+    if block_m * block_n > _acc_per_thread_max(activation, dropout, rowsum, ieee) * 32 * warps:
         return False
-    if dropout and elt == 4 and block_k > 32:  # sm_80's IEEE fp32 dot (FMA) keeps its operands in registers
+    if (ieee or (dropout and elt == 4)) and block_k > 32:
+        return False
+    if block_k < 32 and not (dropout and elt == 4):
         return False
     return (block_m + block_n) * block_k * elt * stages <= _SMEM_BYTES
 
 
+def _epilogue(args: dict) -> dict:
+    """The launch arguments that decide what may run, as ``_may_run`` takes them."""
+    return dict(
+        activation=args["ACTIVATION"],
+        dropout=args["HAS_DROPOUT"],
+        rowsum=args["ROWSUM"],
+        ieee=args["DOT_PRECISION"] == "ieee",
+    )
+
+
 def _prune(configs, named_args, **kwargs):
-    elt, dropout = named_args["A"].element_size(), kwargs["HAS_DROPOUT"]
+    elt, epilogue = named_args["A"].element_size(), _epilogue(kwargs)
     tiles = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-    return [c for c in configs if _may_run(*tiles(c), elt, dropout)]
+    return [c for c in configs if _may_run(tiles(c), elt, **epilogue)]
 
 
-def _first_config(elt: int, dropout: bool) -> dict:
-    """The launch parameters without autotuning: the first candidate that may run; for fp32 with
-    dropout the last (smallest), the one that spills nothing on sm_80 (64 x 64 spills 8 bytes)."""
-    candidates = [c for c in _CONFIGS if _may_run(*c, elt, dropout)]
-    m, n, k, w, s = candidates[-1 if dropout and elt == 4 else 0]
+def _first_config(elt: int, args: dict) -> dict:
+    """The launch parameters without autotuning: the first candidate that may run."""
+    m, n, k, w, s = next(c for c in _CONFIGS if _may_run(c, elt, **_epilogue(args)))
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
 
 
@@ -333,7 +370,7 @@ def _gemm(a, b, c, *, z=None, bias=None, rowsum=None, activation="none", dropout
         if _autotune():
             _tuned_gemm[grid](*tensors, m, n, k, *strides, **args)
         else:
-            config = _INTERPRET_CONFIG if triton_interpret() else _first_config(a.element_size(), dropout_p > 0.0)
+            config = _INTERPRET_CONFIG if triton_interpret() else _first_config(a.element_size(), args)
             _gemm_kernel[grid](*tensors, m, n, k, *strides, **args, **config)
 
 
