@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kvcache_fwd_kernel(cons
         store_row<T, DPL>(vc + j * p.vc_n, lane, p.head_dim, p.vec, v);
       }
     }
-    if (p.kpm != nullptr && p.kpm[b * int64_t(p.lmax) + j]) continue;  // warp-uniform
+    if (p.kpm != nullptr && j < p.lmax && p.kpm[b * int64_t(p.lmax) + j]) continue;  // warp-uniform
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       float dot = 0.f;
