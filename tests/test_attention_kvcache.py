@@ -4,11 +4,14 @@ CUDA-graph capture on a GPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
+from transformer_kernels import _extension
 from transformer_kernels.ops.attention_kvcache import OP, _fwd, num_splits_heuristic
 from transformer_kernels.reference import attention_ref, attention_with_kvcache_ref
 
@@ -258,6 +261,35 @@ def test_opcheck(backend):
     for append, kpm in ((True, False), (False, True)):
         q, kc, vc, s, k, v, mask = _case([0, 9, 3], 2, 4, 2, 16, 24, torch.float32, append=append, padding=kpm, seed=1)
         torch.library.opcheck(_fwd, (q, kc, vc, s, k, v, mask, True, 0.25, 2, backend))
+
+
+# --- the extension's op (its kernels run in the GPU tests above) ---------------------------
+
+needs_extension = pytest.mark.skipif(
+    not (_extension.loaded() or os.environ.get("TK_REQUIRE_EXTENSION") == "1"),
+    reason=f"extension not built: {_extension.load_error()}",
+)
+
+
+@needs_extension
+def test_extension_schema_declares_the_append():
+    schema = str(torch.ops.tk_C.attention_with_kvcache_fwd.default._schema)
+    assert "Tensor(a!) k_cache, Tensor(b!) v_cache" in schema and schema.endswith("-> Tensor")
+
+
+@needs_extension
+def test_extension_fake_and_clear_errors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.tk_C.attention_with_kvcache_fwd
+    with FakeTensorMode():
+        q, kc = torch.randn(2, 3, 4, 8, device="cuda"), torch.randn(2, 16, 2, 8, device="cuda")
+        seqlens = torch.zeros(2, dtype=torch.int32, device="cuda")
+        out = op(q, kc, kc, seqlens, None, None, None, True, 0.3, 1)
+    assert out.shape == (2, 3, 4, 8) and out.dtype == torch.float32
+    q, kc, vc, s = _valid()
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor .*use backend='reference', 'native' or 'triton'"):
+        op(q, kc, vc, s, None, None, None, True, 0.3, 1)
 
 
 # --- CUDA graphs ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ backends.register_op(
     reference=backends.reference("attention_kvcache"),
     native=backends.native("attention_kvcache"),
     triton=backends.triton_kernels("attention_kvcache", check=_check_head_dim),
+    cuda=backends.cuda_kernels(check=_cuda_check),
 )
 
 

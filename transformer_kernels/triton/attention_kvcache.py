@@ -46,7 +46,7 @@ MAX_BLOCK_M = 64
 
 @triton.jit
 def _attend(
-    q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, kpm_row, scale_log2,
+    q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, kpm_row, Lmax, scale_log2,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the online softmax: q [BLOCK_M, BLOCK_D], kt [BLOCK_D, BLOCK_N], v
@@ -54,7 +54,7 @@ def _attend(
     s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     key_ok = ok
     if HAS_KPM:
-        key_ok = key_ok & (tl.load(KPM + kpm_row + offs_n, mask=ok, other=1) == 0)
+        key_ok = key_ok & (tl.load(KPM + kpm_row + offs_n, mask=ok & (offs_n < Lmax), other=0) == 0)
     vis = row_ok[:, None] & key_ok[None, :]
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= (n - Lq + qi)[:, None])
@@ -169,7 +169,7 @@ def _attention_kvcache_fwd_kernel(
         kt = tl.load(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), mask=d_ok[:, None] & ok[None, :], other=0.0)
         v = tl.load(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), mask=ok[:, None] & d_ok[None, :], other=0.0)
         m_i, l_i, acc = _attend(
-            q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, scale_log2,
+            q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, Lmax, scale_log2,
             CAUSAL, HAS_KPM, DOT_PRECISION,
         )  # fmt: skip
     if HAS_NEW:
@@ -191,7 +191,7 @@ def _attention_kvcache_fwd_kernel(
             tl.store(KC + _offsets(offs_d, stride_kcd, offs_n, stride_kcn), kt, mask=d_ok[:, None] & store[None, :])
             tl.store(VC + _offsets(offs_n, stride_vcn, offs_d, stride_vcd), v, mask=store[:, None] & d_ok[None, :])
             m_i, l_i, acc = _attend(
-                q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, scale_log2,
+                q, kt, v, offs_n, ok, m_i, l_i, acc, row_ok, qi, n, Lq, KPM, b.to(tl.int64) * Lmax, Lmax, scale_log2,
                 CAUSAL, HAS_KPM, DOT_PRECISION,
             )  # fmt: skip
 
@@ -279,7 +279,12 @@ def config(rows: int, head_dim: int, fp32: bool) -> dict:
         block_n = 16
     else:
         block_n = 64
-    return dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1 if fp32 else 2)
+    cfg = dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1 if fp32 else 2)
+    if fp32 and not triton_interpret():
+        # ptxas capped the fp32 kernel at 80 registers on sm_90 and spilled: allow it the most a
+        # thread may have (it then takes 95 to 210 by head dim and arch, no spills).
+        cfg["maxnreg"] = 255
+    return cfg
 
 
 def attention_with_kvcache_fwd(
