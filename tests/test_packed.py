@@ -201,3 +201,19 @@ def test_packed_dropout_is_seeded_and_on_in_training_only():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.loss(*packed), model.loss(*padded))
+
+
+def test_packed_dropout_equals_padded_when_no_row_is_padding():
+    """Sentences of one length on each side: the packed rows are the padded tensor's, flattened, so with the
+    same torch seed every dropout draws the same mask and the losses and gradients are the same."""
+    src_lengths, tgt_lengths = LENGTHS["seventeen"]
+    padded = sentences(src_lengths, tgt_lengths, 6)
+    packed = packed_sentences(*padded, src_lengths, tgt_lengths)
+    model = model_pair(True, torch.float32, 6, dropout=0.3)
+    results = []
+    for batch in (padded, packed):
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, *batch))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
