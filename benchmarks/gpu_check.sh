@@ -70,7 +70,7 @@ $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
 # Kernel tests first (what only a GPU can check), then the benchmarks, then the rest of the suite
 # (training, CLI, models: on the GPU they take the CUDA/bf16 paths) with whatever time is left.
 # -v streams each test's result into the log, so a step cut by its timeout still says what ran.
-KERNEL_TESTS=(tests/test_extension.py tests/test_dropout_add_layer_norm.py tests/test_attention.py
+KERNEL_TESTS=(tests/test_extension.py tests/test_dropout_add_layer_norm.py tests/test_attention.py tests/test_attention_varlen.py
   tests/test_ffn.py tests/test_cross_entropy.py tests/test_autocast.py tests/test_compile.py
   tests/test_nn_layer_norm.py tests/test_nn_transformer.py tests/test_backends.py)
 deselect=()

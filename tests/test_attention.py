@@ -563,7 +563,7 @@ def test_bench_attention_runs(tmp_path):
 SMEM_PER_BLOCK = {80: 166912, 90: 232448}
 
 
-def compile_resources(kind, dtype, block_d, config, arch):
+def compile_resources(kind, dtype, block_d, config, arch, varlen=False):
     """(shared memory bytes, registers, spill-store bytes) of one attention kernel compiled for
     ``arch`` as a launch specialises it (16-byte aligned pointers and row strides, unit head-dim
     strides), with causal + padding + dropout, read off the ptxas -v log of Triton's own compile.
@@ -580,9 +580,13 @@ def compile_resources(kind, dtype, block_d, config, arch):
 
     kernel = getattr(tri, "_attention_fwd_kernel" if kind == "fwd" else f"_attention_bwd_{kind}_kernel")
     m, n, warps, stages = config
-    consts = dict(CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n)
+    # attention_varlen: the same kernels with VARLEN (packed rows from cu_seqlens, no padding mask)
+    consts = dict(
+        CAUSAL=True, HAS_KPM=not varlen, HAS_DROPOUT=True, VARLEN=varlen, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n
+    )
     consts["DOT_PRECISION"] = "ieee" if dtype == "fp32" else None
     pointers = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "DK": "*fp32", "DV": "*fp32"}  # dK/dV: the partials
+    pointers.update(CU_Q="*i32", CU_K="*i32")
     scalars = {"seed": "i64", "scale_log2": "fp32", "softmax_scale": "fp32", "drop_scale": "fp32"}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

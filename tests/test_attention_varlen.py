@@ -162,6 +162,22 @@ def test_long_sequence_among_short(backend):
     _compare(backend, torch.float16, [1023, 0, 17, 1], [1023, 0, 17, 1], 1, 1, 16, causal=True)
 
 
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("min_programs, splits", [(1, 1), (4, 2)], ids=["one_program_per_group", "two_splits"])
+def test_gqa_dkdv_splits(monkeypatch, min_programs, splits):
+    """dK/dV of a group of 4 query heads summed by 1 or 2 programs per key tile (4 in CASES: the
+    interpreter's default), the packed partials' layout included."""
+    from transformer_kernels.triton import attention as tri
+
+    if device().type == "cuda":
+        monkeypatch.setattr(tri, "_min_programs", lambda dev: min_programs)
+    else:
+        monkeypatch.setattr(tri, "_INTERPRET_MIN_PROGRAMS", min_programs)
+    # 3 sequences x 1 key/value head x one 64-key tile (max_seqlen_k 33) = 3 programs without a split
+    assert tri._dkdv_splits(4, 3, min_programs) == splits
+    _compare("triton", torch.bfloat16, [17, 0, 40], [33, 5, 0], 4, 1, 32, causal=True, dropout_p=0.2)
+
+
 # --- against padded attention -------------------------------------------------------------------
 
 
@@ -174,7 +190,7 @@ def test_matches_padded_attention(backend, causal):
     lens = [17, 0, 40, 1]
     dtype, max_len, p = torch.float16, 40, 0.3
     torch.manual_seed(seed_for("padded", backend, causal))
-    (q, k, v), cu, _ = _packed(lens, lens, 4, 2, 32, dtype)
+    (q, k, v), cu, _ = _packed(lens, lens, 2, 1, 32, dtype)
     dout = torch.randn(q.shape, device=device())
     kw = dict(causal=causal, dropout_p=p)
 
@@ -335,3 +351,19 @@ def test_value_checks_can_be_switched_off():
         tk.attention_varlen(**bad_dtype, check_seqlens=False)
     out = tk.attention_varlen(**args, check_seqlens=False, backend="reference")  # not read: no error
     assert out.shape == args["q"].shape
+
+
+# --- GPU only: the larger sizes ------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize(
+    "options", [{}, dict(causal=True), dict(causal=True, dropout_p=0.1)], ids=["full", "causal", "causal_dropout"]
+)
+def test_matches_reference_large(backend, d, options):
+    """Many sequences of every length class (0, 1, odd, past the tiles) with GQA, in bf16."""
+    lens_q = [1023, 0, 1, 17, 2047, 113, 640, 0, 5]
+    lens_k = [1023, 3, 0, 17, 2047, 200, 513, 0, 5]
+    _compare(backend, torch.bfloat16, lens_q, lens_k, 8, 2, d, **options)

@@ -21,6 +21,8 @@ from transformer_kernels.ops.attention import OP as ATTENTION_OP
 from transformer_kernels.ops.attention import _bwd as _attention_bwd
 from transformer_kernels.ops.attention import _fwd as _attention_fwd
 from transformer_kernels.ops.attention_varlen import OP as VARLEN_OP
+from transformer_kernels.ops.attention_varlen import _bwd as _varlen_bwd
+from transformer_kernels.ops.attention_varlen import _fwd as _varlen_fwd
 from transformer_kernels.ops.cross_entropy import CE_OP, _ce_fwd, _lce_fwd
 from transformer_kernels.ops.dropout_add_layer_norm import OP as DLA_OP
 from transformer_kernels.ops.dropout_add_layer_norm import _bwd as _dla_bwd
@@ -361,6 +363,23 @@ def _attention_opchecks(backend):
         yield _bwd, bwd_args
 
 
+def _varlen_opchecks(backend):
+    torch.manual_seed(0)
+    dev = device()
+    cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=dev)  # lengths 5, 0, 9
+    cu_k = torch.tensor([0, 17, 18, 18], dtype=torch.int32, device=dev)  # lengths 17, 1, 0
+    q = torch.randn(14, 2, 16, device=dev)
+    k = torch.randn(18, 1, 16, device=dev)
+    v = torch.randn(18, 1, 16, device=dev)
+    seed = torch.tensor(7)
+    for p, causal in ((0.0, False), (0.25, True)):
+        sizes = (cu_q, cu_k, 9, 17, causal, p, 0.25, seed if p else None, backend)
+        fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *sizes)
+        yield _varlen_fwd, fwd_args
+        out, lse = _varlen_fwd(*_detached(fwd_args))
+        yield _varlen_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *sizes)
+
+
 def _ffn_opchecks(backend):
     _fwd, _bwd = _ffn_fwd, _ffn_bwd
     torch.manual_seed(0)
@@ -406,6 +425,7 @@ def _glu_opchecks(backend):
 OPCHECK_CASES = {
     "dropout_add_layer_norm": (DLA_OP, _dla_opchecks),
     "attention": (ATTENTION_OP, _attention_opchecks),
+    "attention_varlen": (VARLEN_OP, _varlen_opchecks),
     "ffn": (FFN_OP, _ffn_opchecks),
     "cross_entropy": (CE_OP, _ce_opchecks),
     "glu": (GLU_OP, _glu_opchecks),
@@ -423,7 +443,7 @@ def _opcheck_params():
 
 @pytest.mark.parametrize("case, backend", list(_opcheck_params()))
 def test_opcheck_custom_ops(monkeypatch, case, backend):
-    if case == "attention":
+    if case in ("attention", "attention_varlen"):
         monkeypatch.setenv("TK_AUTOTUNE", "0")
     for custom_op, args in OPCHECK_CASES[case][1](backend):
         torch.library.opcheck(custom_op, args)

@@ -13,6 +13,12 @@ its flash path) and ours the key_padding_mask. On a CPU sdpa and the native
 
     python -m transformer_kernels.bench.bench_attention [--quick] [--dtype bf16 ...] [--seqlen 1024 ...] [--out DIR]
 
+A report bench_attention_varlen times ``attention_varlen`` on packed batches of sentences of
+random lengths (uniform in [L/8, L]) against the same sentences padded to L: ``attention`` with a
+key-padding mask, SDPA with the equivalent boolean mask, and FlashAttention's
+``flash_attn_varlen_func`` where the flash-attn package is installed; on a CPU, the native and
+reference backends. The rate counts the real tokens' work only, so padding shows as lost speed.
+
 A second report, bench_attention_gqa, times the backward of GQA and MQA (causal, B = 1, Hq = 32)
 against the same shape with as many key/value heads as query heads: the dK/dV kernel sums each
 group's query heads, so with few key/value heads it must split the group to fill the GPU.
@@ -230,7 +236,137 @@ def run(
         else:
             gqa = run_gqa(quick, dtypes, device, 64, 16)
         dropout = dropout_cost(device, impls, quick)
-    return [report, gqa, dropout]
+        varlen = run_varlen(quick, dtypes, device)
+    return [report, varlen, gqa, dropout]
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_varlen: packed sentences against the same sentences padded.
+
+
+def _flash_attn_varlen():
+    """FlashAttention's varlen function, or the reason it cannot run here."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        return None, f"flash-attn is not installed ({str(e).splitlines()[0][:80]})"
+    return flash_attn_varlen_func, None
+
+
+def _varlen_impls(device: torch.device) -> dict[str, tuple]:
+    """name -> (fn, layout, why not): ``fn`` takes the packed inputs ``(q, k, v, cu, max_len,
+    causal)`` or the padded ``(q, k, v, causal, key_padding_mask)``, as ``layout`` says."""
+
+    def varlen(backend):
+        return lambda q, k, v, cu, m, causal: tk.attention_varlen(q, k, v, cu, cu, m, m, causal=causal, backend=backend)
+
+    def padded(backend):
+        return lambda q, k, v, causal, kpm: tk.attention(q, k, v, causal=causal, key_padding_mask=kpm, backend=backend)
+
+    impls = {"sdpa_padded": (_sdpa_impl(), "padded", None)}
+    if device.type != "cuda":
+        impls["native_varlen"] = (varlen("native"), "packed", None)
+        impls["native_padded"] = (padded("native"), "padded", None)
+        impls["reference_varlen"] = (varlen("reference"), "packed", None)
+        impls["triton_varlen"] = (None, "packed", "needs a CUDA device")
+        impls["flash_attn_varlen"] = (None, "packed", "needs a CUDA device")
+        return impls
+    reason = tk.backends.why_not("attention_varlen", "triton", device, torch.float16, head_dim=128)
+    impls["triton_varlen"] = (None if reason else varlen("triton"), "packed", reason)
+    impls["triton_padded"] = (None if reason else padded("triton"), "padded", reason)
+    fa, why = _flash_attn_varlen()
+    if fa is not None:
+        fa_fn = lambda q, k, v, cu, m, causal: fa(q, k, v, cu, cu, m, m, causal=causal)  # noqa: E731
+        impls["flash_attn_varlen"] = (fa_fn, "packed", None)
+    else:
+        impls["flash_attn_varlen"] = (None, "packed", why)
+    return impls
+
+
+def _varlen_inputs(lengths, max_len, heads, d, dtype, device, causal, seed):
+    """{"packed": ((q, k, v, cu, max_len, causal), dout), "padded": ((q, k, v, causal, kpm), dout)}:
+    the same sentences both ways."""
+    torch.manual_seed(seed)
+    total = sum(lengths)
+    q, k, v, dout = (torch.randn(total, heads, d, device=device, dtype=dtype) for _ in range(4))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    lens = torch.tensor(lengths, device=device)
+    kpm = torch.arange(max_len, device=device)[None, :] >= lens[:, None]
+
+    def pad(t):
+        out = t.new_zeros(len(lengths), max_len, heads, d)
+        out[~kpm] = t
+        return out
+
+    packed = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    padded = tuple(pad(t).requires_grad_() for t in (q, k, v))
+    return {
+        "packed": ((*packed, cu, max_len, causal), dout),
+        "padded": ((*padded, causal, kpm), pad(dout)),
+    }
+
+
+def run_varlen(quick, dtypes, device) -> Report:
+    """attention_varlen against padded attention on batches of random sentence lengths."""
+    if device.type == "cuda":
+        max_lens, head_dims, tokens = ([1024] if quick else [128, 512, 2048]), ([128] if quick else [64, 128]), TOKENS
+    else:
+        max_lens, head_dims, tokens = ([32] if quick else [64, 256]), [32], (256 if quick else 2048)
+    dtypes = dtypes or ([torch.bfloat16] if device.type == "cuda" else [torch.float32])
+    report = Report(
+        "bench_attention_varlen",
+        "fwd = 4*H*D*sum_b L_b^2 over the real tokens (x0.5 causal); bwd = 2.5 x fwd; fwd+bwd = 3.5 x fwd; "
+        f"~{tokens} real tokens per batch, lengths uniform in [L/8, L], H = {HEADS}",
+        str(device),
+        unit="TFLOP/s",
+        baseline="sdpa_padded",
+        x="L",
+        panels=["dtype", "D", "causal", "pass"],
+    )
+    impls = _varlen_impls(device)
+    gen = torch.Generator().manual_seed(0)
+    for dt in dtypes:
+        for d in head_dims:
+            for causal in (False, True):
+                for max_len in max_lens:
+                    lengths = []
+                    while sum(lengths) < tokens:
+                        lengths.append(int(torch.randint(max(max_len // 8, 1), max_len + 1, (1,), generator=gen)))
+                    inputs = _varlen_inputs(lengths, max_len, HEADS, d, dt, device, causal, 0)
+                    sets = {layout: [inputs[layout]] for layout in inputs}  # one input set each
+                    padded_args = inputs["padded"][0]
+                    kpm = padded_args[4]
+                    with torch.no_grad():
+                        expected = _sdpa_impl()(*padded_args)[~kpm]  # the real rows, packed
+                    timings, notes = {}, {}
+                    for name, (fn, layout, why) in impls.items():
+                        if fn is None:
+                            timings[name], notes[name] = None, why
+                            continue
+                        try:
+                            with torch.no_grad():
+                                out = fn(*sets[layout][0][0])
+                        except RuntimeError as e:  # an SDPA / flash-attn build without a kernel for this
+                            timings[name], notes[name] = None, str(e).strip().splitlines()[0][:120]
+                            continue
+                        check(out if layout == "packed" else out[~kpm], expected, name)
+                        timings[name] = time_passes(fn, sets[layout], device, quick)
+                    work = 4 * HEADS * d * sum(n * n for n in lengths) * (0.5 if causal else 1.0)
+                    pad_frac = 1 - sum(lengths) / (len(lengths) * max_len)
+                    for p in PASSES:
+                        case = {
+                            "dtype": label(dt),
+                            "D": d,
+                            "causal": causal,
+                            "B": len(lengths),
+                            "L": max_len,
+                            "padding": f"{pad_frac:.0%}",
+                            "pass": p,
+                        }
+                        per_pass = {n: (t[p] if t else None) for n, t in timings.items()}
+                        mult = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[p]
+                        report.add_case(case, per_pass, int(work * mult), baseline="sdpa_padded", notes=notes)
+    return report
 
 
 GQA_QUERY_HEADS = 32

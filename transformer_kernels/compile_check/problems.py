@@ -8,7 +8,8 @@ the code, without the full product (which would be thousands of compiles):
 - attention: head dims 64/128/256 × fp16/bf16/fp32; "plain" (no mask, no dropout, MHA, lengths a
   multiple of 16) and "masked" (causal + key padding + dropout, GQA 4:1, odd lengths); fp16 takes
   both, bf16 and fp32 the heavier "masked" (their plain compiles differ from fp16's only in the
-  element type). Forward and backward (delta, dK/dV, dQ).
+  element type). Forward and backward (delta, dK/dV, dQ). attention_varlen, the same kernels with
+  VARLEN: packed sequences (8 of up to 1000 tokens), causal + dropout, GQA 4:1, every dtype.
 - fused_linear: each activation with and without dropout in the forward GEMM's epilogue, then
   dz and the two backward GEMMs (dx, dW with and without the bias row sum); fp16 all, bf16 and
   fp32 the heaviest epilogue (gelu_tanh + dropout).
@@ -54,6 +55,18 @@ def _attention(dtype, d, masked):
     seed = SEED if p else 0
     out, lse2 = attention_fwd(q, k, v, kpm, masked, p, d**-0.5, seed)
     attention_bwd(torch.empty_like(out), q, k, v, out, lse2, kpm, masked, p, d**-0.5, seed)
+
+
+def _attention_varlen(dtype, d):
+    from ..triton.attention import attention_varlen_bwd, attention_varlen_fwd
+
+    b, hq, hkv, total, max_len, p = 8, 8, 2, 5000, 1000, 0.1
+    q = _t(total, hq, d, dtype=dtype)
+    k, v = _t(total, hkv, d, dtype=dtype), _t(total, hkv, d, dtype=dtype)
+    cu = torch.empty(b + 1, dtype=torch.int32, device="cuda")
+    args = (cu, cu, max_len, max_len, True, p, d**-0.5, SEED)
+    out, lse2 = attention_varlen_fwd(q, k, v, *args)
+    attention_varlen_bwd(torch.empty_like(out), q, k, v, out, lse2, *args)
 
 
 def _ffn(dtype, activation, p, has_bias=True, d=1024, hidden=4096, tokens=4096):
@@ -116,6 +129,9 @@ def problems() -> list[Problem]:
             for masked in (False, True) if name == "fp16" else (True,):
                 label = f"attention {name} d={d} " + ("causal+padding+dropout gqa4 L=1000" if masked else "L=1024")
                 out.append(Problem(label, lambda dtype=dtype, d=d, masked=masked: _attention(dtype, d, masked)))
+            # "attention <dtype> varlen ...": the attention entries of KNOWN_OFFENDERS match it too
+            label = f"attention {name} varlen d={d} causal+dropout gqa4 B=8 max L=1000"
+            out.append(Problem(label, lambda dtype=dtype, d=d: _attention_varlen(dtype, d)))
     for name, dtype in DTYPES.items():
         variants = [("relu", 0.1), ("gelu", 0.0), ("gelu_tanh", 0.1), ("none", 0.0)]
         for activation, p in variants if name == "fp16" else [("gelu_tanh", 0.1)]:

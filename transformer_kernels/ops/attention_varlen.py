@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import backends
 from . import autocast as amp
+from .attention import _triton_check
 from .custom_ops import kernel_op
 from .dropout_mask import keep_mask_for
 from .seed import draw_seed, seed_value
@@ -27,6 +28,7 @@ backends.register_op(
     OP,
     reference=backends.reference("attention"),
     native=backends.native("attention"),
+    triton=backends.triton_kernels("attention", check=_triton_check),
 )
 
 

@@ -8,6 +8,9 @@
 # programs per key tile as it takes to fill the GPU, each writing an fp32 partial that a fixed-order
 # sum reduces (no atomics: still deterministic). Every grid lies on axis 0 (axis 1 holds 65,535),
 # and every row offset is int64.
+# The same three kernels serve attention_varlen (VARLEN): sequences packed back to back, as
+# FlashAttention's varlen API; each program reads its sequence's bounds from cu_seqlens and the grid
+# covers max_seqlen tiles per (sequence, head), the tiles past a shorter sequence's end exiting at once.
 """Triton kernels of ``attention`` and their launchers.
 
 Forward, per query row i (``visible`` and ``keep`` as in ``reference/attention.py``; in base 2,
@@ -74,6 +77,33 @@ def _tile_and_head(pid, n_tiles):
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b, Lq, Lk, VARLEN: tl.constexpr):
+    """(first query row, first key row, Lq, Lk) of batch entry b: with VARLEN, sequence b of the
+    packed tensors, from cu_seqlens (int32 [B + 1]); else (0, 0, Lq, Lk) of the padded batch."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        return (
+            q_start.to(tl.int64),
+            k_start.to(tl.int64),
+            tl.load(CU_Q + b + 1) - q_start,
+            tl.load(CU_K + b + 1) - k_start,
+        )
+    else:
+        return 0, 0, Lq, Lk
+
+
+@triton.jit
+def _lse_row0(bh, h, q_start, Lq, LSE_H, VARLEN: tl.constexpr):
+    """Offset of the first lse₂ (and Δ) of (batch entry, head) bh: [B, Hq, Lq] padded; [Hq, total_q]
+    packed (LSE_H = total_q), as FlashAttention's varlen lse."""
+    if VARLEN:
+        return h.to(tl.int64) * LSE_H + q_start
+    else:
+        return bh.to(tl.int64) * Lq
+
+
+@triton.jit
 def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
     """Broadcast bool: query q_idx may attend to key k_idx (bottom-right causal alignment)."""
     vis = (q_idx < Lq) & key_ok
@@ -103,7 +133,7 @@ def _visible(q_idx, k_idx, key_ok, Lq, Lk, CAUSAL: tl.constexpr):
 
 SPILL_BUDGET = 64  # bytes of spill stores per thread, any candidate but the first, any arch
 
-_TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "lq_bucket", "lk_bucket"]
+_TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "VARLEN", "lq_bucket", "lk_bucket"]
 
 # kernel -> (operand bytes, head-dim bucket) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)]; BLOCK_M
 # tiles queries, BLOCK_N keys.
@@ -189,6 +219,8 @@ def _attention_fwd_kernel(
     KPM,  # [B, Lk] uint8, nonzero = padding (if HAS_KPM); contiguous
     OUT,  # [B, Lq, Hq, D]
     LSE,  # [B, Hq, Lq] fp32, base-2 log-sum-exp of the scores (lse₂); contiguous
+    CU_Q,  # VARLEN: int32 [B + 1], the packed queries' cumulative lengths (q, out: [total_q, Hq, D])
+    CU_K,  # VARLEN: int32 [B + 1], the same for the keys (k, v: [total_k, Hkv, D])
     stride_qb,
     stride_qm,
     stride_qh,
@@ -207,8 +239,9 @@ def _attention_fwd_kernel(
     stride_od,
     Hq,
     GROUP,  # Hq // Hkv: query heads per key/value head
-    Lq,
+    Lq,  # VARLEN: max_seqlen_q (sizes the grid and the dropout rows), and so on for Lk
     Lk,
+    LSE_H,  # VARLEN: total_q, the stride of LSE's head axis ([Hq, total_q])
     HEAD_DIM,
     scale_log2,  # softmax_scale · log2(e)
     seed,  # Philox key (if HAS_DROPOUT)
@@ -219,6 +252,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), None otherwise
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -229,20 +263,26 @@ def _attention_fwd_kernel(
     h = bh % Hq
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter (packed,
+    # the padded batch's: Lq is max_seqlen_q, so both layouts draw one mask).
+    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
+    q_start, k_start, Lq, Lk = _sequence(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if VARLEN:
+        if pid_m * BLOCK_M >= Lq:  # a tile past this sequence's end
+            return
+    lse_row0 = _lse_row0(bh, h, q_start, Lq, LSE_H, VARLEN)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    Q += b.to(tl.int64) * stride_qb + q_start * stride_qm + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + k_start * stride_kn + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + k_start * stride_vn + kvh.to(tl.int64) * stride_vh
 
     q = tl.load(
         Q + _offsets(offs_m, stride_qm, offs_d, stride_qd),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_D]
-    # Flat index of (b, h, i, 0) in the [B, Hq, Lq, Lk] probabilities: the dropout counter.
-    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -279,13 +319,13 @@ def _attention_fwd_kernel(
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
-    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    OUT += b.to(tl.int64) * stride_ob + q_start * stride_om + h.to(tl.int64) * stride_oh
     tl.store(
         OUT + _offsets(offs_m, stride_om, offs_d, stride_od),
         out.to(OUT.dtype.element_ty),
         mask=(offs_m[:, None] < Lq) & d_ok[None, :],
     )
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(LSE + lse_row0 + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -345,6 +385,8 @@ def _attention_bwd_dkdv_kernel(
     DELTA,  # [B, Hq, Lq] fp32
     DK,  # [B, Lk, Hkv · SPLITS, D]: per key/value head and split, summed over the split's query heads
     DV,  # [B, Lk, Hkv · SPLITS, D]
+    CU_Q,  # VARLEN: as in the forward
+    CU_K,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -375,6 +417,7 @@ def _attention_bwd_dkdv_kernel(
     SPLITS,  # the GROUP query heads of a key/value head are shared among this many programs
     Lq,
     Lk,
+    LSE_H,
     HEAD_DIM,
     softmax_scale,
     scale_log2,
@@ -386,6 +429,7 @@ def _attention_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query tile (inner loop)
@@ -397,13 +441,18 @@ def _attention_bwd_dkdv_kernel(
     b = bkv // Hkv
     kvh = bkv % Hkv
     heads = GROUP // SPLITS
+    drop_lq = Lq  # the dropout mask's rows per (b, h): max_seqlen_q when VARLEN
+    q_start, k_start, Lq, Lk = _sequence(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if VARLEN:
+        if pid_n * BLOCK_N >= Lk:  # a tile past this sequence's end
+            return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     n_mask = (offs_n[:, None] < Lk) & d_ok[None, :]
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    K += b.to(tl.int64) * stride_kb + k_start * stride_kn + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + k_start * stride_vn + kvh.to(tl.int64) * stride_vh
     k = tl.load(K + _offsets(offs_n, stride_kn, offs_d, stride_kd), mask=n_mask, other=0.0)
     v = tl.load(V + _offsets(offs_n, stride_vn, offs_d, stride_vd), mask=n_mask, other=0.0)
     key_ok = _key_ok(KPM, b, offs_n, Lk, HAS_KPM)
@@ -416,22 +465,23 @@ def _attention_bwd_dkdv_kernel(
     for g in range(0, heads):
         h = kvh * GROUP + split * heads + g
         bh = b * Hq + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DOUT + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_row0 = _lse_row0(bh, h, q_start, Lq, LSE_H, VARLEN)
+        q_base = Q + b.to(tl.int64) * stride_qb + q_start * stride_qm + h.to(tl.int64) * stride_qh
+        do_base = DOUT + b.to(tl.int64) * stride_dob + q_start * stride_dom + h.to(tl.int64) * stride_doh
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + offs_m0
             m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
             q = tl.load(q_base + _offsets(offs_m, stride_qm, offs_d, stride_qd), mask=m_mask, other=0.0)
             do = tl.load(do_base + _offsets(offs_m, stride_dom, offs_d, stride_dod), mask=m_mask, other=0.0)
-            lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
-            delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            lse2 = _load_lse_log2(LSE + lse_row0, offs_m, Lq)
+            delta = tl.load(DELTA + lse_row0 + offs_m, mask=offs_m < Lq, other=0.0)
             # Transposed tiles [BLOCK_N, BLOCK_M]: rows are this program's keys.
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
             vis = _visible(offs_m[None, :], offs_n[:, None], key_ok[:, None], Lq, Lk, CAUSAL)
             pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                drop_rows = bh.to(tl.int64) * Lq + offs_m
+                drop_rows = bh.to(tl.int64) * drop_lq + offs_m
                 keep = tl.trans(dropout_keep_tile(seed, drop_rows, pid_n * BLOCK_N, drop_threshold, BLOCK_N))
                 dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
@@ -442,8 +492,8 @@ def _attention_bwd_dkdv_kernel(
 
     dk *= softmax_scale
     out_h = (kvh * SPLITS + split).to(tl.int64)
-    DK += b.to(tl.int64) * stride_dkb + out_h * stride_dkh
-    DV += b.to(tl.int64) * stride_dvb + out_h * stride_dvh
+    DK += b.to(tl.int64) * stride_dkb + k_start * stride_dkn + out_h * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + k_start * stride_dvn + out_h * stride_dvh
     tl.store(DK + _offsets(offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=n_mask)
     tl.store(DV + _offsets(offs_n, stride_dvn, offs_d, stride_dvd), dv.to(DV.dtype.element_ty), mask=n_mask)
 
@@ -458,6 +508,8 @@ def _attention_bwd_dq_kernel(
     LSE,  # [B, Hq, Lq] fp32 lse₂
     DELTA,  # [B, Hq, Lq] fp32
     DQ,  # [B, Lq, Hq, D]
+    CU_Q,  # VARLEN: as in the forward
+    CU_K,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -482,6 +534,7 @@ def _attention_bwd_dq_kernel(
     GROUP,
     Lq,
     Lk,
+    LSE_H,
     HEAD_DIM,
     softmax_scale,
     scale_log2,
@@ -493,6 +546,7 @@ def _attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -503,28 +557,31 @@ def _attention_bwd_dq_kernel(
     h = bh % Hq
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
+    q_start, k_start, Lq, Lk = _sequence(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if VARLEN:
+        if pid_m * BLOCK_M >= Lq:  # a tile past this sequence's end
+            return
+    lse_row0 = _lse_row0(bh, h, q_start, Lq, LSE_H, VARLEN)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_mask = (offs_m[:, None] < Lq) & d_ok[None, :]
-    q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + _offsets(offs_m, stride_qm, offs_d, stride_qd),
-        mask=m_mask,
-        other=0.0,
-    )
+    q_row0 = b.to(tl.int64) * stride_qb + q_start * stride_qm + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + q_row0 + _offsets(offs_m, stride_qm, offs_d, stride_qd), mask=m_mask, other=0.0)
     do = tl.load(
         DOUT
         + b.to(tl.int64) * stride_dob
+        + q_start * stride_dom
         + h.to(tl.int64) * stride_doh
         + _offsets(offs_m, stride_dom, offs_d, stride_dod),
         mask=m_mask,
         other=0.0,
     )
-    lse2 = _load_lse_log2(LSE + bh.to(tl.int64) * Lq, offs_m, Lq)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    drop_rows = bh.to(tl.int64) * Lq + offs_m  # rows of the [B·Hq·Lq, Lk] dropout mask
+    lse2 = _load_lse_log2(LSE + lse_row0, offs_m, Lq)
+    delta = tl.load(DELTA + lse_row0 + offs_m, mask=offs_m < Lq, other=0.0)
+    K += b.to(tl.int64) * stride_kb + k_start * stride_kn + kvh.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + k_start * stride_vn + kvh.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     hi = Lk
@@ -550,6 +607,7 @@ def _attention_bwd_dq_kernel(
     tl.store(
         DQ
         + b.to(tl.int64) * stride_dqb
+        + q_start * stride_dqm
         + h.to(tl.int64) * stride_dqh
         + _offsets(offs_m, stride_dqm, offs_d, stride_dqd),
         dq.to(DQ.dtype.element_ty),
@@ -608,24 +666,160 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(n), 16384)
 
 
-def _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed):
-    """Kernel arguments shared by the forward and the backward."""
-    bsz, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    kpm = key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
-    args = dict(
+def _args(q, causal, dropout_p, seed, lq, lk, varlen):
+    """Kernel keyword arguments shared by the forward and the backward."""
+    return dict(
         seed=seed,
         drop_threshold=dropout_threshold(dropout_p),
         drop_scale=dropout_scale(dropout_p),
         lq_bucket=_bucket(lq),
         lk_bucket=_bucket(lk),
         CAUSAL=causal,
-        HAS_KPM=kpm is not None,
         HAS_DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen,
         DOT_PRECISION=attention_dot_precision(q.dtype),
-        BLOCK_D=_block_d(d),
+        BLOCK_D=_block_d(q.shape[-1]),
     )
-    return (bsz, lq, hq, lk, hkv, d), kpm, args
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """(batch, row, head, dim) strides; a packed [total, H, D] tensor has no batch axis (stride 0:
+    the kernels offset its rows by cu_seqlens instead)."""
+    return t.stride() if t.dim() == 4 else (0, *t.stride())
+
+
+def _kpm(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return key_padding_mask.contiguous().view(torch.uint8) if key_padding_mask is not None else None
+
+
+def _forward(q, k, v, kpm, cu, out, lse2, bsz, lq, lk, lse_h, softmax_scale, args) -> None:
+    """Launch the forward over ``bsz`` (batch entry or sequence) x Hq x ``lq``-row tiles."""
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    grid = lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
+    with device_ctx(q):
+        _launch(
+            "fwd",
+            _attention_fwd_kernel,
+            _attention_fwd_tuned,
+            grid,
+            q,
+            k,
+            v,
+            kpm,
+            out,
+            lse2,
+            *cu,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(out),
+            hq,
+            hq // hkv,
+            lq,
+            lk,
+            lse_h,
+            d,
+            softmax_scale * LOG2E,
+            HAS_KPM=kpm is not None,
+            **args,
+        )
+
+
+def _backward(dout, q, k, v, out, lse2, kpm, cu, dq, dk, dv, bsz, lq, lk, total_q, softmax_scale, args) -> None:
+    """Launch Δ, dK/dV and dQ (``dq``, ``dk``, ``dv`` preallocated in the inputs' layout); ``total_q``:
+    the packed query count (0 padded)."""
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    varlen = total_q > 0
+    delta = torch.empty(lse2.shape, dtype=torch.float32, device=q.device)  # lse2's layout
+    group = hq // hkv
+    splits = _dkdv_splits(group, triton.cdiv(lk, _SPLIT_TILE) * bsz * hkv, _min_programs(q.device))
+    if splits > 1:  # fp32 partials [..., Hkv, splits, D], summed below
+        dk_out = torch.empty((*k.shape[:-2], hkv * splits, d), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty_like(dk_out)
+    else:
+        dk_out, dv_out = dk, dv
+    scales = (softmax_scale, softmax_scale * LOG2E)
+    # Δ over [B, Lq] rows, or over the packed rows as one sequence of total_q: either way its
+    # [B, Hq, Lq] / [Hq, total_q] layout is lse2's.
+    delta_b, delta_l = (1, total_q) if varlen else (bsz, lq)
+    with device_ctx(q):
+        _attention_bwd_delta_kernel[_grid(triton.cdiv(delta_l, 64), delta_b * hq)](
+            out,
+            dout,
+            delta,
+            *_strides(out),
+            *_strides(dout),
+            hq,
+            delta_l,
+            d,
+            BLOCK_D=args["BLOCK_D"],
+            BLOCK_M=64,
+        )
+        _launch(
+            "dkdv",
+            _attention_bwd_dkdv_kernel,
+            _attention_bwd_dkdv_tuned,
+            lambda meta: _grid(triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv * splits),
+            q,
+            k,
+            v,
+            kpm,
+            dout,
+            lse2,
+            delta,
+            dk_out,
+            dv_out,
+            *cu,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(dout),
+            *_strides(dk_out),
+            *_strides(dv_out),
+            hq,
+            hkv,
+            group,
+            splits,
+            lq,
+            lk,
+            total_q,
+            d,
+            *scales,
+            HAS_KPM=kpm is not None,
+            **args,
+        )
+        _launch(
+            "dq",
+            _attention_bwd_dq_kernel,
+            _attention_bwd_dq_tuned,
+            lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
+            q,
+            k,
+            v,
+            kpm,
+            dout,
+            lse2,
+            delta,
+            dq,
+            *cu,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(dout),
+            *_strides(dq),
+            hq,
+            group,
+            lq,
+            lk,
+            total_q,
+            d,
+            *scales,
+            HAS_KPM=kpm is not None,
+            **args,
+        )
+    if splits > 1:  # a fixed-order sum: deterministic, unlike atomics
+        dk.copy_(dk_out.unflatten(-2, (hkv, splits)).sum(-2))
+        dv.copy_(dv_out.unflatten(-2, (hkv, splits)).sum(-2))
 
 
 def attention_fwd(
@@ -649,36 +843,14 @@ def attention_fwd(
         ``(out, lse2)``: out [B, Lq, Hq, D] contiguous in q's dtype; lse2 fp32 [B, Hq, Lq], the
         log-sum-exp of the scores in base 2 (natural lse = lse2 · ln 2), -inf on rows without keys.
     """
-    (bsz, lq, hq, lk, hkv, d), kpm, args = _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed)
+    bsz, lq, hq, _ = q.shape
+    lk = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse2 = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse2.fill_(float("-inf"))
-    grid = lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq)  # noqa: E731
-    with device_ctx(q):
-        _launch(
-            "fwd",
-            _attention_fwd_kernel,
-            _attention_fwd_tuned,
-            grid,
-            q,
-            k,
-            v,
-            kpm,
-            out,
-            lse2,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *out.stride(),
-            hq,
-            hq // hkv,
-            lq,
-            lk,
-            d,
-            softmax_scale * LOG2E,
-            **args,
-        )
+    args = _args(q, causal, dropout_p, seed, lq, lk, varlen=False)
+    _forward(q, k, v, _kpm(key_padding_mask), (None, None), out, lse2, bsz, lq, lk, 0, softmax_scale, args)
     return out, lse2
 
 
@@ -700,91 +872,80 @@ def attention_bwd(
     Returns:
         ``(dq, dk, dv)``, contiguous, in the dtypes and shapes of ``q``, ``k``, ``v``.
     """
-    (bsz, lq, hq, lk, hkv, d), kpm, args = _common(q, k, key_padding_mask, causal, dropout_p, softmax_scale, seed)
+    bsz, lq = q.shape[:2]
+    lk = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((bsz, hq, lq), dtype=torch.float32, device=q.device)
-    group = hq // hkv
-    splits = _dkdv_splits(group, triton.cdiv(lk, _SPLIT_TILE) * bsz * hkv, _min_programs(q.device))
-    if splits > 1:  # fp32 partials [B, Lk, Hkv, splits, D], summed below
-        dk_out = torch.empty((bsz, lk, hkv * splits, d), dtype=torch.float32, device=k.device)
-        dv_out = torch.empty_like(dk_out)
-    else:
-        dk_out, dv_out = dk, dv
-    scales = (softmax_scale, softmax_scale * LOG2E)
-    with device_ctx(q):
-        _attention_bwd_delta_kernel[_grid(triton.cdiv(lq, 64), bsz * hq)](
-            out,
-            dout,
-            delta,
-            *out.stride(),
-            *dout.stride(),
-            hq,
-            lq,
-            d,
-            BLOCK_D=args["BLOCK_D"],
-            BLOCK_M=64,
-        )
-        _launch(
-            "dkdv",
-            _attention_bwd_dkdv_kernel,
-            _attention_bwd_dkdv_tuned,
-            lambda meta: _grid(triton.cdiv(lk, meta["BLOCK_N"]), bsz * hkv * splits),
-            q,
-            k,
-            v,
-            kpm,
-            dout,
-            lse2,
-            delta,
-            dk_out,
-            dv_out,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *dout.stride(),
-            *dk_out.stride(),
-            *dv_out.stride(),
-            hq,
-            hkv,
-            group,
-            splits,
-            lq,
-            lk,
-            d,
-            *scales,
-            **args,
-        )
-        _launch(
-            "dq",
-            _attention_bwd_dq_kernel,
-            _attention_bwd_dq_tuned,
-            lambda meta: _grid(triton.cdiv(lq, meta["BLOCK_M"]), bsz * hq),
-            q,
-            k,
-            v,
-            kpm,
-            dout,
-            lse2,
-            delta,
-            dq,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *dout.stride(),
-            *dq.stride(),
-            hq,
-            group,
-            lq,
-            lk,
-            d,
-            *scales,
-            **args,
-        )
-    if splits > 1:  # a fixed-order sum: deterministic, unlike atomics
-        dk.copy_(dk_out.view(bsz, lk, hkv, splits, d).sum(3))
-        dv.copy_(dv_out.view(bsz, lk, hkv, splits, d).sum(3))
+    args = _args(q, causal, dropout_p, seed, lq, lk, varlen=False)
+    kpm = _kpm(key_padding_mask)
+    _backward(dout, q, k, v, out, lse2, kpm, (None, None), dq, dk, dv, bsz, lq, lk, 0, softmax_scale, args)
+    return dq, dk, dv
+
+
+def attention_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: int,
+):
+    """Forward over packed sequences.
+
+    Args:
+        q: [total_q, Hq, D]; k, v: [total_k, Hkv, D] (any strides), fp16/bf16/fp32, D <= 256.
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] cumulative lengths, on q's device (not checked
+            here: the op layer does).
+        max_seqlen_q, max_seqlen_k: at least the longest sequence of each.
+
+    Returns:
+        ``(out, lse2)``: out [total_q, Hq, D] contiguous in q's dtype; lse2 fp32 [Hq, total_q].
+    """
+    total_q, hq, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse2 = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or k.shape[0] == 0 or k.shape[-1] == 0:
+        return out.zero_(), lse2.fill_(float("-inf"))
+    bsz = cu_seqlens_q.numel() - 1
+    args = _args(q, causal, dropout_p, seed, max_seqlen_q, max_seqlen_k, varlen=True)
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    _forward(q, k, v, None, cu, out, lse2, bsz, max_seqlen_q, max_seqlen_k, total_q, softmax_scale, args)
+    return out, lse2
+
+
+def attention_varlen_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse2: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: int,
+):
+    """Backward over packed sequences: ``(dq, dk, dv)``, contiguous, shaped as ``q``, ``k``, ``v``."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    bsz = cu_seqlens_q.numel() - 1
+    args = _args(q, causal, dropout_p, seed, max_seqlen_q, max_seqlen_k, varlen=True)
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    lq, lk, total_q = max_seqlen_q, max_seqlen_k, q.shape[0]
+    _backward(dout, q, k, v, out, lse2, None, cu, dq, dk, dv, bsz, lq, lk, total_q, softmax_scale, args)
     return dq, dk, dv
