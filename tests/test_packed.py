@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_reference, seed_for
+from helpers import assert_close_to_reference, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels.models import build_model
 from transformer_kernels.nn import Packed
+from transformer_kernels.ops.attention_varlen import OP as ATTENTION_VARLEN
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 29
 D_MODEL, NHEAD, D_FF = 24, 3, 40  # head dim 8, d_ff not a power of two
@@ -136,9 +137,14 @@ def test_positions_restart_in_every_sentence():
         model.embed(Packed.from_lengths(torch.full((1025,), 5), [1025]), model.src_embed)
 
 
+BACKENDS = ["reference", *kernel_backends(ATTENTION_VARLEN)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer", ["encoder", "decoder"])
-def test_layers_take_packed_sequences(layer):
-    """A layer on Packed rows equals the layer on the padded batch with its padding masks, rows for rows."""
+def test_layers_take_packed_sequences(layer, backend):
+    """A layer on Packed rows equals the layer on the padded batch with its padding masks, rows for rows
+    (forward and the input gradients), on each backend that runs here."""
     torch.manual_seed(seed_for(layer))
     lengths, mem_lengths = [4, 1, 9], [2, 7, 3]
     kw = dict(d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True)
@@ -146,14 +152,25 @@ def test_layers_take_packed_sequences(layer):
     kpm = torch.arange(max(lengths))[None] >= torch.tensor(lengths)[:, None]
     mem_kpm = torch.arange(max(mem_lengths))[None] >= torch.tensor(mem_lengths)[:, None]
     px, pmem = Packed.from_padded(x, lengths), Packed.from_padded(mem, mem_lengths)
-    if layer == "encoder":
-        module = tk.nn.TransformerEncoderLayer(**kw)
-        got, want = module(px).data, module(x, src_key_padding_mask=kpm)
-    else:
-        module = tk.nn.TransformerDecoderLayer(**kw)
-        got = module(px, pmem, tgt_is_causal=True).data
-        want = module(x, mem, tgt_is_causal=True, tgt_key_padding_mask=kpm, memory_key_padding_mask=mem_kpm)
-    torch.testing.assert_close(got, Packed.from_padded(want, lengths).data, rtol=2e-5, atol=2e-5)
+    for t in (x, mem, px.data, pmem.data):
+        t.requires_grad_(True)
+    with tk.use_backend(backend):
+        if layer == "encoder":
+            module = tk.nn.TransformerEncoderLayer(**kw)
+            got, want = module(px).data, module(x, src_key_padding_mask=kpm)
+        else:
+            module = tk.nn.TransformerDecoderLayer(**kw)
+            got = module(px, pmem, tgt_is_causal=True).data
+            want = module(x, mem, tgt_is_causal=True, tgt_key_padding_mask=kpm, memory_key_padding_mask=mem_kpm)
+        want = Packed.from_padded(want, lengths).data
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+        g = torch.randn_like(got)
+        grads = torch.autograd.grad(got, [px.data, pmem.data], g, allow_unused=True)
+        padded_grads = torch.autograd.grad(want, [x, mem], g, allow_unused=True)
+    torch.testing.assert_close(grads[0], Packed.from_padded(padded_grads[0], lengths).data, rtol=2e-5, atol=2e-5)
+    if layer == "decoder":
+        expected = Packed.from_padded(padded_grads[1], mem_lengths).data
+        torch.testing.assert_close(grads[1], expected, rtol=2e-5, atol=2e-5)
 
 
 def test_packed_input_with_masks_or_mixed_layouts_is_a_clear_error():
