@@ -234,3 +234,20 @@ def test_packed_dropout_equals_padded_when_no_row_is_padding():
     torch.testing.assert_close(results[1][0], results[0][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_packed_layers_compile_fullgraph(layer):
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    kw = dict(d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True)
+    px = Packed.from_lengths(torch.randn(9, D_MODEL), [4, 0, 5])
+    if layer == "encoder":
+        module, args = tk.nn.TransformerEncoderLayer(**kw), (px,)
+    else:
+        module, args = (
+            tk.nn.TransformerDecoderLayer(**kw),
+            (px, Packed.from_lengths(torch.randn(6, D_MODEL), [2, 3, 1])),
+        )
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args).data, module(*args).data, rtol=2e-5, atol=2e-5)
