@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_reference, kernel_backends, seed_for
+from helpers import assert_close_to_reference, device, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels.models import build_model
@@ -147,10 +147,11 @@ def test_layers_take_packed_sequences(layer, backend):
     (forward and the input gradients), on each backend that runs here."""
     torch.manual_seed(seed_for(layer))
     lengths, mem_lengths = [4, 1, 9], [2, 7, 3]
-    kw = dict(d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True)
-    x, mem = torch.randn(3, max(lengths), D_MODEL), torch.randn(3, max(mem_lengths), D_MODEL)
-    kpm = torch.arange(max(lengths))[None] >= torch.tensor(lengths)[:, None]
-    mem_kpm = torch.arange(max(mem_lengths))[None] >= torch.tensor(mem_lengths)[:, None]
+    dev = device()
+    kw = dict(d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True, device=dev)
+    x, mem = torch.randn(3, max(lengths), D_MODEL, device=dev), torch.randn(3, max(mem_lengths), D_MODEL, device=dev)
+    kpm = (torch.arange(max(lengths))[None] >= torch.tensor(lengths)[:, None]).to(dev)
+    mem_kpm = (torch.arange(max(mem_lengths))[None] >= torch.tensor(mem_lengths)[:, None]).to(dev)
     px, pmem = Packed.from_padded(x, lengths), Packed.from_padded(mem, mem_lengths)
     for t in (x, mem, px.data, pmem.data):
         t.requires_grad_(True)
