@@ -101,7 +101,8 @@ def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path):
 def test_training_rows_are_finite(suite_out):
     _, out = suite_out
     rows = {r["impl"]: r for r in json.loads((out / "bench_training.json").read_text())["rows"]}
-    for impl in ("nn_eager", "auto", "reference"):  # what runs on a CPU (auto: the native backend)
+    # what runs on a CPU (auto: the native backend); the packed rows run the same sentences without padding
+    for impl in ("nn_eager", "auto", "reference", "auto_packed", "reference_packed"):
         assert math.isfinite(rows[impl]["rate"]) and rows[impl]["rate"] > 0
         assert "matmuls in" in rows[impl]["note"] and "fp32" in rows[impl]["note"]
     assert rows["nn_compile"]["ms"] is None and "CUDA" in rows["nn_compile"]["note"]
@@ -164,6 +165,19 @@ def test_bench_command_lines(module, args, tmp_path):
     main = __import__(f"transformer_kernels.bench.{module}", fromlist=["main"]).main
     assert main(["--quick", "--no-plot", "--out", str(tmp_path), *args]) == 0
     assert list(tmp_path.glob("*.json"))
+
+
+def test_bench_packing_command_line(tmp_path, capsys):
+    from transformer_kernels.bench import bench_packing
+
+    args = ["--pairs", "300", "--vocab-size", "120", "--preset", "tiny", "--batch-tokens", "400"]
+    assert bench_packing.main([*args, "--steps", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_packing.json").read_text())
+    padded, packed = result["padding"]["padded"], result["padding"]["packed"]
+    assert 0 < padded["padding"] < 1 and packed["padding"] == 0 and packed["batches"] <= padded["batches"]
+    t = result["throughput"]
+    assert t["ratio_to_padded_median"]["padded"] == 1 and all(r > 0 for r in t["tokens_per_s_median"].values())
+    assert "| packed |" in capsys.readouterr().out
 
 
 def test_dtypes_have_one_spelling_and_take_torchs_names_too(capsys):

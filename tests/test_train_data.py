@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from transformer_kernels.models import TransformerConfig
-from transformer_kernels.train.batching import TokenBatcher, collate
+from transformer_kernels.nn import Packed
+from transformer_kernels.train.batching import TokenBatcher, collate, collate_packed
 from transformer_kernels.train.sources import (
     DataError,
     PairStream,
@@ -326,9 +327,9 @@ def test_batcher_respects_budget_and_serves_every_pair_once():
         TokenBatcher(src, tgt, max_tokens=20)
 
 
-def reference_epoch_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, rank=0, world_size=1):
+def reference_epoch_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, rank=0, world_size=1, packed=False):
     """The batcher's specification in plain Python lists: shuffle, stable sort by length, cut under the
-    budget, shuffle the batches, take this rank's share."""
+    budget (padded: B times the longest; packed: the sum), shuffle the batches, take this rank's share."""
     tgt = [t + 1 for t in tgt]
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(src)))
@@ -337,8 +338,13 @@ def reference_epoch_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, ran
     order.sort(key=lambda i: (src[i], tgt[i]))
     batches, current, s_max, t_max = [], [], 0, 0
     for i in order:
-        s, t = max(s_max, src[i]), max(t_max, tgt[i])
-        if current and (len(current) + 1) * max(s, t) > max_tokens:
+        if packed:
+            s, t = s_max + src[i], t_max + tgt[i]
+            over = max(s, t) > max_tokens
+        else:
+            s, t = max(s_max, src[i]), max(t_max, tgt[i])
+            over = (len(current) + 1) * max(s, t) > max_tokens
+        if current and over:
             batches.append(current)
             current, s, t = [], src[i], tgt[i]
         current.append(i)
@@ -350,16 +356,29 @@ def reference_epoch_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, ran
     return batches[rank:usable:world_size]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("shuffle, world_size", [(True, 1), (False, 1), (True, 3)])
-def test_batcher_matches_its_specification_on_lists_and_arrays(shuffle, world_size):
+def test_batcher_matches_its_specification_on_lists_and_arrays(shuffle, world_size, packed):
     src, tgt = lengths_fixture(n=1000, seed=4)
     for lengths in ((src, tgt), (np.array(src, dtype=np.int32), np.array(tgt, dtype=np.uint16))):
         for rank in range(world_size):
-            batcher = TokenBatcher(*lengths, 120, seed=9, shuffle=shuffle, rank=rank, world_size=world_size)
+            batcher = TokenBatcher(
+                *lengths, 120, seed=9, shuffle=shuffle, rank=rank, world_size=world_size, packed=packed
+            )
             for epoch in range(2):
                 assert batcher.epoch_batches(epoch) == reference_epoch_batches(
-                    src, tgt, 120, 9, epoch, shuffle, rank, world_size
+                    src, tgt, 120, 9, epoch, shuffle, rank, world_size, packed
                 )
+
+
+def test_packed_batches_fill_the_budget_with_real_tokens():
+    src, tgt = lengths_fixture()
+    batches = TokenBatcher(src, tgt, max_tokens=200, seed=5, packed=True).epoch_batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(len(src)))
+    for b in batches:
+        assert sum(src[i] for i in b) <= 200 and sum(tgt[i] + 1 for i in b) <= 200
+    padded = TokenBatcher(src, tgt, max_tokens=200, seed=5).epoch_batches(0)
+    assert len(batches) < len(padded), "the same budget holds more sentences when none is padded"
 
 
 def test_batcher_resumes_from_its_state():
@@ -401,6 +420,27 @@ def test_collate_adds_bos_eos_and_padding():
     assert b.tgt_out[0, : len(t0)].tolist() == t0 and b.tgt_out[0, len(t0)] == EOS_ID
     assert b.src.shape[1] == max(len(data.src[0]), len(data.src[1]))
     assert (b.tgt_in != PAD_ID).sum() == (b.tgt_out != PAD_ID).sum()
+
+
+def test_collate_packed_is_the_padded_batch_without_its_padding():
+    tok = Tokenizer.train(list(zip(SRC, TGT, strict=True)), vocab_size=80)
+    data = tokenize_pairs(list(zip(SRC, TGT, strict=True)), tok)
+    indices = [1, 0, 2]
+    padded, packed = collate(data, indices, PAD_ID, BOS_ID, EOS_ID), collate_packed(data, indices, BOS_ID, EOS_ID)
+    assert packed.indices == padded.indices
+    src_lengths = [len(data.src[i]) for i in indices]
+    tgt_lengths = [len(data.tgt[i]) + 1 for i in indices]
+    for got, want, lengths in (
+        (packed.src, padded.src, src_lengths),
+        (packed.tgt_in, padded.tgt_in, tgt_lengths),
+        (packed.tgt_out, padded.tgt_out, tgt_lengths),
+    ):
+        expected = Packed.from_padded(want, lengths)
+        assert torch.equal(got.data, expected.data) and torch.equal(got.cu_seqlens, expected.cu_seqlens)
+        assert got.max_seqlen == max(lengths) and PAD_ID not in got.data.tolist()
+    assert packed.tgt_out.cu_seqlens is packed.tgt_in.cu_seqlens
+    assert int(packed.tokens(PAD_ID)) == int(padded.tokens(PAD_ID))
+    assert int(packed.target_tokens(PAD_ID)) == int(padded.target_tokens(PAD_ID))
 
 
 def test_a_run_builds_its_cache_once_and_resumes_from_it(tmp_path, monkeypatch):

@@ -105,3 +105,13 @@ def test_fsdp_two_gloo_processes_match_one_process(one_process, tmp_path):
         resumed.opt.state[resumed.model.tgt_embed.weight]["exp_avg"], saved["tgt_embed.weight"]["exp_avg"]
     )
     assert len(resumed.train()) == 1
+
+
+def test_ddp_packed_batches_match_one_process(tmp_path):
+    """--packing under DDP: the packed batches (Packed arguments through DistributedDataParallel) take the
+    one-process run's steps, as padded ones do."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    Trainer(TrainConfig(out_dir=str(one), accum_steps=2, packing=True, **ARGS), log=lambda *a: None).train()
+    torchrun_train(two, "--packing")
+    assert len(logged(one)) == 3
+    assert logged(two) == pytest.approx(logged(one), rel=1e-4)

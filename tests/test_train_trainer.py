@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from transformer_kernels.models import build_model
-from transformer_kernels.train import TrainConfig, Trainer, inverse_sqrt_lr, load_for_inference, translate
+from transformer_kernels.train import (
+    TokenBatcher,
+    TrainConfig,
+    Trainer,
+    inverse_sqrt_lr,
+    load_for_inference,
+    translate,
+)
 from transformer_kernels.train import checkpoint as ckpt
 from transformer_kernels.train.runlog import RunLog
 
@@ -71,15 +78,29 @@ def test_trainer_uses_the_papers_recipe(tmp_path):
         Trainer(tiny_config(tmp_path / "run"), log=quiet)
 
 
-def test_resume_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_continues_the_same_run(tmp_path, packing):
     # dropout on: the RNG state must be restored too
-    kw = dict(dropout=0.1, accum_steps=2)
+    kw = dict(dropout=0.1, accum_steps=2, packing=packing)
     straight = Trainer(tiny_config(tmp_path / "a", max_steps=6, **kw), log=quiet).train()
     first = Trainer(tiny_config(tmp_path / "b", max_steps=3, save_interval=3, **kw), log=quiet).train()
     resumed = Trainer(tiny_config(tmp_path / "b", max_steps=6, **kw), resume=True, log=quiet)
     assert resumed.step == 3
     rest = resumed.train()
     assert first + rest == straight
+
+
+def test_packed_training_counts_real_tokens_and_fills_the_budget(tmp_path):
+    """A packed batch holds at most batch_tokens real tokens a side and more sentences than a padded one."""
+    t = Trainer(tiny_config(tmp_path / "run", packing=True), log=quiet)
+    padded = TokenBatcher(t.train_data.src_lengths, t.train_data.tgt_lengths, 160, seed=7)
+    packed_batches = t.batcher.epoch_batches(0)
+    assert len(packed_batches) < len(padded.epoch_batches(0))
+    for indices in packed_batches:
+        b = t._collate(indices)
+        assert b.src.data.shape[0] <= 160 and b.tgt_in.data.shape[0] <= 160
+        assert int(b.tokens(0)) == sum(len(t.train_data.src[i]) + len(t.train_data.tgt[i]) + 1 for i in indices)
+    assert all(math.isfinite(x) for x in t.train())
 
 
 def test_signal_saves_a_checkpoint_and_exits(tmp_path):

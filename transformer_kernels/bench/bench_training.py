@@ -8,8 +8,11 @@ Rows, all on the same batch and from the same initial weights:
   auto        transformer_kernels' EncoderDecoder, backend 'auto' (the fused kernels on a GPU;
               Triton tiles autotuned, except with --quick)
   reference   the same model, backend 'reference' (the pure-PyTorch ops)
+  auto_packed       the same model and sentences, packed (no padding rows; ``attention_varlen``),
+  reference_packed  backend 'auto' / 'reference': what packing saves over the padded row above
   nn_compile  the nn_eager module under torch.compile (the loss included; AdamW stays eager)
-Tokens/s counts the non-padding source and target tokens of the batch per second of a step.
+Tokens/s counts the non-padding source and target tokens of the batch per second of a step, so
+padded and packed rows of the same batch compare directly.
 
 Precision, per case: "autocast <dtype>" keeps fp32 weights and runs the step under torch.autocast
 (the Trainer's mixed precision); "<dtype> weights" holds the model itself in that dtype (not with
@@ -44,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import transformer_kernels as tk
 from transformer_kernels.models import EncoderDecoder, TransformerConfig
+from transformer_kernels.nn import Packed
 
 from .common import (
     Report,
@@ -57,7 +61,15 @@ from .common import (
 )
 
 LABEL_SMOOTHING = 0.1
-IMPLS = ("nn_eager", "auto", "reference", "nn_compile")  # the slowest to start (compiling) last
+IMPLS = (  # the slowest to start (compiling) last
+    "nn_eager",
+    "auto",
+    "auto_packed",
+    "reference",
+    "reference_packed",
+    "nn_compile",
+)
+PACKED = "_packed"  # an impl name's suffix: the package model on the batch packed
 
 # (device type, quick) -> (model name, sizes, shared vocabulary, batch size, max length, warm-up steps,
 # timed steps). The GPU batch is the paper's (about 25000 source + 25000 target tokens); lengths are uniform in
@@ -93,6 +105,17 @@ class Batch:
     tgt_in: torch.Tensor  # [B, T]: bos, y_1 .. y_{n-1}
     tgt_out: torch.Tensor  # [B, T]: y_1 .. y_{n-1}, eos
     tokens: int  # non-padding source + target tokens
+
+    def packed(self, pad_id: int) -> tuple[Packed, Packed, Packed]:
+        """(src, tgt_in, tgt_out) of the same sentences, packed: no padding token."""
+        src_lengths = (self.src != pad_id).sum(1).tolist()
+        tgt_lengths = (self.tgt_out != pad_id).sum(1).tolist()
+        tgt_in = Packed.from_padded(self.tgt_in, tgt_lengths)
+        return (
+            Packed.from_padded(self.src, src_lengths),
+            tgt_in,
+            tgt_in.replace(Packed.from_padded(self.tgt_out, tgt_lengths).data),
+        )
 
 
 def make_batch(b: int, max_len: int, vocab: int, c: TransformerConfig, device, seed: int = 0) -> Batch:
@@ -226,7 +249,7 @@ def _row(impl: str, init: EncoderDecoder, param_dtype: torch.dtype, device: torc
     def loss(src, tgt_in, tgt_out):
         return module.loss(src, tgt_in, tgt_out, label_smoothing=LABEL_SMOOTHING)
 
-    return module, loss, lambda: tk.use_backend(impl)
+    return module, loss, lambda: tk.use_backend(impl.removesuffix(PACKED))
 
 
 def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repeats, base: Measured | None) -> Measured:
@@ -235,7 +258,7 @@ def measure_row(impl, init, batch, param_dtype, amp_dtype, device, warmup, repea
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    args = (batch.src, batch.tgt_in, batch.tgt_out)
+    args = batch.packed(init.config.pad_id) if impl.endswith(PACKED) else (batch.src, batch.tgt_in, batch.tgt_out)
     notes = []
     tol = 1e-3 if (amp_dtype or param_dtype) == torch.float32 else 5e-2
 

@@ -5,6 +5,12 @@ with final norms) encoder and decoder layers from :mod:`transformer_kernels.nn`,
 layer tied to the target embedding (optionally one embedding shared by source, target and
 output). The training loss is ``linear_cross_entropy``: the [tokens, vocab] logits are never
 materialised. Batch-first throughout; ``pad_id`` marks padding in both languages.
+
+Packed batches: ``src`` and ``tgt_in`` may each be a :class:`~transformer_kernels.nn.Packed` of
+token ids (``[S]`` and ``[T]`` plus ``cu_seqlens``; sentence i of the target translates sentence i
+of the source), ``tgt_out`` a ``[T]`` tensor (or ``Packed``) in ``tgt_in``'s layout. Positions restart
+at 0 in every sentence, attention runs ``attention_varlen``, and no padding row is computed: the
+forward returns ``Packed`` hidden states ``[T, d]`` and ``loss`` equals the padded batch's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .. import nn as tknn
+from ..nn import Packed
+from ..nn.transformer import final_norm
 from ..ops import linear_cross_entropy
 
 
@@ -134,31 +142,42 @@ class EncoderDecoder(torch.nn.Module):
             return stack(x, *args, **kwargs)
         for layer in stack.layers:
             x = checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
-        return x if stack.norm is None else stack.norm(x)
+        return final_norm(stack.norm, x)
 
     @property
     def output_weight(self) -> Tensor:
         """The output layer's weight: the target embedding (tied)."""
         return self.tgt_embed.weight
 
-    def embed(self, tokens: Tensor, table: torch.nn.Embedding, offset: int = 0) -> Tensor:
-        length = tokens.shape[1]
+    def embed(self, tokens, table: torch.nn.Embedding, offset: int = 0):
+        """√d-scaled embeddings plus positions, with dropout: of ``tokens [B, L]`` at positions ``offset ..``,
+        or of ``Packed`` tokens at each sentence's own positions (0, 1, ...)."""
+        packed = isinstance(tokens, Packed)
+        length = tokens.max_seqlen if packed else tokens.shape[1]
         if offset + length > self.config.max_positions:
             raise ValueError(
                 f"EncoderDecoder: position {offset + length} exceeds max_positions {self.config.max_positions}"
             )
-        x = table(tokens) * math.sqrt(self.config.d_model) + self.positions[offset : offset + length].to(
-            table.weight.dtype
-        )
-        return self.dropout(x)
+        if packed:
+            positions = self.positions[tokens.positions()]
+            ids = tokens.data
+        else:
+            positions, ids = self.positions[offset : offset + length], tokens
+        x = self.dropout(table(ids) * math.sqrt(self.config.d_model) + positions.to(table.weight.dtype))
+        return tokens.replace(x) if packed else x
 
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """(memory [B, S, d], src padding mask [B, S])."""
+    def encode(self, src):
+        """(memory [B, S, d], src padding mask [B, S]); for ``Packed`` src, (``Packed`` memory, None)."""
+        if isinstance(src, Packed):
+            return self._stack(self.encoder, self.embed(src, self.src_embed)), None
         src_kpm = src == self.config.pad_id
         return self._stack(self.encoder, self.embed(src, self.src_embed), src_key_padding_mask=src_kpm), src_kpm
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_kpm: Tensor) -> Tensor:
-        """Decoder hidden states [B, T, d] for the whole target prefix at once (training, scoring)."""
+    def decode(self, tgt_in, memory, src_kpm: Tensor | None):
+        """Decoder hidden states [B, T, d] (``Packed`` [T, d] for packed ``tgt_in``) for the whole target
+        prefix at once (training, scoring)."""
+        if isinstance(tgt_in, Packed):
+            return self._stack(self.decoder, self.embed(tgt_in, self.tgt_embed), memory, tgt_is_causal=True)
         return self._stack(
             self.decoder,
             self.embed(tgt_in, self.tgt_embed),
@@ -168,7 +187,10 @@ class EncoderDecoder(torch.nn.Module):
             memory_key_padding_mask=src_kpm,
         )
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src, tgt_in):
+        """Hidden states [B, T, d] of padded ``src [B, S]``, ``tgt_in [B, T]``; ``Packed`` [T, d] of packed ones."""
+        if isinstance(src, Packed) != isinstance(tgt_in, Packed):
+            raise ValueError("EncoderDecoder: src and tgt_in must both be Packed, or both padded [B, L] tensors")
         memory, src_kpm = self.encode(src)
         return self.decode(tgt_in, memory, src_kpm)
 
@@ -176,11 +198,18 @@ class EncoderDecoder(torch.nn.Module):
         """[..., vocab] logits of hidden states (decoding; training uses ``loss``)."""
         return hidden @ self.output_weight.t()
 
-    def loss(
-        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
-    ) -> Tensor:
-        """Label-smoothed cross-entropy of ``tgt_out`` given ``tgt_in`` (padding ignored)."""
+    def loss(self, src, tgt_in, tgt_out, label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+        """Label-smoothed cross-entropy of ``tgt_out`` given ``tgt_in`` (padding ignored): padded ``[B, L]``
+        tensors, or ``Packed`` src and tgt_in with ``tgt_out`` in tgt_in's layout (no padding to ignore)."""
         hidden = self(src, tgt_in)
+        if isinstance(hidden, Packed):
+            hidden = hidden.data
+            tgt_out = tgt_out.data if isinstance(tgt_out, Packed) else tgt_out
+            if tgt_out.shape != hidden.shape[:1]:
+                raise ValueError(
+                    f"EncoderDecoder.loss: packed tgt_out has shape {tuple(tgt_out.shape)}; "
+                    f"expected [{hidden.shape[0]}], tgt_in's tokens"
+                )
         return linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             self.output_weight,

@@ -3,11 +3,13 @@
 Each subclasses its ``torch.nn`` namesake (same constructor, parameters, ``state_dict`` keys);
 :func:`convert` turns the ``torch.nn`` modules of an existing model into these, in place or on a
 copy. Where a module cannot run fused it runs torch.nn's forward: see :func:`fallback_counts`.
+The encoder/decoder layers and stacks also take :class:`Packed` (padding-free) sequences.
 """
 
 from .attention import MultiheadAttention
 from .fallback import fallback_counts, reset_fallback_counts
 from .layer_norm import LayerNorm, RMSNorm
+from .packed import Packed
 from .transformer import (
     Transformer,
     TransformerDecoder,
@@ -20,6 +22,7 @@ from .transformer import (
 __all__ = [
     "LayerNorm",
     "MultiheadAttention",
+    "Packed",
     "RMSNorm",
     "Transformer",
     "TransformerDecoder",

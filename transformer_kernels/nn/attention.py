@@ -5,7 +5,8 @@ keys. The fused path serves batched inputs with a bool ``key_padding_mask`` or n
 ``attn_mask`` or a causal one (``is_causal=True``, or a mask equal to the causal mask, with equal
 query and key lengths). Anything else — an arbitrary ``attn_mask``, a float padding mask,
 ``need_weights=True`` (torch's default!), separate k/v dims, unbatched inputs — runs torch.nn's
-own forward, counted by :func:`transformer_kernels.nn.fallback_counts`.
+own forward, counted by :func:`transformer_kernels.nn.fallback_counts`. :meth:`attend_packed`
+serves :class:`~transformer_kernels.nn.Packed` sequences through ``attention_varlen``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..ops import attention, fused_linear
+from ..ops import attention, attention_varlen, fused_linear
 from . import fallback
+from .packed import Packed
 
 
 def causal_mask_is(mask: Tensor, lq: int, lk: int) -> bool:
@@ -113,27 +115,63 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = self.attend_heads(q, k, v, key_padding_mask, causal)
         return out if self.batch_first else out.transpose(0, 1)
 
-    # The pieces, on batch-first [B, L, E] inputs; heads come out as strided [B, L, H, D] views.
-    # Incremental decoding uses them directly: keys/values projected once, queries one step at a time.
+    def attend_packed(self, query: Packed, key: Packed, value: Packed, causal: bool) -> Tensor:
+        """The fused path on packed sequences: query sequence i attends to key/value sequence i
+        (bottom-right causal when ``causal``); returns ``[Tq, E]`` in ``query``'s layout."""
+        same_kv = key.cu_seqlens is value.cu_seqlens or torch.equal(key.cu_seqlens, value.cu_seqlens)
+        if query.batch_size != key.batch_size or not same_kv:
+            raise ValueError(
+                f"MultiheadAttention.attend_packed: query has {query.batch_size} sequences, key "
+                f"{key.batch_size}; they must be equal, and key and value must have the same cu_seqlens"
+            )
+        if query.data is key.data and key.data is value.data:
+            q, k, v = self.project_qkv(query.data)
+        elif key.data is value.data:
+            q, (k, v) = self.project_q(query.data), self.project_kv(key.data)
+        else:
+            q, k, v = self.project_q(query.data), self._project(key.data, 1, 1), self._project(value.data, 2, 1)
+        o = cast(  # a Tensor: return_lse is off
+            Tensor,
+            attention_varlen(
+                q,
+                k,
+                v,
+                query.cu_seqlens,
+                key.cu_seqlens,
+                query.max_seqlen,
+                key.max_seqlen,
+                causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            ),
+        )
+        return self.project_out(o)
+
+    # The pieces, on batch-first [B, L, E] (or packed [T, E]) inputs; heads come out as strided
+    # [B, L, H, D] ([T, H, D]) views. Incremental decoding uses them directly: keys/values projected
+    # once, queries one step at a time.
 
     def _project(self, x: Tensor, first: int, count: int) -> Tensor:
-        """x times ``count`` of the packed in_proj blocks (q, k, v) from block ``first``: [B, L, count, H, D]."""
+        """x times ``count`` of the stacked in_proj blocks (q, k, v) from block ``first``: [..., count, H, D]."""
         e = self.embed_dim
         rows = slice(first * e, (first + count) * e)
         bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
         y = fused_linear(x, self.in_proj_weight[rows], bias)
-        return y.view(*x.shape[:2], count, self.num_heads, self.head_dim).squeeze(2)
+        return y.view(*x.shape[:-1], count, self.num_heads, self.head_dim).squeeze(-3)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self._project(x, 0, 3).unbind(2)
+        q, k, v = self._project(x, 0, 3).unbind(-3)
         return q, k, v
 
     def project_q(self, x: Tensor) -> Tensor:
         return self._project(x, 0, 1)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self._project(x, 1, 2).unbind(2)
+        k, v = self._project(x, 1, 2).unbind(-3)
         return k, v
+
+    def project_out(self, o: Tensor) -> Tensor:
+        """The output projection of attention's heads [..., H, D]: [..., E]."""
+        return fused_linear(o.reshape(*o.shape[:-2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         """Attention over projected heads ([B, L, H, D]), then the output projection: [B, Lq, E]."""
@@ -149,7 +187,3 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             ),
         )
         return self.project_out(o)
-
-    def project_out(self, o: Tensor) -> Tensor:
-        """The output projection of attention's heads ``o`` [B, L, H, D]: [B, L, E]."""
-        return fused_linear(o.reshape(*o.shape[:2], self.embed_dim), self.out_proj.weight, self.out_proj.bias)

@@ -11,6 +11,12 @@ where each "residual add + dropout + norm" is one ``dropout_add_layer_norm`` cal
 ``prenorm=True`` form, which also returns the new residual stream). What the fused ops do not
 serve — an arbitrary ``attn_mask``, a float padding mask, a callable activation — runs torch.nn's
 own forward instead, counted by :func:`transformer_kernels.nn.fallback_counts`.
+
+Packed input: the layers and stacks also take :class:`~transformer_kernels.nn.Packed` sequences
+(``src``/``tgt``/``memory`` as ``[T, E]`` rows plus ``cu_seqlens``; no masks, no padding) and return
+``Packed``. Every row-wise op runs on the rows as they are; self-attention (causal with
+``is_causal``/``tgt_is_causal``) and cross-attention (target sequence i to memory sequence i) run
+``attention_varlen``. The result is the padded path's on the same sentences, without its padding rows.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..ops import dropout_add_layer_norm, ffn
 from . import fallback
 from .attention import MultiheadAttention, causal_mask_is, fusable_padding_mask
 from .layer_norm import LayerNorm
+from .packed import Packed
 
 
 def activation_name(fn) -> str | None:
@@ -79,6 +86,17 @@ class _FusedLayer:
     def _length(self, x: Tensor) -> int:
         return x.shape[1] if self.self_attn.batch_first else x.shape[0]
 
+    def _check_packed(self, masks: dict) -> None:
+        """Packed input has no fallback (torch.nn's layers take padded batches): what it cannot serve is an error."""
+        name = type(self).__name__
+        given = [k for k, v in masks.items() if v is not None and v is not False]
+        if given:
+            raise ValueError(
+                f"{name}: packed input takes no {', '.join(given)} (sequence boundaries come from cu_seqlens)"
+            )
+        if activation_name(self.activation) is None:
+            raise ValueError(f"{name}: packed input needs a relu or gelu activation, got {self.activation!r}")
+
     def _common_reason(self, x: Tensor, *padding_masks) -> str | None:
         if activation_name(self.activation) is None:
             return f"activation {self.activation!r}"
@@ -98,11 +116,18 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
 
     def forward(
         self,
-        src: Tensor,
+        src: Tensor | Packed,
         src_mask: Tensor | None = None,
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
-    ) -> Tensor:
+    ):
+        if isinstance(src, Packed):
+            self._check_packed({"src_mask": src_mask, "src_key_padding_mask": src_key_padding_mask})
+
+            def sa(h: Tensor) -> Tensor:
+                return self.self_attn.attend_packed(*[src.replace(h)] * 3, is_causal)
+
+            return src.replace(self.blocks(src.data, sa))
         causal = _self_attn_causal(src_mask, is_causal, self._length(src)) if src.dim() == 3 else None
         reason = self._common_reason(src, src_key_padding_mask) or (
             "a src_mask other than the causal mask" if causal is None else None
@@ -111,14 +136,16 @@ class TransformerEncoderLayer(_FusedLayer, torch.nn.TransformerEncoderLayer):
             fallback.record("TransformerEncoderLayer", reason)
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         assert causal is not None  # a None is a reason above
-        x, kpm, train = src, src_key_padding_mask, self.training
+        return self.blocks(src, lambda h: self.self_attn.attend(h, h, h, src_key_padding_mask, causal))
+
+    def blocks(self, x: Tensor, sa) -> Tensor:
+        """The layer's residual structure around its self-attention ``sa`` (a function of the normalised
+        stream): padded and packed inputs differ only in ``sa``."""
+        train = self.training
         if self.norm_first:
-            h = _norm(x, self.norm1)
-            h, x = _add_norm(
-                self.self_attn.attend(h, h, h, kpm, causal), x, self.norm2, self.dropout1.p, train, prenorm=True
-            )
+            h, x = _add_norm(sa(_norm(x, self.norm1)), x, self.norm2, self.dropout1.p, train, prenorm=True)
             return x + F.dropout(self._ffn(h), self.dropout2.p, train)
-        x = _add_norm(self.self_attn.attend(x, x, x, kpm, causal), x, self.norm1, self.dropout1.p, train)
+        x = _add_norm(sa(x), x, self.norm1, self.dropout1.p, train)
         return _add_norm(self._ffn(x), x, self.norm2, self.dropout2.p, train)
 
 
@@ -133,15 +160,28 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
 
     def forward(
         self,
-        tgt: Tensor,
-        memory: Tensor,
+        tgt: Tensor | Packed,
+        memory: Tensor | Packed,
         tgt_mask: Tensor | None = None,
         memory_mask: Tensor | None = None,
         tgt_key_padding_mask: Tensor | None = None,
         memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool = False,
         memory_is_causal: bool = False,
-    ) -> Tensor:
+    ):
+        if isinstance(tgt, Packed) or isinstance(memory, Packed):
+            return self._forward_packed(
+                tgt,
+                memory,
+                tgt_is_causal,
+                dict(
+                    tgt_mask=tgt_mask,
+                    memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask,
+                    memory_is_causal=memory_is_causal,
+                ),
+            )
         causal = _self_attn_causal(tgt_mask, tgt_is_causal, self._length(tgt)) if tgt.dim() == 3 else None
         reason = self._common_reason(tgt, tgt_key_padding_mask, memory_key_padding_mask)
         if reason is None and causal is None:
@@ -167,6 +207,23 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
             lambda h: self.multihead_attn.attend(h, memory, memory, memory_key_padding_mask, False),
         )
 
+    def _forward_packed(self, tgt, memory, causal: bool, masks: dict) -> Packed:
+        if not (isinstance(tgt, Packed) and isinstance(memory, Packed)):
+            raise ValueError("TransformerDecoderLayer: tgt and memory must both be Packed, or both padded tensors")
+        if tgt.batch_size != memory.batch_size:
+            raise ValueError(
+                f"TransformerDecoderLayer: tgt has {tgt.batch_size} sequences and memory {memory.batch_size}; "
+                "target sequence i attends to memory sequence i"
+            )
+        self._check_packed(masks)
+        return tgt.replace(
+            self.blocks(
+                tgt.data,
+                lambda h: self.self_attn.attend_packed(*[tgt.replace(h)] * 3, causal),
+                lambda h: self.multihead_attn.attend_packed(tgt.replace(h), memory, memory, False),
+            )
+        )
+
     def blocks(self, x: Tensor, sa, ca) -> Tensor:
         """The layer's residual structure around its self-attention ``sa`` and cross-attention ``ca``
         (functions of the normalised stream): the forward passes full attention, incremental
@@ -181,6 +238,13 @@ class TransformerDecoderLayer(_FusedLayer, torch.nn.TransformerDecoderLayer):
         return _add_norm(self._ffn(x), x, self.norm3, self.dropout3.p, train)
 
 
+def final_norm(norm: torch.nn.Module | None, x):
+    """A stack's final norm (pre-LN), on a padded tensor or on packed rows."""
+    if norm is None:
+        return x
+    return x.replace(norm(x.data)) if isinstance(x, Packed) else norm(x)
+
+
 class TransformerEncoder(torch.nn.TransformerEncoder):
     """Drop-in for :class:`torch.nn.TransformerEncoder`: the layers in turn, then the final norm.
 
@@ -188,15 +252,15 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     def forward(
         self,
-        src: Tensor,
+        src: Tensor | Packed,
         mask: Tensor | None = None,
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool | None = None,
-    ) -> Tensor:
+    ):
         x = src
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
-        return x if self.norm is None else self.norm(x)
+        return final_norm(self.norm, x)
 
 
 class TransformerDecoder(torch.nn.TransformerDecoder):
@@ -204,15 +268,15 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
     def forward(
         self,
-        tgt: Tensor,
-        memory: Tensor,
+        tgt: Tensor | Packed,
+        memory: Tensor | Packed,
         tgt_mask: Tensor | None = None,
         memory_mask: Tensor | None = None,
         tgt_key_padding_mask: Tensor | None = None,
         memory_key_padding_mask: Tensor | None = None,
         tgt_is_causal: bool | None = None,
         memory_is_causal: bool = False,
-    ) -> Tensor:
+    ):
         x = tgt
         for layer in self.layers:
             x = layer(
@@ -225,7 +289,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
                 tgt_is_causal=bool(tgt_is_causal),
                 memory_is_causal=memory_is_causal,
             )
-        return x if self.norm is None else self.norm(x)
+        return final_norm(self.norm, x)
 
 
 class Transformer(torch.nn.Transformer):

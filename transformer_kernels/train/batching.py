@@ -1,10 +1,11 @@
-"""Batches by token count: which pairs go together (:class:`TokenBatcher`) and their padded tensors
-(:func:`collate`).
+"""Batches by token count: which pairs go together (:class:`TokenBatcher`) and their tensors, padded
+(:func:`collate`) or packed without padding (:func:`collate_packed`).
 
 Each epoch shuffles the pairs with a seed, sorts them by length (so a batch holds sentences of
-similar length and little padding), cuts batches under the token budget and shuffles the batch
-order. An epoch's batches are a pure function of (seed, epoch), so the batcher's state is just
-(epoch, position) and resuming regenerates the epoch and skips what was already served.
+similar length: little padding, or with packing, even attention tiles), cuts batches under the
+token budget and shuffles the batch order. An epoch's batches are a pure function of (seed, epoch),
+so the batcher's state is just (epoch, position) and resuming regenerates the epoch and skips what
+was already served.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from ..nn import Packed
 from .sources import DataError
 
 
@@ -36,6 +39,35 @@ class Batch:
             self.indices,
         )
 
+    def target_tokens(self, pad_id: int) -> Tensor:
+        """The real (non-padding) target tokens: the loss's denominator (a 0-dim tensor on the batch's device)."""
+        return (self.tgt_out != pad_id).sum()
+
+    def tokens(self, pad_id: int) -> Tensor:
+        """The real source and target tokens."""
+        return (self.src != pad_id).sum() + self.target_tokens(pad_id)
+
+
+@dataclass
+class PackedBatch:
+    """Packed sentences, no padding: ``src`` [S] tokens; ``tgt_in`` [T] = BOS + target of each sentence;
+    ``tgt_out`` [T] = target + EOS, in ``tgt_in``'s layout (its own ``cu_seqlens``)."""
+
+    src: Packed
+    tgt_in: Packed
+    tgt_out: Packed
+    indices: list[int]
+
+    def to(self, device) -> PackedBatch:
+        src, tgt_in = self.src.to(device, non_blocking=True), self.tgt_in.to(device, non_blocking=True)
+        return PackedBatch(src, tgt_in, tgt_in.replace(self.tgt_out.data.to(device, non_blocking=True)), self.indices)
+
+    def target_tokens(self, pad_id: int) -> Tensor:
+        return torch.tensor(self.tgt_out.data.shape[0])  # every row is real: no device sync to count them
+
+    def tokens(self, pad_id: int) -> Tensor:
+        return torch.tensor(self.src.data.shape[0] + self.tgt_out.data.shape[0])
+
 
 def collate(data, indices: Sequence[int], pad_id: int, bos_id: int, eos_id: int) -> Batch:
     """The pairs ``indices`` of ``data`` (a :class:`TokenCache` or :class:`TokenizedPairs`: anything
@@ -52,9 +84,24 @@ def collate(data, indices: Sequence[int], pad_id: int, bos_id: int, eos_id: int)
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out), [int(i) for i in indices])
 
 
+def collate_packed(data, indices: Sequence[int], bos_id: int, eos_id: int) -> PackedBatch:
+    """The pairs ``indices`` of ``data`` (as :func:`collate`'s) as one packed batch: sentence after
+    sentence, each target with its BOS (``tgt_in``) or EOS (``tgt_out``), no padding."""
+    src_rows = [np.asarray(data.src[i], dtype=np.int64) for i in indices]
+    tgt_rows = [np.asarray(data.tgt[i], dtype=np.int64) for i in indices]
+    bos, eos = np.array([bos_id], dtype=np.int64), np.array([eos_id], dtype=np.int64)
+    tgt_in = np.concatenate([x for t in tgt_rows for x in (bos, t)])
+    tgt_out = np.concatenate([x for t in tgt_rows for x in (t, eos)])
+    src = Packed.from_lengths(torch.from_numpy(np.concatenate(src_rows)), [len(s) for s in src_rows])
+    tgt = Packed.from_lengths(torch.from_numpy(tgt_in), [len(t) + 1 for t in tgt_rows])
+    return PackedBatch(src, tgt, tgt.replace(torch.from_numpy(tgt_out)), [int(i) for i in indices])
+
+
 class TokenBatcher:
-    """Batches of pair indices whose padded size fits ``max_tokens`` on each side: with B sentences,
-    ``B · max source length <= max_tokens`` and ``B · (max target length + 1) <= max_tokens``.
+    """Batches of pair indices that fit ``max_tokens`` on each side. Padded (the default): with B
+    sentences, ``B · max source length <= max_tokens`` and ``B · (max target length + 1) <= max_tokens``.
+    ``packed=True``: the real tokens, ``sum of source lengths <= max_tokens`` and ``sum of (target
+    lengths + 1) <= max_tokens`` — the same budget holds more sentences, since none is padded.
 
     ``epoch_batches(e)`` is deterministic in (seed, e); iteration continues from ``state()``
     (epoch, position), which ``load_state`` restores. With ``world_size > 1`` rank r serves every
@@ -71,6 +118,7 @@ class TokenBatcher:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        packed: bool = False,
     ):
         self.src_lengths = np.asarray(src_lengths, dtype=np.int32)
         self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int32) + 1  # with BOS (tgt_in) or EOS (tgt_out)
@@ -83,7 +131,7 @@ class TokenBatcher:
                 f"({longest} tokens); raise --batch-tokens or lower --max-len"
             )
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.packed = rank, world_size, packed
         self.epoch, self.position = 0, 0
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -98,14 +146,7 @@ class TokenBatcher:
         s, t = self.src_lengths[order], self.tgt_lengths[order]
         by_length = np.argsort(s.astype(np.int64) * (int(t.max()) + 1) + t, kind="stable")
         order = order[by_length]
-        starts, count, s_max, t_max = [0], 0, 0, 0
-        for k, (s_k, t_k) in enumerate(zip(s[by_length].tolist(), t[by_length].tolist(), strict=True)):
-            s_max, t_max = max(s_max, s_k), max(t_max, t_k)
-            if count and (count + 1) * max(s_max, t_max) > self.max_tokens:
-                starts.append(k)
-                count, s_max, t_max = 0, s_k, t_k
-            count += 1
-        starts.append(len(order))
+        starts = [0] + self._cuts(s[by_length].tolist(), t[by_length].tolist()) + [len(order)]
         batch_ids = list(range(len(starts) - 1))
         if self.shuffle:
             rng.shuffle(batch_ids)
@@ -113,6 +154,22 @@ class TokenBatcher:
             usable = len(batch_ids) - len(batch_ids) % self.world_size
             batch_ids = batch_ids[self.rank : usable : self.world_size]
         return order, [(starts[b], starts[b + 1]) for b in batch_ids]
+
+    def _cuts(self, src: list[int], tgt: list[int]) -> list[int]:
+        """Where batches start (after the first) in pairs of these lengths, in order, under the budget."""
+        starts, count, s_acc, t_acc = [], 0, 0, 0
+        for k, (s_k, t_k) in enumerate(zip(src, tgt, strict=True)):
+            if self.packed:  # accumulated: the batch's real tokens
+                s_acc, t_acc = s_acc + s_k, t_acc + t_k
+                over = s_acc > self.max_tokens or t_acc > self.max_tokens
+            else:  # the longest sentences, times the batch size after this one
+                s_acc, t_acc = max(s_acc, s_k), max(t_acc, t_k)
+                over = (count + 1) * max(s_acc, t_acc) > self.max_tokens
+            if count and over:
+                starts.append(k)
+                count, s_acc, t_acc = 0, s_k, t_k
+            count += 1
+        return starts
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order, spans = self._epoch(epoch)

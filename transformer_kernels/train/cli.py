@@ -61,7 +61,13 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--share-embeddings", action="store_true", help="one table for source, target and output")
     g.add_argument("--norm-first", action="store_true", help="pre-LN layers (default: post-LN, as the paper)")
     g = groups["optimisation (defaults: the paper's recipe)"]
-    g.add_argument("--batch-tokens", type=int, help="padded tokens per batch and side")
+    g.add_argument("--batch-tokens", type=int, help="tokens per batch and side (padded ones too, unless packed)")
+    g.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        help="packed batches: sentences concatenated without padding, the budget filled with real tokens "
+        "(default: off; see the README for when it pays)",
+    )
     g.add_argument("--accum-steps", type=int, help="batches per optimizer step")
     g.add_argument("--max-steps", type=int)
     g.add_argument("--epochs", type=int, help="stop after this many epochs")

@@ -37,6 +37,8 @@ class TrainConfig:
     norm_first: bool = False
     # optimisation
     batch_tokens: int = 4096
+    # packed batches: no padding, the budget counts real tokens (off by default: see the README's measurements)
+    packing: bool = False
     accum_steps: int = 1
     max_steps: int = 100000
     epochs: int | None = None

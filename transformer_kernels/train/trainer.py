@@ -2,7 +2,8 @@
 
 The recipe (Vaswani et al., 2017, §5.3–5.4): Adam with β = (0.9, 0.98), ε = 1e-9; learning rate
 ``scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5)``; label smoothing 0.1; dropout 0.1.
-Each optimizer step sums the loss over ``accum_steps`` token-budget batches and divides by their
+Each optimizer step sums the loss over ``accum_steps`` token-budget batches (padded, or with
+``packing`` packed: no padding, the budget filled with real tokens) and divides by their
 target-token count, so accumulation and data parallelism change nothing but the batch size.
 Everything that decides the next step — weights, optimizer, scaler, RNG states and the batcher's
 position — is in the checkpoint, so an interrupted run resumed from it takes the same steps. Checkpoints
@@ -27,7 +28,7 @@ import torch
 
 from ..models import EncoderDecoder, TransformerConfig, build_model
 from . import checkpoint as ckpt
-from .batching import TokenBatcher, collate
+from .batching import TokenBatcher, collate, collate_packed
 from .config import RESUME_OPTIONS, TrainConfig, check_config, option_flag, pick_device, pick_precision
 from .inference import bleu, evaluate_loss, translate
 from .progress import progress_bar
@@ -217,6 +218,7 @@ class Trainer:
             seed=cfg.seed,
             rank=self.rank,
             world_size=self.world_size,
+            packed=cfg.packing,
         )
         if self.rank == 0:
             val_read = self.val_data.read if self.val_data is not None else 0
@@ -369,11 +371,8 @@ class Trainer:
             validated_at = None
             while self.step < cfg.max_steps and (cfg.epochs is None or self.batcher.epoch < cfg.epochs):
                 epoch = self.batcher.epoch
-                micro = [
-                    collate(self.train_data, next(batches), PAD_ID, BOS_ID, EOS_ID).to(self.device)
-                    for _ in range(cfg.accum_steps)
-                ]
-                num_tokens = torch.tensor(sum(int((b.tgt_out != PAD_ID).sum()) for b in micro), device=self.device)
+                micro = [self._collate(next(batches)).to(self.device) for _ in range(cfg.accum_steps)]
+                num_tokens = torch.tensor(sum(int(b.target_tokens(PAD_ID)) for b in micro), device=self.device)
                 if self.world_size > 1:  # normalise by the global token count; DDP and FSDP average over ranks
                     torch.distributed.all_reduce(num_tokens)
                 denom = float(num_tokens) / self.world_size
@@ -402,7 +401,7 @@ class Trainer:
                 step_loss = loss_sum if self.world_size == 1 else self._global_mean(loss_sum)
                 self.losses.append(step_loss)
                 window_loss.append(step_loss)
-                window_tokens += sum(int((b.src != PAD_ID).sum() + (b.tgt_out != PAD_ID).sum()) for b in micro)
+                window_tokens += sum(int(b.tokens(PAD_ID)) for b in micro)
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 and self.rank == 0:
                     tps = window_tokens * self.world_size / max(time.time() - window_start, 1e-9)
@@ -437,6 +436,11 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         return self.losses
+
+    def _collate(self, indices: list[int]):
+        if self.cfg.packing:
+            return collate_packed(self.train_data, indices, BOS_ID, EOS_ID)
+        return collate(self.train_data, indices, PAD_ID, BOS_ID, EOS_ID)
 
     def _stop_requested(self, start: float) -> bool:
         """Whether a signal has arrived or the time limit has passed, on any rank: all stop at the same step."""
