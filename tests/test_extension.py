@@ -159,6 +159,16 @@ def test_native_keep_mask_rejects_bad_arguments():
         torch.ops.tk_C.dropout_keep_mask(torch.tensor([1, 2]), 10, 2, 2)
     with pytest.raises(RuntimeError, match="threshold must be in"):
         torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 2**24 + 1, 2, 2)
+
+
+def test_dropout_apply_rejects_bad_inputs():
+    x = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="keep must be a bool tensor"):
+        torch.ops.tk_C.dropout_apply(x, torch.ones(2, 3), 2.0, None)
+    with pytest.raises(RuntimeError, match="keep shape"):
+        torch.ops.tk_C.dropout_apply(x, torch.ones(3, 2, dtype=torch.bool), 2.0, None)
+    with pytest.raises(RuntimeError, match="residual must be a CPU tensor of x's shape and dtype"):
+        torch.ops.tk_C.dropout_apply(x, torch.ones(2, 3, dtype=torch.bool), 2.0, x.double())
     with pytest.raises(RuntimeError, match="rows and cols must be >= 0"):
         torch.ops.tk_C.dropout_keep_mask(torch.tensor(1), 10, -1, 2)
     with pytest.raises(RuntimeError, match=r"counters must be an int64 CPU tensor \[\.\.\., 4\]"):

@@ -9,6 +9,8 @@ no key, GQA. Then the masks themselves, bit for bit against the reference backen
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import test_attention as attn
 import test_autocast as amp_tests
@@ -21,6 +23,8 @@ from helpers import DTYPES
 import transformer_kernels as tk
 from transformer_kernels import backends
 from transformer_kernels.native import cross_entropy as native_ce
+from transformer_kernels.native import dropout as native_dropout
+from transformer_kernels.reference.philox import dropout_scale
 
 pytestmark = pytest.mark.skipif(
     backends.why_not("attention", "native", attn.device(), torch.float32) is not None,
@@ -176,6 +180,43 @@ def test_dropout_masks_are_the_references(p):
         reference = op("reference") == 0
         assert native.any() and not native.all()
         assert torch.equal(native, reference)
+
+
+@pytest.mark.skipif(
+    not (native_dropout._fused_available() or os.environ.get("TK_REQUIRE_EXTENSION") == "1"),
+    reason="the extension (with tk_C::dropout_apply) is not built",
+)
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_dropout_apply_is_the_formula_bit_for_bit(dtype, residual):
+    """The one-pass C++ dropout against the spelled-out formula it replaces (residual + x · keep ·
+    scale in fp32, or fp64, rounded once), forward and both gradients, bit for bit; a dropped inf
+    or NaN gives NaN, as in the reference; non-contiguous inputs; an odd length (4 · 7 · 113)."""
+    assert native_dropout._fused_available()
+    torch.manual_seed(3)
+    x = torch.randn(4, 7, 113, dtype=dtype).transpose(0, 1)
+    x[0, 0, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")], dtype=dtype)
+    keep = torch.rand(x.shape) > 0.3
+    keep[0, 0, :3] = torch.tensor([False, False, True])
+    r = torch.randn(x.shape, dtype=dtype) if residual else None
+    dout = torch.randn(x.shape, dtype=dtype)
+    compute = torch.promote_types(dtype, torch.float32)
+    outs, grads = [], []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        ri = None if r is None else r.clone().requires_grad_()
+        if fused:
+            out = native_dropout.dropout_apply(xi, keep, 0.3, ri)
+        else:
+            base = ri.to(compute) if ri is not None else torch.zeros((), dtype=compute)
+            out = (base + xi.to(compute) * keep.to(compute) * dropout_scale(0.3)).to(dtype)
+        out.backward(dout)
+        outs.append(out)
+        grads.append([xi.grad] + ([] if ri is None else [ri.grad]))
+    assert torch.equal(outs[0].isnan(), outs[1].isnan()) and outs[0].isnan().any()
+    assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num())
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
 
 
 # --- cross_entropy and linear_cross_entropy ---------------------------------------------------

@@ -9,7 +9,8 @@ package's semantics where SDPA's differ:
   (its dO is 0, hence dP, dS and its share of dQ, dK, dV);
 - dropout uses the package's Philox mask, which SDPA cannot take: with ``dropout_p > 0`` the
   probabilities are formed explicitly (as eager PyTorch forms them for dropout), in fp32, with
-  the grouped query heads of a KV head stacked into one matmul instead of repeating K and V.
+  the grouped query heads of a KV head stacked into one matmul instead of repeating K and V, and
+  the mask applied in one pass (:func:`.dropout.dropout_apply`).
 
 ``return_lse`` costs one more ``Q Kᵀ`` on the SDPA path (the kernel's own log-sum-exp is not
 public); lengths 0 run the specification.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.attention import attention_ref, attention_varlen_ref
-from ..reference.philox import dropout_scale
+from .dropout import dropout_apply
 
 
 def _visible(lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device) -> Tensor:
@@ -37,6 +38,14 @@ def _visible(lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, de
         pad = ~key_padding_mask[:, None, None, :]
         vis = pad if vis is None else vis & pad
     return torch.ones(1, 1, 1, lk, dtype=torch.bool, device=device) if vis is None else vis
+
+
+def _empty_rows(vis: Tensor) -> tuple[Tensor, bool]:
+    """The rows that see no key ([..., Lq, 1] bool), and whether any is to be filled: eager, the
+    check (no device sync on a CPU) spares a masked copy of the output and of its gradient when no
+    row is empty, the usual case; a compiled graph takes both, branch-free."""
+    empty = ~vis.any(-1, keepdim=True)
+    return empty, torch.compiler.is_compiling() or bool(empty.any())
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, compute: torch.dtype) -> Tensor:
@@ -104,12 +113,17 @@ def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("attention: dropout_p > 0 needs the keep-mask")
-        keep = keep_mask.view(b, hq, lq, lk)
         scores = masked_scores()
         lse = torch.logsumexp(scores.detach(), dim=-1).float() if return_lse else None
-        # masked_fill passes no gradient to masked scores: a row with no key (NaN softmax) gets none.
-        probs = torch.softmax(scores, dim=-1).masked_fill(~(vis & keep), 0.0)
-        out = (_by_group(probs, v.to(compute), hkv) * dropout_scale(dropout_p)).transpose(1, 2).to(q.dtype)
+        empty, fill = _empty_rows(vis)
+        if fill:  # a row with no key sees every key here (finite), and its output is zeroed below
+            scores = scores.masked_fill(empty, 0.0)
+        # softmax is exactly 0 where a score is -inf: only the kept, visible probabilities remain
+        probs = dropout_apply(torch.softmax(scores, dim=-1), keep_mask.view(b, hq, lq, lk), dropout_p)
+        out = _by_group(probs, v.to(compute), hkv)
+        if fill:
+            out = out.masked_fill(empty, 0.0)
+        out = out.transpose(1, 2).to(q.dtype)
         return (out, lse) if return_lse else out
 
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -117,10 +131,7 @@ def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=
     if is_causal is not None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     else:
-        empty = ~vis.any(-1, keepdim=True)  # rows that see no key
-        # Eager, the check (no device sync on a CPU) spares a masked copy of the output and of its
-        # gradient when no row is empty, the usual case; a compiled graph takes both, branch-free.
-        fill = torch.compiler.is_compiling() or bool(empty.any())
+        empty, fill = _empty_rows(vis)
         attn_mask = vis | empty if fill else vis
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
         if fill:

@@ -1,11 +1,12 @@
 """``dropout_add_layer_norm`` on torch's fused CPU norms.
 
-    s   = residual + dropout(x)        one addcmul in fp32 (or wider), rounded once to x's dtype
+    s   = residual + dropout(x)        one pass in fp32 (or wider), rounded once to x's dtype
     out = F.layer_norm(s) / F.rms_norm(s)
 
 torch's CPU norms take their statistics in fp32 for fp16/bf16 inputs (and accept fp32 weights
 beside them), so this is the reference's arithmetic with two kernels per direction instead of a
-dozen whole-tensor steps. The mask is the package's Philox mask (the C++ loop on the CPU).
+dozen whole-tensor steps. The mask is the package's Philox mask (the C++ loop on the CPU), applied
+with the residual add in one pass (:func:`.dropout.dropout_apply`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference.philox import dropout_scale
+from .dropout import dropout_apply
 
 
 def dropout_add_layer_norm(
@@ -36,9 +37,7 @@ def dropout_add_layer_norm(
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("dropout_add_layer_norm: dropout_p > 0 needs the keep-mask")
-        keep = keep_mask.view(x.shape)
-        base = residual.to(compute) if residual is not None else x.new_zeros((), dtype=compute)
-        s = torch.addcmul(base, x.to(compute), keep, value=dropout_scale(dropout_p)).to(dtype)
+        s = dropout_apply(x, keep_mask.view(x.shape), dropout_p, residual)
     elif residual is not None:
         s = torch.add(residual.to(compute), x.to(compute)).to(dtype)
     else:

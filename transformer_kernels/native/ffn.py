@@ -2,19 +2,18 @@
 its activation kernels.
 
 These are the ops eager PyTorch runs for ``Linear`` + activation; the differences are the
-package's: the Philox dropout mask (applied in one masked multiply), and for fp16/bf16 the
-accumulation torch's CPU GEMMs already do in fp32, rounded once per GEMM output, as the
-reference's ``upcast=False`` path that the tests measure against.
+package's: the Philox dropout mask (applied in one pass, :func:`.dropout.dropout_apply`), and
+for fp16/bf16 the accumulation torch's CPU GEMMs already do in fp32, rounded once per GEMM
+output, as the reference's ``upcast=False`` path that the tests measure against.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.ffn import ACTIVATIONS
-from ..reference.philox import dropout_scale
+from .dropout import dropout_apply
 
 
 def _activation(z: Tensor, activation: str | None) -> Tensor:
@@ -41,9 +40,7 @@ def fused_linear(
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("fused_linear: dropout_p > 0 needs the keep-mask")
-        keep = keep_mask.view(y.shape)
-        # one pass, 0 + scale · y · keep: the dropped elements zeroed and the kept ones scaled
-        y = torch.addcmul(y.new_zeros(()), y, keep, value=dropout_scale(dropout_p))
+        y = dropout_apply(y, keep_mask.view(y.shape), dropout_p)
     return y
 
 
