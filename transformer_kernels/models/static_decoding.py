@@ -30,6 +30,7 @@ runs on a different kernel over the whole cache, the keys beyond ``cache_seqlens
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Callable
 
 import torch
@@ -53,7 +54,7 @@ class StaticCaches:
         self.src_kpm = src_kpm
         self.src_lens = torch.full((n,), src_kpm.shape[1], dtype=torch.int32, device=dev)  # padding: src_kpm
         self.cross_kv = [layer.multihead_attn.project_kv(memory) for layer in model.decoder.layers]
-        self.sets = []
+        self.sets: list[dict[str, Any]] = []
         for _ in range(copies):
             kv = []
             for layer in model.decoder.layers:

@@ -213,8 +213,8 @@ def attention_varlen(
         keep_mask,
         return_lse,
     )
-    out, lse = res if return_lse else (res, None)
-    out = out.reshape(bsz * max_seqlen_q, hq, d).index_select(0, pos_q)
     if not return_lse:
-        return out
+        return res.reshape(bsz * max_seqlen_q, hq, d).index_select(0, pos_q)
+    out, lse = res
+    out = out.reshape(bsz * max_seqlen_q, hq, d).index_select(0, pos_q)
     return out, lse.transpose(0, 1).reshape(hq, bsz * max_seqlen_q).index_select(1, pos_q)

@@ -32,6 +32,7 @@ def attention_with_kvcache(
     lmax, hkv = k_cache.shape[1], k_cache.shape[2]
     lnew = 0
     if k is not None:
+        assert v is not None  # the op layer checks that k and v come together
         append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
         lnew = k.shape[1]
     if q.numel() == 0 or lmax == 0:

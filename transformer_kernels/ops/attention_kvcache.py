@@ -172,7 +172,7 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, so
             raise ValueError(f"{OP}: k shape {list(k.shape)} and v shape {list(v.shape)} must match")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
             raise TypeError(f"{OP}: key_padding_mask must be a bool tensor [B, Lmax] (True = padding), got {got}")
         if key_padding_mask.shape != (b, lmax):
             raise ValueError(
