@@ -30,8 +30,8 @@ runs on a different kernel over the whole cache, the keys beyond ``cache_seqlens
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
