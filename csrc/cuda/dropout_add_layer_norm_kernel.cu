@@ -34,14 +34,18 @@ constexpr int kFwdTargetThreads = 128;
 constexpr int kBwdTargetThreads = 256;
 
 // Vectors per thread (a vector is 16 bytes of the activation dtype, or 1 element on the
-// unaligned path). The forward holds one fp32 per element, the backward two (xhat and wdy), so
-// the backward lists stop at 16 elements per thread: 1024 threads x 16 = kMaxHidden.
+// unaligned path). The vector lists end where a full row of kMaxHidden takes at most 512 threads
+// (the forward: 256 threads of 64 elements): a CTA of 1024 threads is capped at 64 registers a thread, too few
+// for a row slice of 16 elements in fp32 (two values each in the backward: xhat and wdy) beside
+// the Philox state, and ptxas spilled there (fp16 backward, sm_90: 72 B; fp32 forward, sm_80:
+// 16 B). The unaligned (scalar) lists keep 1024-thread CTAs of at most 16 elements.
 template <int... NVs>
 struct NvList {};
-using FwdVecList = NvList<1, 2, 4, 8>;
+using FwdVec8List = NvList<1, 2, 4, 8>;      // 16-bit dtypes: 256 threads x 64 elements at most
+using FwdVec4List = NvList<1, 2, 4, 8, 16>;  // fp32: 256 threads x 64 elements at most
 using FwdScalarList = NvList<1, 2, 4, 8, 16>;
-using BwdVec8List = NvList<1, 2>;     // 16-bit dtypes, 8 elements per vector
-using BwdVec4List = NvList<1, 2, 4>;  // fp32, 4 elements per vector
+using BwdVec8List = NvList<1, 2, 4>;     // 16-bit dtypes: 512 threads x 32 elements at most
+using BwdVec4List = NvList<1, 2, 4, 8>;  // fp32: 512 threads x 32 elements at most
 using BwdScalarList = NvList<1, 2, 4, 8, 16>;
 
 constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -446,6 +450,9 @@ int current_device() {
   return device;
 }
 
+template <int kVec>
+using FwdVecList = std::conditional_t<kVec == 8, FwdVec8List, FwdVec4List>;
+
 template <typename T>
 void launch_fwd(const FwdParams& params) {
   constexpr int kVec = 16 / sizeof(T);
@@ -466,7 +473,7 @@ void launch_fwd(const FwdParams& params) {
     });
   };
   if (vector) {
-    launch(std::integral_constant<int, kVec>{}, FwdVecList{});
+    launch(std::integral_constant<int, kVec>{}, FwdVecList<kVec>{});
   } else {
     launch(std::integral_constant<int, 1>{}, FwdScalarList{});
   }
