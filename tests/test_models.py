@@ -287,11 +287,22 @@ def test_translate_ids_returns_input_order_whatever_the_batches(copy_model, beam
     src, _, _ = copy_batch(7, torch.Generator().manual_seed(50))
     ids = [[t for t in row if t != PAD] for row in src.tolist()]
     alone = [strip(beam_search(copy_model, torch.tensor([s]), beam_size=beam_size), EOS, PAD)[0] for s in ids]
-    for decoding in ("static", "cached", "recompute"):
+    for decoding in ("auto", "static", "cached", "recompute"):
         for batch_tokens in (16, 1000):
             out, throughput = translate_ids(copy_model, ids, beam_size, batch_tokens=batch_tokens, decoding=decoding)
             assert out == alone, (decoding, batch_tokens)
             assert throughput.sentences == 7 and throughput.tokens == sum(len(h) + 1 for h in alone)
             assert throughput.seconds > 0 and throughput.tokens_per_s > 0
-    with pytest.raises(ValueError, match="decoding must be one of static, cached, recompute"):
+    with pytest.raises(ValueError, match="decoding must be one of auto, static, cached, recompute"):
         translate_ids(copy_model, ids, decoding="fast")
+
+
+def test_auto_decoding_is_static_on_a_cpu_and_cached_on_a_gpu():
+    """``auto`` (translate's default) runs the static loop on a CPU; on a GPU the cached one, until
+    the static loop's CUDA-graph replay has been measured there."""
+    from transformer_kernels.train.inference import resolve_decoding
+
+    assert resolve_decoding("auto", torch.device("cpu")) == "static"
+    assert resolve_decoding("auto", torch.device("cuda", 0)) == "cached"
+    for method in ("static", "cached", "recompute"):
+        assert resolve_decoding(method, torch.device("cuda")) == method
