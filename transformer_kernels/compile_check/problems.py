@@ -187,16 +187,4 @@ def problems() -> list[Problem]:
 # of failing. The list only shrinks: a full sweep names every entry that no longer matches a failure
 # ("STALE"), for its deletion.
 
-KNOWN_OFFENDERS: list[KnownOffender] = [
-    # attention_varlen's backward in the untuned configs (causal + dropout, GQA 4:1; Triton 3.8): a
-    # few words where the padded kernels' same configs spill none; ptxas allocates fewer registers
-    # (the sequence bounds' early exit): dQ fp16 d=128 32x32 w4 sm_80 8/8 (168 registers), d=256
-    # 32x32 w8 sm_80 32/24 (128), fp32 d=128 32x32 w8 sm_90 20/20 (80); dK/dV fp32 d=128 16x32 w8
-    # sm_90 24/24 (128).
-    KnownOffender(
-        "*.attention._attention_bwd_d*_kernel",
-        problem="attention * varlen *",
-        flags="*VARLEN=True*",
-        why="attention_varlen backward spills a few words in untuned configs",
-    ),
-]
+KNOWN_OFFENDERS: list[KnownOffender] = []

@@ -152,7 +152,7 @@ _CONFIGS = {
     },
     "dkdv": {
         (2, 64): [(16, 64, 4, 2), (32, 64, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
-        (2, 128): [(16, 64, 8, 2), (32, 64, 8, 3)],
+        (2, 128): [(16, 64, 8, 2), (32, 64, 8, 3), (16, 32, 8, 2)],
         (2, 256): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
         (4, 64): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
         (4, 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 32, 8, 2)],
@@ -161,12 +161,18 @@ _CONFIGS = {
     "dq": {
         (2, 64): [(128, 32, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
         (2, 128): [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (64, 32, 8, 3)],
-        (2, 256): [(32, 32, 8, 2)],
+        (2, 256): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
         (4, 64): [(64, 16, 8, 2), (32, 32, 4, 2), (32, 32, 8, 3), (32, 32, 8, 2), (64, 32, 8, 2)],
         (4, 128): [(32, 16, 4, 2), (32, 32, 8, 2), (64, 16, 8, 2)],
         (4, 256): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
     },
 }
+# attention_varlen's first candidates where the padded one spills with VARLEN (ptxas allots the
+# packed kernels fewer registers; Triton 3.8, causal + dropout, sm_80): 16-bit dK/dV at d = 128 in
+# 16 x 64 tiles spilled 8 B a thread, 16-bit dQ at d = 256 in 32 x 32 tiles 32 B; 16 x 32 tiles on
+# 8 warps spill nothing on sm_80 or sm_90 in either (as candidates of the padded kernels: 52 B for
+# dK/dV with causal + padding + dropout on sm_80, 0 B for dQ).
+_VARLEN_FIRST = {"dkdv": {(2, 128): (16, 32, 8, 2)}, "dq": {(2, 256): (16, 32, 8, 2)}}
 _INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
@@ -179,12 +185,16 @@ def _autotune() -> bool:
     return not triton_interpret() and os.environ.get("TK_AUTOTUNE", "1") != "0"
 
 
-def _heuristics(kind: str, block_d: int, fp32: bool) -> list[dict]:
+def _heuristics(kind: str, block_d: int, fp32: bool, varlen: bool = False) -> list[dict]:
     """The launch parameters without autotuning: the bucket's candidates, the first first."""
     if triton_interpret():
         m, n = _INTERPRET_TILES[kind]
         return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)]
-    bucket = _CONFIGS[kind][_bucket_of(block_d, fp32)]
+    key = _bucket_of(block_d, fp32)
+    bucket = _CONFIGS[kind][key]
+    first = _VARLEN_FIRST[kind].get(key) if varlen and kind in _VARLEN_FIRST else None
+    if first is not None:
+        bucket = [first, *(c for c in bucket if c != first)]
     return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in bucket]
 
 
@@ -205,7 +215,7 @@ def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
     if _autotune():
         tuned[grid](*args, **kwargs)
         return
-    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee")
+    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kwargs["VARLEN"])
     for i, config in enumerate(configs):
         try:
             kernel[grid](*args, **kwargs, **config)
