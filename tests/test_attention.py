@@ -229,6 +229,23 @@ def test_dkdv_splits(group, kv_programs, min_programs, expected):
     assert tri._dkdv_splits(group, kv_programs, min_programs) == expected
 
 
+def test_varlen_takes_its_own_first_candidates(monkeypatch):
+    """attention_varlen's untuned launch starts from its own first candidate where the padded one
+    spills with VARLEN (compile check); the same candidates otherwise, so autotuning prunes to them."""
+    from transformer_kernels.triton import attention as tri
+
+    monkeypatch.setattr(tri, "triton_interpret", lambda: False)
+    tile = lambda c: (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])  # noqa: E731
+    assert tri._VARLEN_FIRST
+    for kind, firsts in tri._VARLEN_FIRST.items():
+        for (size, d), first in firsts.items():
+            bucket = tri._CONFIGS[kind][(size, d)]
+            padded = [tile(c) for c in tri._heuristics(kind, d, size == 4)]
+            packed = [tile(c) for c in tri._heuristics(kind, d, size == 4, varlen=True)]
+            assert padded == bucket and first in bucket
+            assert packed[0] == first != bucket[0] and sorted(packed) == sorted(bucket)
+
+
 def test_launch_without_autotuning_falls_back_when_shared_memory_runs_out(monkeypatch):
     """TK_AUTOTUNE=0 on a GPU with less shared memory than an A100 (sm_86/89): the bucket's next
     candidate, not a launch failure; and the error itself once no candidate fits."""

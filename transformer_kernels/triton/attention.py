@@ -215,7 +215,7 @@ def _launch(kind: str, kernel, tuned, grid, *args, **kwargs) -> None:
     if _autotune():
         tuned[grid](*args, **kwargs)
         return
-    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kwargs["VARLEN"])
+    configs = _heuristics(kind, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kwargs.get("VARLEN", False))
     for i, config in enumerate(configs):
         try:
             kernel[grid](*args, **kwargs, **config)
