@@ -171,8 +171,14 @@ _CONFIGS = {
 # packed kernels fewer registers; Triton 3.8, causal + dropout, sm_80): 16-bit dK/dV at d = 128 in
 # 16 x 64 tiles spilled 8 B a thread, 16-bit dQ at d = 256 in 32 x 32 tiles 32 B; 16 x 32 tiles on
 # 8 warps spill nothing on sm_80 or sm_90 in either (as candidates of the padded kernels: 52 B for
-# dK/dV with causal + padding + dropout on sm_80, 0 B for dQ).
-_VARLEN_FIRST = {"dkdv": {(2, 128): (16, 32, 8, 2)}, "dq": {(2, 256): (16, 32, 8, 2)}}
+# dK/dV with causal + padding + dropout on sm_80, 0 B for dQ). The fp32 forward at d = 64 in
+# 64 x 32 tiles spilled 8 B (128 registers, the cap of 8 warps' 256 threads); 32 x 32 tiles on 8
+# warps take 64-71 registers and spill nothing on either arch, padded or packed.
+_VARLEN_FIRST = {
+    "fwd": {(4, 64): (32, 32, 8, 2)},
+    "dkdv": {(2, 128): (16, 32, 8, 2)},
+    "dq": {(2, 256): (16, 32, 8, 2)},
+}
 _INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
