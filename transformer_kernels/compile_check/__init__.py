@@ -295,11 +295,13 @@ def main(argv=None) -> int:
             known=problems.KNOWN_OFFENDERS,
             progress=_progress,
         )
-    if args.quiet:
-        failed = {**report, "rows": [r for r in report["rows"] if r["verdict"] != "ok"]}
-        print(table(failed))
-    else:
+    failed = {**report, "rows": [r for r in report["rows"] if r["verdict"] != "ok"]}
+    if not args.quiet:
         print(table(report))
+        if failed["rows"]:
+            # Again, next to the summary: a log read from its tail shows what failed, not the last rows.
+            print("\nnot ok:")
+    print(table(failed))
     print(summary(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
