@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _checks
 from . import autocast as amp
 from .custom_ops import kernel_op
 from .dropout_mask import keep_mask_for
@@ -115,41 +116,10 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, key_padding_mask, dropout_p, softmax_scale) -> None:
-    for name, t, shape in (("q", q, "[B, Lq, Hq, D]"), ("k", k, "[B, Lk, Hkv, D]"), ("v", v, "[B, Lk, Hkv, D]")):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{OP}: {name} must be a floating-point tensor {shape}")
-        if t.dim() != 4:
-            raise ValueError(f"{OP}: {name} must be 4-D {shape}, got shape {list(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{OP}: {name} dtype {t.dtype} does not match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{OP}: {name} is on {t.device}, q on {q.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"{OP}: k shape {list(k.shape)} and v shape {list(v.shape)} must match")
-    (b, _, hq, d), (bk, lk, hkv, dk) = q.shape, k.shape
-    if bk != b:
-        raise ValueError(f"{OP}: batch size of k/v ({bk}) does not match q's ({b})")
-    if dk != d:
-        raise ValueError(f"{OP}: head dim of k/v ({dk}) does not match q's ({d})")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{OP}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
-        )
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
-            raise TypeError(f"{OP}: key_padding_mask must be a bool tensor [B, Lk] (True = padding), got {got}")
-        if key_padding_mask.shape != (b, lk):
-            raise ValueError(
-                f"{OP}: key_padding_mask shape {list(key_padding_mask.shape)} does not match [B, Lk] = {[b, lk]}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    _checks.check_qkv(OP, q, k, v, shapes=("[B, Lq, Hq, D]", "[B, Lk, Hkv, D]", "[B, Lk, Hkv, D]"))
+    _checks.check_key_padding_mask(OP, key_padding_mask, q, (q.shape[0], k.shape[1]))
+    _checks.check_dropout_p(OP, dropout_p)
+    _checks.check_softmax_scale(OP, softmax_scale)
 
 
 def attention(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _checks
 from . import autocast as amp
 from .custom_ops import kernel_op
 
@@ -115,38 +116,16 @@ def _fwd(
 # The functional API.
 
 
-def _check_tensor(name: str, t, shape: str) -> None:
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"{OP}: {name} must be a floating-point tensor {shape}")
-    if t.dim() != 4:
-        raise ValueError(f"{OP}: {name} must be 4-D {shape}, got shape {list(t.shape)}")
-
-
-def _check_like(name: str, t: Tensor, q: Tensor) -> None:
-    if t.dtype != q.dtype:
-        raise TypeError(f"{OP}: {name} dtype {t.dtype} does not match q dtype {q.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{OP}: {name} is on {t.device}, q on {q.device}")
-
-
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, softmax_scale, num_splits) -> None:
-    _check_tensor("q", q, "[B, Lq, Hq, D]")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(name, t, "[B, Lmax, Hkv, D]")
-        _check_like(name, t, q)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"{OP}: k_cache shape {list(k_cache.shape)} and v_cache shape {list(v_cache.shape)} must match"
-        )
-    (b, _, hq, d), (bk, lmax, hkv, dk) = q.shape, k_cache.shape
-    if bk != b:
-        raise ValueError(f"{OP}: batch size of k_cache/v_cache ({bk}) does not match q's ({b})")
-    if dk != d:
-        raise ValueError(f"{OP}: head dim of k_cache/v_cache ({dk}) does not match q's ({d})")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{OP}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
-        )
+    _checks.check_qkv(
+        OP,
+        q,
+        k_cache,
+        v_cache,
+        shapes=("[B, Lq, Hq, D]", "[B, Lmax, Hkv, D]", "[B, Lmax, Hkv, D]"),
+        names=("k_cache", "v_cache"),
+    )
+    (b, _, _, d), (lmax, hkv) = q.shape, k_cache.shape[1:3]
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
         got = cache_seqlens.dtype if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__
         raise TypeError(f"{OP}: cache_seqlens must be an int32 tensor [B] on q's device, got {got}")
@@ -161,27 +140,18 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, so
         raise ValueError(f"{OP}: k and v must be given together (the new keys and values to append), or neither")
     if k is not None:
         for name, t in (("k", k), ("v", v)):
-            _check_tensor(name, t, "[B, Lnew, Hkv, D]")
-            _check_like(name, t, q)
-            if t.shape[0] != b or t.shape[2:] != (hkv, d) or t.shape[1] > lmax:
+            if (
+                isinstance(t, Tensor)
+                and t.dim() == 4
+                and (t.shape[0] != b or t.shape[2:] != (hkv, d) or t.shape[1] > lmax)
+            ):
                 raise ValueError(
                     f"{OP}: {name} shape {list(t.shape)} does not match [B, Lnew, Hkv, D] = [{b}, Lnew, {hkv}, {d}] "
                     f"with Lnew <= Lmax = {lmax}"
                 )
-        if k.shape != v.shape:
-            raise ValueError(f"{OP}: k shape {list(k.shape)} and v shape {list(v.shape)} must match")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
-            raise TypeError(f"{OP}: key_padding_mask must be a bool tensor [B, Lmax] (True = padding), got {got}")
-        if key_padding_mask.shape != (b, lmax):
-            raise ValueError(
-                f"{OP}: key_padding_mask shape {list(key_padding_mask.shape)} does not match [B, Lmax] = {[b, lmax]}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        _checks.check_qkv(OP, q, k, v, shapes=("[B, Lq, Hq, D]", "[B, Lnew, Hkv, D]", "[B, Lnew, Hkv, D]"))
+    _checks.check_key_padding_mask(OP, key_padding_mask, q, (b, lmax), layout="[B, Lmax]")
+    _checks.check_softmax_scale(OP, softmax_scale)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{OP}: num_splits must be an int >= 0 (0 chooses by a heuristic), got {num_splits!r}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):

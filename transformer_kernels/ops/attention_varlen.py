@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _checks
 from . import autocast as amp
 from .attention import _triton_check
 from .custom_ops import kernel_op
@@ -162,25 +163,7 @@ def _check_cu_seqlens_values(name: str, cu: Tensor, total: int, max_name: str, m
 def _check_inputs(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, check_values
 ) -> None:
-    for name, t, shape in (("q", q, "[total_q, Hq, D]"), ("k", k, "[total_k, Hkv, D]"), ("v", v, "[total_k, Hkv, D]")):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{OP}: {name} must be a floating-point tensor {shape}")
-        if t.dim() != 3:
-            raise ValueError(f"{OP}: {name} must be 3-D {shape}, got shape {list(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{OP}: {name} dtype {t.dtype} does not match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{OP}: {name} is on {t.device}, q on {q.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"{OP}: k shape {list(k.shape)} and v shape {list(v.shape)} must match")
-    (_, hq, d), (_, hkv, dk) = q.shape, k.shape
-    if dk != d:
-        raise ValueError(f"{OP}: head dim of k/v ({dk}) does not match q's ({d})")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{OP}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
-        )
+    _checks.check_qkv(OP, q, k, v, shapes=("[total_q, Hq, D]", "[total_k, Hkv, D]", "[total_k, Hkv, D]"))
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
             got = cu.dtype if isinstance(cu, Tensor) else type(cu).__name__
@@ -199,10 +182,8 @@ def _check_inputs(
             raise TypeError(f"{OP}: {name} must be an int, got {type(m).__name__}")
         if m < 0:
             raise ValueError(f"{OP}: {name} must be >= 0, got {m}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{OP}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    _checks.check_dropout_p(OP, dropout_p)
+    _checks.check_softmax_scale(OP, softmax_scale)
     if check_values:
         _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
         _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
