@@ -180,6 +180,40 @@ def test_bench_packing_command_line(tmp_path, capsys):
     assert "| packed |" in capsys.readouterr().out
 
 
+def test_interleaved_timing_calls_each_side_in_turn():
+    calls = []
+    med = common.interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4  # a warm-up call each, then every repeat runs both, in order
+    assert set(med) == {"a", "b"} and all(ms >= 0 for ms in med.values())
+
+
+def test_bench_cpu_tables_run_and_print_one_row_per_case(capsys):
+    from transformer_kernels.bench import bench_cpu
+
+    bench_cpu.layers([("encoder", 64, 16), ("decoder", 64, 16)], quick=True)
+    bench_cpu.training(quick=True, vocab=64, batch=4, length=8)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 6  # 2 layers x dropout 0.1 / 0, the training step x dropout 0.1 / 0
+    assert all(" (1.00x) | " in r and r.count("ms (") == 2 for r in rows)
+    assert rows[-1].startswith("| training step") and "dropout 0.0" in rows[-1]
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["bogus"], "no table 'bogus'"),
+        (["layers", "--case", "encoder-x-16"], "KIND-D-L"),
+        (["--case", "mlp-64-16"], "kind"),
+    ],
+)
+def test_bench_cpu_rejects_bad_arguments(args, error, capsys):
+    from transformer_kernels.bench import bench_cpu
+
+    with pytest.raises(SystemExit) as e:
+        bench_cpu.main(args)
+    assert e.value.code == 2 and error in capsys.readouterr().err
+
+
 def test_dtypes_have_one_spelling_and_take_torchs_names_too(capsys):
     for short, long, dtype in (("bf16", "bfloat16", torch.bfloat16), ("fp16", "float16", torch.float16)):
         assert common.parse_dtype(short) is common.parse_dtype(long) is dtype

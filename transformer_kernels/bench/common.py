@@ -204,6 +204,21 @@ def time_steps_ms(step: Callable[[], object], device: torch.device, *, warmup: i
     return statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each ``fns[name]()``, timed in turn: each repeat calls every function
+    once, in order, so a change in a shared machine's load hits them all alike (a CPU A/B test; the
+    ratios mean something where the absolute times may not). One warm-up call each first."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def time_passes(
     fn: Callable[..., torch.Tensor], sets: Sequence[tuple], device: torch.device, quick: bool
 ) -> dict[str, float]:
