@@ -226,14 +226,16 @@ def test_dropout_apply_is_the_formula_bit_for_bit(dtype, residual):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["eps0", "eps0.1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, v", [(0, 5), (9, 1), (13, 7), (6, 300), (3, 32003)], ids=str)
-def test_cross_entropy(n, v, dtype, label_smoothing, reduction):
+def test_cross_entropy(small_chunks, n, v, dtype, label_smoothing, reduction):
     ce._compare_ce(NATIVE, n, v, dtype, reduction, label_smoothing)
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of a few rows, so every test crosses chunk boundaries (37 classes: 3 rows a chunk)."""
+    """Chunks of a few rows, so every test crosses chunk boundaries (37 classes: 3 rows a chunk of
+    linear_cross_entropy; 7 classes: 2 rows a chunk of cross_entropy, 300 or more: one)."""
     monkeypatch.setattr(native_ce, "CHUNK_ELEMENTS", 111)
+    monkeypatch.setattr(native_ce, "CE_CHUNK_ELEMENTS", 20)
 
 
 @pytest.mark.parametrize("reduction", ce.REDUCTIONS)

@@ -1,8 +1,16 @@
-"""``cross_entropy`` on ``F.cross_entropy``; ``linear_cross_entropy`` as a chunked output layer.
+"""``cross_entropy`` and ``linear_cross_entropy``: the loss and its gradient in one pass over
+row chunks of the logits.
 
-``cross_entropy``: torch's fused log-softmax + NLL (with its label smoothing and ignore_index,
-which are the package's definitions), on the logits upcast to fp32 first as the reference does,
-so the loss of fp16/bf16 logits is the fp32 one and their gradient is rounded once.
+Per chunk ``z`` of logits (fp32, or fp64): the log-sum-exp and the loss, then, where a gradient is
+wanted, ``z`` turned in place into ``g · (softmax - (1-ε)·onehot - ε/V)`` (``g``: the reduction's
+factor per row, 0 on ignored rows) while it is still in the cache; the backward only scales the
+stored gradient by the incoming one. Eager ``F.cross_entropy`` makes its passes over the whole
+``[N, V]`` (log-softmax, NLL, the smoothing's sum; in the backward a one-hot, the smoothing's
+term, the log-softmax's backward), each from memory. The loss of fp16/bf16 logits is the fp32
+one and their gradient is rounded once, as the reference.
+
+``cross_entropy``: the logits in chunks of :data:`CE_CHUNK_ELEMENTS`, the gradient written into
+one ``[N, V]`` tensor (eager keeps the log-softmax, as large).
 
 ``linear_cross_entropy``: the rows in chunks, each chunk's logits ``h Wᵀ + b`` used and dropped:
 per chunk the forward takes the log-sum-exp and the loss, turns the logits
@@ -29,12 +37,80 @@ from torch.autograd.function import once_differentiable
 CHUNK_ELEMENTS = 1 << 24
 
 
+# Logits per cross_entropy chunk (1 MB of fp32): each pass after the first finds the chunk in a
+# core's L2. Measured on a 2-core CPU, [4096, 10000] with smoothing, forward + backward against eager
+# F.cross_entropy: see the table in the README ("Backends").
+CE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _loss_and_grad_(z: Tensor, t: Tensor, valid: Tensor, label_smoothing: float, g: Tensor | None) -> Tensor:
+    """The per-row loss of the logits ``z`` [n, V] (fp32 or wider) with targets ``t`` [n] (loss 0
+    where not ``valid``); with ``g`` [n, 1] (0 on the rows not valid), ``z`` becomes in place the
+    gradient of ``Σ g · loss`` w.r.t. itself."""
+    v = z.shape[-1]
+    tv = torch.where(valid, t, 0).unsqueeze(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    # -log p_t · (1-ε) + ε/V · Σ_j -log p_j  =  (1-ε)·(lse - z_t) + ε·(lse - Σ_j z_j / V): each
+    # difference taken first, as a log-probability (exactly 0 where one class has it all)
+    loss = (1.0 - label_smoothing) * (lse - z.gather(-1, tv).squeeze(-1))
+    if label_smoothing:
+        loss += label_smoothing * (lse - z.sum(-1) / v)
+    if g is not None:
+        # dloss/dz = g · (softmax(z) - (1-ε)·onehot(t) - ε/V)
+        z.sub_(lse.unsqueeze(-1)).exp_()
+        if label_smoothing:
+            z.sub_(label_smoothing / v)
+        z.scatter_add_(-1, tv, torch.full_like(g, -(1.0 - label_smoothing)))
+        z.mul_(g)
+    return torch.where(valid, loss, 0.0)
+
+
+def _row_factor(valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """``g`` [N]: d(reduced loss)/d(row loss) before the incoming gradient: 1/#valid (mean) or 1,
+    0 on the ignored rows."""
+    one = torch.ones((), dtype=dtype, device=valid.device)
+    return torch.where(valid, one / valid.sum() if reduction == "mean" else one, 0.0)
+
+
+def _scale_by(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
+    """A stored gradient [N, ...] times the incoming one (0-dim, or [N] for reduction="none"), in
+    fp32 or wider, rounded once to ``dtype``."""
+    d = dloss.to(grad.dtype)
+    return (grad * (d if d.dim() == 0 else d.view(-1, *([1] * (grad.dim() - 1))))).to(dtype)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, label_smoothing, ignore_index, reduction):
+        n, v = logits.shape
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        valid = target != ignore_index
+        loss = logits.new_empty(n, dtype=compute)
+        grad = logits.new_empty((n, v), dtype=compute) if ctx.needs_input_grad[0] else None
+        g = _row_factor(valid, reduction, compute).unsqueeze(-1) if grad is not None else None
+        chunk = max(1, CE_CHUNK_ELEMENTS // max(v, 1))
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            z = logits[rows].to(compute) if grad is None else grad[rows].copy_(logits[rows])
+            gr = None if g is None else g[rows]
+            loss[rows] = _loss_and_grad_(z, target[rows], valid[rows], label_smoothing, gr)
+        ctx.dtype = logits.dtype
+        ctx.save_for_backward(grad)
+        return _reduce(loss, valid, reduction)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return _scale_by(grad, dloss, ctx.dtype), None, None, None, None
+
+
 def cross_entropy(
     logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"
 ) -> Tensor:
-    """As :func:`~transformer_kernels.reference.cross_entropy_ref`."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    """As :func:`~transformer_kernels.reference.cross_entropy_ref`: the loss and the gradient in one
+    pass over chunks of rows."""
+    return _CrossEntropy.apply(logits, target, label_smoothing, ignore_index, reduction)
 
 
 def _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, row_grad, needs):
@@ -51,25 +127,12 @@ def _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, row_gr
     chunk = max(1, CHUNK_ELEMENTS // v)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        t = target[rows]
-        valid = t != ignore_index
-        tv = torch.where(valid, t, 0).unsqueeze(-1)
+        valid = target[rows] != ignore_index
         z = F.linear(hidden[rows], weight, bias).to(compute)  # the logits in the input dtype, as the reference
-        lse = torch.logsumexp(z, dim=-1)
-        # -log p_t · (1-ε) + ε/V · Σ_j -log p_j  =  lse - (1-ε)·z_t - ε/V · Σ_j z_j
-        chunk_loss = lse - (1.0 - label_smoothing) * z.gather(-1, tv).squeeze(-1)
-        if label_smoothing:
-            chunk_loss -= (label_smoothing / v) * z.sum(-1)
-        loss[rows] = torch.where(valid, chunk_loss, 0.0)
+        g = torch.where(valid, row_grad[rows].to(compute), 0.0).unsqueeze(-1) if grads else None
+        loss[rows] = _loss_and_grad_(z, target[rows], valid, label_smoothing, g)
         if not grads:
             continue
-        g = torch.where(valid, row_grad[rows].to(compute), 0.0).unsqueeze(-1)
-        # z becomes dloss/dz = g · (softmax(z) - (1-ε)·onehot(t) - ε/V), in place
-        z.sub_(lse.unsqueeze(-1)).exp_()
-        if label_smoothing:
-            z.sub_(label_smoothing / v)
-        z.scatter_add_(-1, tv, torch.full_like(g, -(1.0 - label_smoothing)))
-        z.mul_(g)
         if dh is not None:
             torch.mm(z, w_c, out=dh[rows])
         if dw is not None:
