@@ -106,7 +106,7 @@ def ops(quick: bool) -> None:
                 "eager": fw(lambda p=p: F.linear(F.dropout(F.relu(F.linear(xx, w1, b1)), p), w2, b2)),
                 "auto": fw(lambda p=p: tk.ffn(xx, w1, b1, w2, b2, "relu", p)),
             },
-            max(reps // 2, 3),
+            reps,
         )
     bb, length, h, hd = 32, 128, 8, 64
     q, k, v = (torch.randn(bb, length, h, hd, requires_grad=True) for _ in range(3))
@@ -138,7 +138,7 @@ def ops(quick: bool) -> None:
                     )
                 ),
             },
-            max(reps // 2, 3),
+            reps,
         )
     vocab = 10000
     hid = torch.randn(4096, 512, requires_grad=True)
@@ -151,7 +151,7 @@ def ops(quick: bool) -> None:
             "eager": lambda: torch.autograd.grad(F.cross_entropy(logits, t, label_smoothing=0.1), logits),
             "auto": lambda: torch.autograd.grad(tk.cross_entropy(logits, t, label_smoothing=0.1), logits),
         },
-        max(reps // 2, 3),
+        reps,
     )
     row(
         "linear_cross_entropy [4096, 512] x [10000, 512] smoothing 0.1",
@@ -161,7 +161,7 @@ def ops(quick: bool) -> None:
             ),
             "auto": lambda: torch.autograd.grad(tk.linear_cross_entropy(hid, emb, t, label_smoothing=0.1), (hid, emb)),
         },
-        max(reps // 3, 3),
+        reps,
     )
 
 

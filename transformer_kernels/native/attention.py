@@ -92,9 +92,14 @@ def attention(
             return_lse=return_lse,
             keep_mask=keep_mask,
         )
-    vis = _visible(lq, lk, causal, key_padding_mask, q.device)
-    # SDPA's flags say it all (and no row is empty) without padding, and causal only where Lq == Lk
+    # SDPA's flags say it all (and no row is empty) without padding, and causal only where Lq == Lk;
+    # the mask is then built only where the explicit path (dropout, the log-sum-exp) reads it
     flags_only = key_padding_mask is None and (not causal or lq == lk)
+    vis = (
+        None
+        if flags_only and dropout_p == 0.0 and not return_lse
+        else _visible(lq, lk, causal, key_padding_mask, q.device)
+    )
     return _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, is_causal=causal if flags_only else None)
 
 
@@ -102,7 +107,8 @@ def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=
     """Attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] where ``vis`` (bool, broadcast to
     [B, 1, Lq, Lk]) is True, with the package's semantics (rows without keys give zeros, the
     Philox ``keep_mask``). ``is_causal``: not None when SDPA's own flag says what ``vis`` does
-    (no mask is then passed, and the kernel skips blocks)."""
+    (no mask is then passed, and the kernel skips blocks; ``vis`` may then be None unless dropout
+    or the log-sum-exp reads it)."""
     b, lq, hq, _ = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
