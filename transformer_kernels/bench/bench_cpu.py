@@ -15,7 +15,9 @@ Three tables, fp32, forward + backward at the sizes CPU users train at (~4096 to
   ``torch.nn.Transformer`` (``bench_training``'s ``nn_eager``), dropout 0.1 and 0.
 
 Timing: :func:`~transformer_kernels.bench.common.interleaved_ms` (every repeat runs each side once,
-in turn; the medians' ratio is the figure), because a CPU benchmark often shares its cores. The
+in turn; the medians' ratio is the figure), because a CPU benchmark often shares its cores. Each row
+ends with a control column, the baseline timed twice ("eager again"): a ratio within its distance
+from 1.00x is noise. The
 rows are markdown; the first column's time is the baseline, each cell says its speed against it.
 
     python -m transformer_kernels.bench.bench_cpu [ops layers training] [--quick] [--case decoder-256-128]
@@ -47,9 +49,14 @@ LAYER_CASES = [
 ]
 
 
-def row(name: str, fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def row(name: str, fns: dict[str, Callable[[], object]], repeats: int, control: bool = False) -> dict[str, float]:
     """Time ``fns`` in turn and print one markdown row: ``name``, then each side's median ms and
-    its speed against the first side."""
+    its speed against the first side. ``control``: the first side once more, as the last column
+    ("again"): its ratio, which is 1.00x but for the machine's noise, says how far from 1.00x a
+    ratio must be to mean anything in this run."""
+    if control:
+        first = next(iter(fns))
+        fns = {**fns, f"{first} again": fns[first]}
     med = interleaved_ms(fns, repeats)
     base = med[next(iter(med))]
     cells = " | ".join(f"{k} {v:.1f} ms ({base / v:.2f}x)" for k, v in med.items())
@@ -89,6 +96,7 @@ def ops(quick: bool) -> None:
                 "reference": ln(lambda p=p: tk.dropout_add_layer_norm(x, r, w, b, p, backend="reference")),
             },
             reps,
+            control=True,
         )
     d = 512
     xx = torch.randn(4096, d, requires_grad=True)
@@ -107,6 +115,7 @@ def ops(quick: bool) -> None:
                 "auto": fw(lambda p=p: tk.ffn(xx, w1, b1, w2, b2, "relu", p)),
             },
             reps,
+            control=True,
         )
     bb, length, h, hd = 32, 128, 8, 64
     q, k, v = (torch.randn(bb, length, h, hd, requires_grad=True) for _ in range(3))
@@ -139,6 +148,7 @@ def ops(quick: bool) -> None:
                 ),
             },
             reps,
+            control=True,
         )
     vocab = 10000
     hid = torch.randn(4096, 512, requires_grad=True)
@@ -152,6 +162,7 @@ def ops(quick: bool) -> None:
             "auto": lambda: torch.autograd.grad(tk.cross_entropy(logits, t, label_smoothing=0.1), logits),
         },
         reps,
+        control=True,
     )
     row(
         "linear_cross_entropy [4096, 512] x [10000, 512] smoothing 0.1",
@@ -162,6 +173,7 @@ def ops(quick: bool) -> None:
             "auto": lambda: torch.autograd.grad(tk.linear_cross_entropy(hid, emb, t, label_smoothing=0.1), (hid, emb)),
         },
         reps,
+        control=True,
     )
 
 
@@ -203,6 +215,7 @@ def layers(cases: list[tuple[str, int, int]], quick: bool) -> None:
                 f"{kind} layer d {d} L {length} B {b} dropout {p}",
                 {"torch.nn": lambda m=theirs: step(m), "tk.nn": lambda m=ours: step(m)},
                 reps,
+                control=True,
             )
 
 
@@ -240,6 +253,7 @@ def training(quick: bool, vocab: int = 8000, batch: int = 96, length: int = 32) 
             f"training step d 256 3+3 layers vocab {vocab} batch {batch}x<={length} ({data.tokens} tokens) dropout {p}",
             fns,
             reps,
+            control=True,
         )
 
 

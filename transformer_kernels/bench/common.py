@@ -206,13 +206,16 @@ def time_steps_ms(step: Callable[[], object], device: torch.device, *, warmup: i
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds of each ``fns[name]()``, timed in turn: each repeat calls every function
-    once, in order, so a change in a shared machine's load hits them all alike (a CPU A/B test; the
-    ratios mean something where the absolute times may not). One warm-up call each first."""
+    once, so a change in a shared machine's load hits them all alike (a CPU A/B test; the ratios
+    mean something where the absolute times may not), starting one function later than the repeat
+    before, so that no function always runs first (after the others' allocations) or last. One
+    warm-up call each first."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for i in range(repeats):
+        for name, fn in order[i % len(order) :] + order[: i % len(order)]:
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
