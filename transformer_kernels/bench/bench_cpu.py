@@ -95,7 +95,7 @@ def ops(quick: bool) -> None:
                 "auto": ln(lambda p=p: tk.dropout_add_layer_norm(x, r, w, b, p)),
                 "reference": ln(lambda p=p: tk.dropout_add_layer_norm(x, r, w, b, p, backend="reference")),
             },
-            reps,
+            4 * reps,  # a call of a few ms: its noise is larger, and more repeats are cheap
             control=True,
         )
     d = 512
@@ -189,7 +189,7 @@ def layers(cases: list[tuple[str, int, int]], quick: bool) -> None:
     """The layer table (see the module's docstring)."""
     from transformer_kernels.bench.bench_layers import make_layers
 
-    reps = 3 if quick else 5
+    reps = 3 if quick else 7
     for kind, d, length in cases:
         b = max(4096 // length, 1)
         for p in (0.1, 0.0):
@@ -224,7 +224,7 @@ def training(quick: bool, vocab: int = 8000, batch: int = 96, length: int = 32) 
     from transformer_kernels.bench.bench_training import LABEL_SMOOTHING, TorchTransformer, make_batch
     from transformer_kernels.models import EncoderDecoder, TransformerConfig
 
-    reps = 3 if quick else 5
+    reps = 3 if quick else 7
     sizes = dict(d_model=256, nhead=4, dim_feedforward=1024, num_encoder_layers=3, num_decoder_layers=3)
     for p in (0.1, 0.0):
         config = TransformerConfig(
