@@ -200,6 +200,8 @@ def _valid():
     (lambda a: {**a, "q": torch.randn(2, 8)}, ValueError, "q must be 4-D"),
     (lambda a: {**a, "k": torch.randn(2, 1, 2, 8)}, ValueError, "k and v must be given together"),
     (lambda a: {**a, "k": torch.randn(2, 1, 3, 8), "v": torch.randn(2, 1, 3, 8)}, ValueError, "k shape"),
+    (lambda a: {**a, "k": torch.ones(2, 1, 3, 8, dtype=torch.int32), "v": torch.randn(2, 1, 3, 8)}, TypeError,
+     "k must be a floating-point"),
     (lambda a: {**a, "key_padding_mask": torch.zeros(2, 10)}, TypeError, "key_padding_mask must be a bool"),
     (lambda a: {**a, "key_padding_mask": torch.zeros(2, 9, dtype=torch.bool)}, ValueError, "key_padding_mask shape"),
     (lambda a: {**a, "num_splits": -1}, ValueError, "num_splits must be an int >= 0"),

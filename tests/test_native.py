@@ -276,6 +276,24 @@ def test_cross_entropy_huge_logits(dtype):
     ce.test_huge_logits_stay_finite(NATIVE, dtype, scale)
 
 
+def test_no_gradient_is_computed_under_no_grad(monkeypatch):
+    """The fused losses compute their gradient in the forward: not when autograd will not ask for it."""
+    wanted = []
+    real = native_ce._loss_and_grad_
+    monkeypatch.setattr(
+        native_ce, "_loss_and_grad_", lambda z, t, ok, eps, g: wanted.append(g is not None) or real(z, t, ok, eps, g)
+    )
+    x, h, w = (torch.randn(*s, requires_grad=True) for s in ((6, 11), (6, 4), (11, 4)))
+    t = torch.randint(0, 11, (6,))
+    with torch.no_grad():
+        tk.cross_entropy(x, t, backend="native")
+        tk.linear_cross_entropy(h, w, t, backend="native")
+    assert wanted == [False, False]
+    tk.cross_entropy(x, t, backend="native")
+    tk.linear_cross_entropy(h, w, t, backend="native")
+    assert wanted == [False, False, True, True]
+
+
 def test_target_out_of_range_is_a_clear_error():
     ce.test_target_out_of_range_is_a_clear_error(NATIVE, 40000, "target contains 40000, out of range")
 

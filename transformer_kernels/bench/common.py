@@ -210,6 +210,8 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[s
     mean something where the absolute times may not), starting one function later than the repeat
     before, so that no function always runs first (after the others' allocations) or last. One
     warm-up call each first."""
+    if not fns or repeats < 1:
+        raise ValueError(f"interleaved_ms: needs at least one function and one repeat (got {len(fns)}, {repeats})")
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()

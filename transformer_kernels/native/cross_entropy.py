@@ -81,12 +81,12 @@ def _scale_by(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, label_smoothing, ignore_index, reduction):
+    def forward(ctx, logits, target, label_smoothing, ignore_index, reduction, wants_grad):
         n, v = logits.shape
         compute = torch.promote_types(logits.dtype, torch.float32)
         valid = target != ignore_index
         loss = logits.new_empty(n, dtype=compute)
-        grad = logits.new_empty((n, v), dtype=compute) if ctx.needs_input_grad[0] else None
+        grad = logits.new_empty((n, v), dtype=compute) if wants_grad else None
         g = _row_factor(valid, reduction, compute).unsqueeze(-1) if grad is not None else None
         chunk = max(1, CE_CHUNK_ELEMENTS // max(v, 1))
         for start in range(0, n, chunk):
@@ -102,15 +102,16 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return _scale_by(grad, dloss, ctx.dtype), None, None, None, None
+        return _scale_by(grad, dloss, ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy(
     logits: Tensor, target: Tensor, *, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean"
 ) -> Tensor:
     """As :func:`~transformer_kernels.reference.cross_entropy_ref`: the loss and the gradient in one
-    pass over chunks of rows."""
-    return _CrossEntropy.apply(logits, target, label_smoothing, ignore_index, reduction)
+    pass over chunks of rows (the gradient only where autograd will ask for it: not under no_grad)."""
+    wants_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _CrossEntropy.apply(logits, target, label_smoothing, ignore_index, reduction, wants_grad)
 
 
 def _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, row_grad, needs):
@@ -156,8 +157,8 @@ def _scaled(grad: Tensor, dloss: Tensor) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, label_smoothing, ignore_index, reduction):
-        needs = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, target, label_smoothing, ignore_index, reduction, grad_enabled):
+        needs = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])  # none under no_grad
         valid = target != ignore_index
         ctx.reduction = reduction
         ctx.args = (label_smoothing, ignore_index, needs)
@@ -180,7 +181,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, dh, dw, db = _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, dloss, needs)
         else:
             dh, dw, db = (None if g is None else _scaled(g, dloss) for g in ctx.saved_tensors)
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -194,4 +195,5 @@ def linear_cross_entropy(
     reduction: str = "mean",
 ) -> Tensor:
     """As :func:`~transformer_kernels.reference.linear_cross_entropy_ref`, chunked."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, target, label_smoothing, ignore_index, reduction)
+    args = (label_smoothing, ignore_index, reduction, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, *args)

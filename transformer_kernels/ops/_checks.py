@@ -15,18 +15,13 @@ def check_qkv(op: str, q, k, v, *, shapes: tuple[str, str, str], names: tuple[st
     layouts in ``shapes`` have (``[B, L, H, D]`` or the packed ``[total, H, D]``); ``k`` and ``v`` of
     one shape, the batch (4-D) and head dim of ``q``, and a number of heads that divides ``q``'s."""
     kn, vn = names
-    ndim = shapes[0].count(",") + 1
-    for name, t, shape in (("q", q, shapes[0]), (kn, k, shapes[1]), (vn, v, shapes[2])):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor {shape}")
-        if t.dim() != ndim:
-            raise ValueError(f"{op}: {name} must be {ndim}-D {shape}, got shape {list(t.shape)}")
-    for name, t in ((kn, k), (vn, v)):
-        check_like(op, name, t, q)
+    check_kind(op, "q", q, shapes[0])
+    for name, t, shape in ((kn, k, shapes[1]), (vn, v, shapes[2])):
+        check_kind(op, name, t, shape, like=q)
     if k.shape != v.shape:
         raise ValueError(f"{op}: {kn} shape {list(k.shape)} and {vn} shape {list(v.shape)} must match")
     (hq, d), (hkv, dk) = q.shape[-2:], k.shape[-2:]
-    if ndim == 4 and k.shape[0] != q.shape[0]:
+    if q.dim() == 4 and k.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: batch size of {kn}/{vn} ({k.shape[0]}) does not match q's ({q.shape[0]})")
     if dk != d:
         raise ValueError(f"{op}: head dim of {kn}/{vn} ({dk}) does not match q's ({d})")
@@ -34,6 +29,18 @@ def check_qkv(op: str, q, k, v, *, shapes: tuple[str, str, str], names: tuple[st
         raise ValueError(
             f"{op}: the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})"
         )
+
+
+def check_kind(op: str, name: str, t, shape: str, like: Optional[Tensor] = None) -> None:
+    """``t``: a floating-point tensor with as many dims as the layout ``shape`` (``"[B, L, H, D]"``)
+    names, and the dtype and device of ``like`` where given."""
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor {shape}")
+    ndim = shape.count(",") + 1
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D {shape}, got shape {list(t.shape)}")
+    if like is not None:
+        check_like(op, name, t, like)
 
 
 def check_like(op: str, name: str, t: Tensor, q: Tensor) -> None:

@@ -140,11 +140,9 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, k, v, key_padding_mask, so
         raise ValueError(f"{OP}: k and v must be given together (the new keys and values to append), or neither")
     if k is not None:
         for name, t in (("k", k), ("v", v)):
-            if (
-                isinstance(t, Tensor)
-                and t.dim() == 4
-                and (t.shape[0] != b or t.shape[2:] != (hkv, d) or t.shape[1] > lmax)
-            ):
+            _checks.check_kind(OP, name, t, "[B, Lnew, Hkv, D]", like=q)
+        for name, t in (("k", k), ("v", v)):  # against the cache: a clearer message than check_qkv's rules
+            if t.shape[0] != b or t.shape[2:] != (hkv, d) or t.shape[1] > lmax:
                 raise ValueError(
                     f"{OP}: {name} shape {list(t.shape)} does not match [B, Lnew, Hkv, D] = [{b}, Lnew, {hkv}, {d}] "
                     f"with Lnew <= Lmax = {lmax}"
