@@ -199,12 +199,25 @@ def test_bench_cpu_tables_run_and_print_one_row_per_case(capsys):
     assert rows[-1].startswith("| training step") and "dropout 0.0" in rows[-1]
 
 
+def test_bench_cpu_row_filter_and_repeats(monkeypatch, capsys):
+    from transformer_kernels.bench import bench_cpu
+
+    calls = []
+    monkeypatch.setattr(bench_cpu, "ROW_FILTER", "wanted")
+    monkeypatch.setattr(bench_cpu, "REPEATS", 2)
+    assert bench_cpu.row("other row", {"a": lambda: calls.append("other")}, 5) == {}
+    assert set(bench_cpu.row("the wanted row", {"a": lambda: calls.append("a")}, 5, control=True)) == {"a", "a again"}
+    assert calls == ["a"] * 6  # two warm-ups (the side, its control), two repeats of both; nothing of the other row
+    assert capsys.readouterr().out.count("| the wanted row |") == 1
+
+
 @pytest.mark.parametrize(
     "args, error",
     [
         (["bogus"], "no table 'bogus'"),
         (["layers", "--case", "encoder-x-16"], "KIND-D-L"),
         (["--case", "mlp-64-16"], "kind"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_bench_cpu_rejects_bad_arguments(args, error, capsys):

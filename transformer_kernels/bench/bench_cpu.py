@@ -49,11 +49,20 @@ LAYER_CASES = [
 ]
 
 
+# Set from the command line: only the rows whose name contains ROW_FILTER run (None: all), each with
+# REPEATS repeats where set (else the table's own).
+ROW_FILTER: str | None = None
+REPEATS: int | None = None
+
+
 def row(name: str, fns: dict[str, Callable[[], object]], repeats: int, control: bool = False) -> dict[str, float]:
     """Time ``fns`` in turn and print one markdown row: ``name``, then each side's median ms and
     its speed against the first side. ``control``: the first side once more, as the last column
     ("again"): its ratio, which is 1.00x but for the machine's noise, says how far from 1.00x a
     ratio must be to mean anything in this run."""
+    if ROW_FILTER is not None and ROW_FILTER not in name:
+        return {}
+    repeats = REPEATS or repeats
     if control:
         first = next(iter(fns))
         fns = {**fns, f"{first} again": fns[first]}
@@ -262,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tables", nargs="*", metavar="TABLE", help=f"of {', '.join(TABLES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, two layer cases")
     parser.add_argument("--case", action="append", help="a layer case KIND-D-L, e.g. decoder-256-128 (repeatable)")
+    parser.add_argument(
+        "--rows", metavar="TEXT", help="only the rows whose name contains TEXT, e.g. 'causal=True padding=False'"
+    )
+    parser.add_argument("--repeats", type=int, metavar="N", help="N repeats for every row (default: each table's own)")
     args = parser.parse_args(argv)
     if unknown := [t for t in args.tables if t not in TABLES]:
         parser.error(f"no table {unknown[0]!r}; the tables are {', '.join(TABLES)}")
@@ -279,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads, fp32; fwd + bwd, median ms (speed vs the first column)",
         flush=True,
     )
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1 (got {args.repeats})")
+    global ROW_FILTER, REPEATS
+    ROW_FILTER, REPEATS = args.rows, args.repeats
     if "ops" in tables:
         ops(args.quick)
     if "layers" in tables:

@@ -38,8 +38,9 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 # Logits per cross_entropy chunk (1 MB of fp32): each pass after the first finds the chunk in a
-# core's L2. Measured on a 2-core CPU, [4096, 10000] with smoothing, forward + backward against eager
-# F.cross_entropy: see the table in the README ("Backends").
+# core's L2. Measured on a 2-core x86 CPU (AVX-512), [4096, 10000] fp32 with smoothing, forward +
+# backward against eager F.cross_entropy (1.00x): 2**16 elements a chunk 1.09x, 2**18 1.45x,
+# 2**20 1.38x, 2**22 1.26x, the whole [N, V] at once 0.98x.
 CE_CHUNK_ELEMENTS = 1 << 18
 
 
