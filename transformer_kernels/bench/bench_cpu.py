@@ -186,39 +186,22 @@ def ops(quick: bool) -> None:
     )
 
 
-def _set_dropout(module: torch.nn.Module, p: float) -> None:
-    for mod in module.modules():
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = p
-        if isinstance(getattr(mod, "dropout", None), float):
-            mod.dropout = p
-
-
 def layers(cases: list[tuple[str, int, int]], quick: bool) -> None:
     """The layer table (see the module's docstring)."""
-    from transformer_kernels.bench.bench_layers import make_layers
+    from transformer_kernels.bench.bench_layers import call_layer, layer_masks, make_inputs, make_layers
 
     reps = 3 if quick else 7
     for kind, d, length in cases:
         b = max(4096 // length, 1)
         for p in (0.1, 0.0):
             torch.manual_seed(0)
-            theirs, ours = make_layers(kind, d, "cpu", torch.float32)
-            for module in (theirs, ours):
-                module.train()
-                _set_dropout(module, p)
-            x, memory = (torch.randn(b, length, d, requires_grad=True) for _ in range(2))
-            dout = torch.randn(b, length, d)
-            kpm = torch.zeros(b, length, dtype=torch.bool)
-            kpm[:, int(length * 0.9) :] = True
-            causal = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float32)
+            theirs, ours = make_layers(kind, d, "cpu", torch.float32, dropout=p)
+            x, memory, dout = make_inputs(b, length, d, torch.float32, "cpu", seed=0)
+            kpm, causal = layer_masks(b, length, "cpu", torch.float32)
+            theirs.train(), ours.train()
 
             def step(module, kind=kind, x=x, memory=memory, dout=dout, kpm=kpm, causal=causal):
-                if kind == "encoder":
-                    y = module(x, src_key_padding_mask=kpm)
-                else:
-                    y = module(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=kpm)
-                y.backward(dout)
+                call_layer(kind, module, x, memory, kpm, causal).backward(dout)
 
             row(
                 f"{kind} layer d {d} L {length} B {b} dropout {p}",
@@ -229,32 +212,31 @@ def layers(cases: list[tuple[str, int, int]], quick: bool) -> None:
 
 
 def training(quick: bool, vocab: int = 8000, batch: int = 96, length: int = 32) -> None:
-    """The training-step table (see the module's docstring)."""
-    from transformer_kernels.bench.bench_training import LABEL_SMOOTHING, TorchTransformer, make_batch
+    """The training-step table (see the module's docstring): ``bench_training``'s ``nn_eager`` and
+    ``auto`` rows, fp32, without its checks."""
+    from transformer_kernels.bench.bench_training import _row, make_batch
     from transformer_kernels.models import EncoderDecoder, TransformerConfig
 
     reps = 3 if quick else 7
+    cpu = torch.device("cpu")
     sizes = dict(d_model=256, nhead=4, dim_feedforward=1024, num_encoder_layers=3, num_decoder_layers=3)
     for p in (0.1, 0.0):
         config = TransformerConfig(
             vocab, vocab, **sizes, dropout=p, share_all_embeddings=True, max_positions=length + 1
         )
-        data = make_batch(batch, length, vocab, config, "cpu")
+        data = make_batch(batch, length, vocab, config, cpu)
         torch.manual_seed(0)
-        ours = EncoderDecoder(config, "cpu")
-        theirs = TorchTransformer(ours)
-        args = (data.src, data.tgt_in, data.tgt_out)
+        init = EncoderDecoder(config, cpu)
         fns = {}
-        for name, module, loss_fn in (
-            ("torch.nn", theirs, theirs),
-            ("tk", ours, lambda *a, m=ours: m.loss(*a, label_smoothing=LABEL_SMOOTHING)),
-        ):
+        for name, impl in (("torch.nn", "nn_eager"), ("tk", "auto")):
+            module, loss_fn, scope = _row(impl, init, torch.float32, cpu)
             module.train()
             opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0)
 
-            def step(opt=opt, loss_fn=loss_fn, args=args):
+            def step(opt=opt, loss_fn=loss_fn, scope=scope, args=(data.src, data.tgt_in, data.tgt_out)):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(*args).backward()
+                with scope():
+                    loss_fn(*args).backward()
                 opt.step()
 
             fns[name] = step

@@ -39,11 +39,11 @@ from .common import (
 COUNTS = "tokens per call: B*L for the layers (B*L target tokens for the decoder layer), B*steps for decoding"
 
 
-def make_layers(kind: str, d: int, device, dtype):
+def make_layers(kind: str, d: int, device, dtype, dropout: float = 0.1):
     """(eager torch layer, ours) with the same weights."""
     cls = "TransformerEncoderLayer" if kind == "encoder" else "TransformerDecoderLayer"
     kw = dict(
-        d_model=d, nhead=d // 64, dim_feedforward=4 * d, dropout=0.1, batch_first=True, device=device, dtype=dtype
+        d_model=d, nhead=d // 64, dim_feedforward=4 * d, dropout=dropout, batch_first=True, device=device, dtype=dtype
     )
     theirs = getattr(torch.nn, cls)(**kw)
     ours = getattr(tk.nn, cls)(**kw)
@@ -58,6 +58,21 @@ def make_inputs(b, length, d, dtype, device, seed):
     return x, memory, torch.randn(b, length, d, device=device, dtype=dtype)
 
 
+def layer_masks(b, length, device, dtype):
+    """(key padding mask with 10% of the keys padded, the decoder's causal mask) of a layer case."""
+    kpm = torch.zeros(b, length, dtype=torch.bool, device=device)
+    kpm[:, int(length * 0.9) :] = True
+    return kpm, torch.nn.Transformer.generate_square_subsequent_mask(length, device=device, dtype=dtype)
+
+
+def call_layer(kind, m, x, memory, kpm, causal):
+    """One forward of an encoder layer (self-attention over padded keys) or a decoder layer (causal
+    self-attention, cross-attention to ``memory`` over padded keys)."""
+    if kind == "encoder":
+        return m(x, src_key_padding_mask=kpm)
+    return m(x, memory, tgt_is_causal=True, tgt_mask=causal, memory_key_padding_mask=kpm)
+
+
 def layer_case(kind, d, length, tokens, dtype, device, quick):
     b = max(tokens // length, 1)
     theirs, ours = make_layers(kind, d, device, dtype)
@@ -67,14 +82,10 @@ def layer_case(kind, d, length, tokens, dtype, device, quick):
         impls["compile"] = torch.compile(theirs)
     elt = torch.tensor([], dtype=dtype).element_size()
     sets = input_sets(lambda seed: make_inputs(b, length, d, dtype, device, seed), device, 3 * b * length * d * elt)
-    kpm = torch.zeros(b, length, dtype=torch.bool, device=device)  # 10% of the keys padded
-    kpm[:, int(length * 0.9) :] = True
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(length, device=device, dtype=dtype)
+    kpm, causal = layer_masks(b, length, device, dtype)
 
     def call(m, x, memory):
-        if kind == "encoder":
-            return m(x, src_key_padding_mask=kpm)
-        return m(x, memory, tgt_is_causal=True, tgt_mask=causal, memory_key_padding_mask=kpm)
+        return call_layer(kind, m, x, memory, kpm, causal)
 
     timings = {"train": {}, "infer": {}}
     peaks = {"train": {}, "infer": {}}

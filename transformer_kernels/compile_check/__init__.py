@@ -298,9 +298,10 @@ def main(argv=None) -> int:
     failed = {**report, "rows": [r for r in report["rows"] if r["verdict"] != "ok"]}
     if not args.quiet:
         print(table(report))
+        if failed["rows"]:
+            # Again, next to the summary: a log read from its tail shows what failed, not the last rows.
+            print("\nnot ok:")
     if failed["rows"] or args.quiet:
-        # Again, next to the summary: a log read from its tail shows what failed, not the last rows.
-        print("" if args.quiet else "\nnot ok:")
         print(table(failed))
     print(summary(report))
     if args.json:

@@ -73,11 +73,13 @@ def _row_factor(valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     return torch.where(valid, one / valid.sum() if reduction == "mean" else one, 0.0)
 
 
-def _scale_by(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
+def _scaled(grad: Tensor, dloss: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A stored gradient [N, ...] times the incoming one (0-dim, or [N] for reduction="none"), in
-    fp32 or wider, rounded once to ``dtype``."""
-    d = dloss.to(grad.dtype)
-    return (grad * (d if d.dim() == 0 else d.view(-1, *([1] * (grad.dim() - 1))))).to(dtype)
+    fp32 or wider (the wider of the two), rounded once to ``dtype`` (default: the gradient's)."""
+    compute = torch.promote_types(grad.dtype, dloss.dtype)
+    d = dloss.to(compute)
+    d = d if d.dim() == 0 else d.view(-1, *([1] * (grad.dim() - 1)))
+    return (grad.to(compute) * d).to(grad.dtype if dtype is None else dtype)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -103,7 +105,7 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return _scale_by(grad, dloss, ctx.dtype), None, None, None, None, None
+        return _scaled(grad, dloss, ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy(
@@ -149,11 +151,6 @@ def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
-
-
-def _scaled(grad: Tensor, dloss: Tensor) -> Tensor:
-    """A stored gradient times the incoming (0-dim) one, in fp32 or wider, rounded once."""
-    return (grad.to(torch.promote_types(grad.dtype, dloss.dtype)) * dloss).to(grad.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
