@@ -158,6 +158,28 @@ def test_fused_linear_edge_cases():
     ffn_tests.test_dropout_reproducible_and_matches_philox_spec(NATIVE)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_ffn_relu_in_place_is_not_on_a_view(dropout_p):
+    """The in-place ReLU acts on the GEMM's own 2-D output: on [B, L, d] input, ReLU in place on
+    ``F.linear``'s 3-D view would put CopySlices and AsStridedBackward (copies of the whole
+    [N, d_ff] gradient) into the graph (with a bias: ``F.linear`` then returns a view of its
+    2-D addmm result)."""
+    x = torch.randn(2, 17, 24, requires_grad=True)
+    w1, b1 = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    w2, b2 = torch.randn(24, 40, requires_grad=True), torch.randn(24, requires_grad=True)
+    y = tk.ffn(x, w1, b1, w2, b2, "relu", dropout_p, backend=NATIVE)
+    assert y.shape == (2, 17, 24)
+    nodes, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    names = {type(fn).__name__ for fn in nodes}
+    assert "ReluBackward0" in names or "ThresholdBackward1" in names, names
+    assert not names & {"CopySlices", "AsStridedBackward0"}, names
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_linear_backward_uses_forward_mask(dtype):
     ffn_tests.test_dropout_backward_uses_forward_mask(NATIVE, dtype, "gelu")

@@ -9,6 +9,8 @@ output, as the reference's ``upcast=False`` path that the tests measure against.
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -17,8 +19,9 @@ from .dropout import dropout_apply
 
 
 def _activation(z: Tensor, activation: str | None) -> Tensor:
-    """The activation of ``z``, a GEMM's fresh output: ReLU in place (its backward needs only the
-    result), which saves eager's extra [N, d_ff] tensor and a pass over it."""
+    """The activation of ``z``, a GEMM's fresh output (not a view: see :func:`fused_linear`): ReLU
+    in place (its backward needs only the result), which saves eager's extra [N, d_ff] tensor and
+    a pass over it."""
     if activation is None:
         return z
     if activation == "relu":
@@ -37,13 +40,20 @@ def fused_linear(
     *,
     keep_mask: Tensor | None = None,
 ) -> Tensor:
-    """As :func:`~transformer_kernels.reference.fused_linear_ref`."""
-    y = _activation(F.linear(x, weight, bias), activation)
+    """As :func:`~transformer_kernels.reference.fused_linear_ref`.
+
+    The GEMM runs on x's rows as one 2-D matrix and its result is reshaped only at the end: on
+    [B, L, d] input ``F.linear`` returns a view of its 2-D addmm output, and an in-place ReLU on a
+    view makes autograd copy the whole [N, d_ff] gradient through ``CopySlices`` and
+    ``as_strided`` in the backward (a d_model 512 encoder layer's training step on a 2-core CPU:
+    360 ms with the view, 318 ms without)."""
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    y = _activation(F.linear(rows, weight, bias), activation)
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("fused_linear: dropout_p > 0 needs the keep-mask")
         y = dropout_apply(y, keep_mask.view(y.shape), dropout_p)
-    return y
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def ffn(
