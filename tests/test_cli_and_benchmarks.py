@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,11 +182,40 @@ def test_bench_packing_command_line(tmp_path, capsys):
 
 
 def test_interleaved_timing_calls_each_side_in_turn():
-    calls = []
-    med = common.interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
-    # a warm-up call each, then every repeat runs both, the first one in turn
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
-    assert set(med) == {"a", "b"} and all(ms >= 0 for ms in med.values())
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    med = common.interleaved_ms(fns, repeats=30)
+    # a warm-up call each, then every repeat runs each once, in an order shuffled per repeat
+    assert calls[:3] == ["a", "b", "c"]
+    repeats = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]
+    assert len(repeats) == 30 and all(sorted(r) == ["a", "b", "c"] for r in repeats)
+    assert {r[0] for r in repeats} == set("abc") and len(set(repeats)) > 3  # no fixed order or rotation
+    assert set(med) == {"a", "b", "c"} and all(ms >= 0 for ms in med.values())
+    again: list[str] = []
+    common.interleaved_ms({n: (lambda n=n: again.append(n)) for n in "abc"}, repeats=30)
+    assert again == calls  # seeded
+    times = common.interleaved_times({"a": lambda: None, "b": lambda: None}, repeats=4)
+    assert [len(ts) for ts in times.values()] == [4, 4]
+    with pytest.raises(ValueError, match="at least one function"):
+        common.interleaved_times({}, repeats=3)
+
+
+def test_paired_ratio_median_and_interval():
+    # other ran twice as fast in every repeat, whatever the repeat's load: exactly 2, no spread
+    base = [10.0, 30.0, 20.0, 50.0, 12.0]
+    ratio, lo, hi = common.paired_ratio(base, [t / 2 for t in base])
+    assert (ratio, lo, hi) == (2.0, 2.0, 2.0)
+    # ratios 0.9, 1.0, 1.1, 1.2, 1.3: the median is 1.1, and the interval holds it within the extremes
+    ratio, lo, hi = common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5)
+    assert ratio == pytest.approx(1.1) and 0.9 <= lo <= 1.1 <= hi <= 1.3 and lo < hi
+    assert common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5) == (ratio, lo, hi)  # seeded
+    # a wider level gives a wider (or equal) interval
+    _, lo50, hi50 = common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5, level=0.5)
+    assert lo <= lo50 and hi50 <= hi
+    with pytest.raises(ValueError, match="equally long"):
+        common.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="level"):
+        common.paired_ratio([1.0], [1.0], level=1.0)
 
 
 def test_bench_cpu_tables_run_and_print_one_row_per_case(capsys):
@@ -196,6 +226,11 @@ def test_bench_cpu_tables_run_and_print_one_row_per_case(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 6  # 2 layers x dropout 0.1 / 0, the training step x dropout 0.1 / 0
     assert all(" (1.00x) | " in r and r.count("ms (") == 3 and " again " in r for r in rows)  # with the control
+    # each cell after the first: its median ratio and a 95% interval around it
+    for r in rows:
+        for cell in r.strip("| ").split(" | ")[2:]:
+            ratio, lo, hi = (float(x) for x in re.findall(r"\((\d+\.\d+)x, (\d+\.\d+)-(\d+\.\d+)\)", cell)[0])
+            assert lo <= ratio <= hi, cell
     assert rows[-1].startswith("| training step") and "dropout 0.0" in rows[-1]
 
 

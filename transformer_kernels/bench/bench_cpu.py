@@ -14,11 +14,13 @@ Three tables, fp32, forward + backward at the sizes CPU users train at (~4096 to
   a shared 8000-word vocabulary, 96 pairs of 16-32 tokens) against the same computation on
   ``torch.nn.Transformer`` (``bench_training``'s ``nn_eager``), dropout 0.1 and 0.
 
-Timing: :func:`~transformer_kernels.bench.common.interleaved_ms` (every repeat runs each side once,
-in turn; the medians' ratio is the figure), because a CPU benchmark often shares its cores. Each row
-ends with a control column, the baseline timed twice ("eager again"): a ratio within its distance
-from 1.00x is noise. The
-rows are markdown; the first column's time is the baseline, each cell says its speed against it.
+Timing: :func:`~transformer_kernels.bench.common.interleaved_times` (every repeat runs each side
+once, in turn), because a CPU benchmark often shares its cores. A cell's figure is the median of
+the per-repeat ratios (baseline time / this side's time, both from the same repeat) and its 95%
+bootstrap interval (:func:`~transformer_kernels.bench.common.paired_ratio`): an interval that
+holds 1.00 means this run cannot tell the side from the baseline. Each row ends with a control
+column, the baseline timed twice ("eager again"), whose interval shows the run's noise. The rows
+are markdown; the first column's time is the baseline.
 
     python -m transformer_kernels.bench.bench_cpu [ops layers training] [--quick] [--case decoder-256-128]
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import transformer_kernels as tk
-from transformer_kernels.bench.common import git_commit, interleaved_ms
+from transformer_kernels.bench.common import git_commit, interleaved_times, paired_ratio
 
 TABLES = ("ops", "layers", "training")
 LAYER_CASES = [
@@ -57,19 +60,24 @@ REPEATS: int | None = None
 
 def row(name: str, fns: dict[str, Callable[[], object]], repeats: int, control: bool = False) -> dict[str, float]:
     """Time ``fns`` in turn and print one markdown row: ``name``, then each side's median ms and
-    its speed against the first side. ``control``: the first side once more, as the last column
-    ("again"): its ratio, which is 1.00x but for the machine's noise, says how far from 1.00x a
-    ratio must be to mean anything in this run."""
+    its speed against the first side, the median of the per-repeat ratios with its 95% interval
+    (:func:`~transformer_kernels.bench.common.paired_ratio`). ``control``: the first side once
+    more, as the last column ("again"): its ratio, which is 1.00x but for the machine's noise, says
+    how far from 1.00x a ratio must be to mean anything in this run. Returns the median ms."""
     if ROW_FILTER is not None and ROW_FILTER not in name:
         return {}
     repeats = REPEATS or repeats
     if control:
         first = next(iter(fns))
         fns = {**fns, f"{first} again": fns[first]}
-    med = interleaved_ms(fns, repeats)
-    base = med[next(iter(med))]
-    cells = " | ".join(f"{k} {v:.1f} ms ({base / v:.2f}x)" for k, v in med.items())
-    print(f"| {name} | {cells} |", flush=True)
+    times = interleaved_times(fns, repeats)
+    med = {k: statistics.median(ts) for k, ts in times.items()}
+    base = next(iter(times))
+    cells = [f"{base} {med[base]:.1f} ms (1.00x)"]
+    for k, ts in list(times.items())[1:]:
+        ratio, lo, hi = paired_ratio(times[base], ts)
+        cells.append(f"{k} {med[k]:.1f} ms ({ratio:.2f}x, {lo:.2f}-{hi:.2f})")
+    print(f"| {name} | {' | '.join(cells)} |", flush=True)
     return med
 
 
@@ -271,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--case: the kind is encoder or decoder (got {bad[0][0]!r})")
     print(
         f"{_dt.date.today()}, commit {git_commit()}: {cpu_name()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32; fwd + bwd, median ms (speed vs the first column)",
+        f"{torch.get_num_threads()} threads, fp32; fwd + bwd, median ms (speed vs the first column: "
+        "the median of the per-repeat ratios, its 95% interval)",
         flush=True,
     )
     if args.repeats is not None and args.repeats < 1:

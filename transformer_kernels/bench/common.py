@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -204,24 +205,58 @@ def time_steps_ms(step: Callable[[], object], device: torch.device, *, warmup: i
     return statistics.median(times)
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each ``fns[name]()``, timed in turn: each repeat calls every function
-    once, so a change in a shared machine's load hits them all alike (a CPU A/B test; the ratios
-    mean something where the absolute times may not), starting one function later than the repeat
-    before, so that no function always runs first (after the others' allocations) or last. One
-    warm-up call each first."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds of each ``fns[name]()``, one per repeat, timed in turn: each repeat calls every
+    function once, so a change in a shared machine's load hits them all alike (a CPU A/B test; the
+    ratios mean something where the absolute times may not), in an order shuffled anew for every
+    repeat (seeded), so that no function always runs first, last, or after the same other one (a
+    fixed rotation of three functions puts the second always after the first or the third). One
+    warm-up call each first. The i-th times of all functions come from the same repeat: pairs for
+    :func:`paired_ratio`."""
     if not fns or repeats < 1:
-        raise ValueError(f"interleaved_ms: needs at least one function and one repeat (got {len(fns)}, {repeats})")
+        raise ValueError(f"interleaved_times: needs at least one function and one repeat (got {len(fns)}, {repeats})")
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     order = list(fns.items())
-    for i in range(repeats):
-        for name, fn in order[i % len(order) :] + order[: i % len(order)]:
+    shuffle = random.Random(seed).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The median of each function's :func:`interleaved_times`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats).items()}
+
+
+def paired_ratio(
+    base: Sequence[float], other: Sequence[float], *, level: float = 0.95, resamples: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """How many times faster ``other`` ran than ``base``, from paired times (the i-th of each timed
+    in the same repeat, as :func:`interleaved_times` gives them): the median of the per-repeat
+    ratios ``base[i] / other[i]``, and its ``level`` confidence interval by the percentile
+    bootstrap (``resamples`` resamplings of the repeats, seeded: the same times give the same
+    interval). A ratio taken within one repeat cancels the load drifting between repeats, which
+    the ratio of two medians does not; an interval that contains 1.00 says the run cannot tell
+    the two apart."""
+    if len(base) != len(other) or not base:
+        raise ValueError(
+            f"paired_ratio: needs two equally long, non-empty lists of times (got {len(base)}, {len(other)})"
+        )
+    if not 0.0 < level < 1.0 or resamples < 1:
+        raise ValueError(f"paired_ratio: level must be in (0, 1) and resamples >= 1 (got {level}, {resamples})")
+    ratios = torch.tensor([b / o for b, o in zip(base, other, strict=True)], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
+    medians = ratios[picks].quantile(0.5, dim=1)
+    tail = (1.0 - level) / 2.0
+    lo, hi = medians.quantile(torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return ratios.quantile(0.5).item(), lo, hi
 
 
 def time_passes(
