@@ -153,9 +153,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _project(self, x: Tensor, first: int, count: int) -> Tensor:
         """x times ``count`` of the stacked in_proj blocks (q, k, v) from block ``first``: [..., count, H, D]."""
         e = self.embed_dim
-        rows = slice(first * e, (first + count) * e)
-        bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
-        y = fused_linear(x, self.in_proj_weight[rows], bias)
+        weight: Tensor = self.in_proj_weight
+        bias: Tensor | None = self.in_proj_bias
+        if count < 3:  # all three blocks unsliced: a slice's backward would zero-fill and copy the whole gradient
+            rows = slice(first * e, (first + count) * e)
+            weight, bias = weight[rows], None if bias is None else bias[rows]
+        y = fused_linear(x, weight, bias)
         return y.view(*x.shape[:-1], count, self.num_heads, self.head_dim).squeeze(-3)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
