@@ -57,6 +57,11 @@ def _scores(q: Tensor, k: Tensor, scale: float, compute: torch.dtype) -> Tensor:
     return torch.matmul(qg, k.to(compute).permute(0, 2, 3, 1)).view(b, hq, lq, -1)
 
 
+def _masked_scores(q: Tensor, k: Tensor, vis: Tensor, scale: float) -> Tensor:
+    """:func:`_scores` in fp32 (or wider), -inf where ``vis`` is False: [B, Hq, Lq, Lk]."""
+    return _scores(q, k, scale, torch.promote_types(q.dtype, torch.float32)).masked_fill(~vis, float("-inf"))
+
+
 def _by_group(p: Tensor, v: Tensor, hkv: int) -> Tensor:
     """p [B, Hq, Lq, Lk] times v [B, Lk, Hkv, D], per key head: [B, Hq, Lq, D]."""
     b, hq, lq, lk = p.shape
@@ -109,17 +114,13 @@ def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=
     Philox ``keep_mask``). ``is_causal``: not None when SDPA's own flag says what ``vis`` does
     (no mask is then passed, and the kernel skips blocks; ``vis`` may then be None unless dropout
     or the log-sum-exp reads it)."""
-    b, lq, hq, _ = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    compute = torch.promote_types(q.dtype, torch.float32)
-
-    def masked_scores() -> Tensor:  # [B, Hq, Lq, Lk] in fp32 (or wider), -inf where not visible
-        return _scores(q, k, scale, compute).masked_fill(~vis, float("-inf"))
-
+    hq, hkv = q.shape[2], k.shape[2]
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("attention: dropout_p > 0 needs the keep-mask")
-        scores = masked_scores()
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        compute = torch.promote_types(q.dtype, torch.float32)
+        scores = _masked_scores(q, k, vis, scale)
         lse = torch.logsumexp(scores.detach(), dim=-1).float() if return_lse else None
         empty, fill = _empty_rows(vis)
         if fill:  # a row with no key sees every key here (finite), and its output is zeroed below
@@ -146,7 +147,7 @@ def _attend(q, k, v, vis, scale, dropout_p, keep_mask, return_lse, *, is_causal=
     if not return_lse:
         return out
     with torch.no_grad():
-        return out, torch.logsumexp(masked_scores(), dim=-1).float()
+        return out, torch.logsumexp(_masked_scores(q, k, vis, scale), dim=-1).float()
 
 
 def _packed_layout(cu_seqlens: Tensor, total: int, max_seqlen: int) -> tuple[Tensor, Tensor]:

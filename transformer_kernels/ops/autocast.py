@@ -22,9 +22,16 @@ import torch
 from torch import Tensor
 
 _DEVICE_TYPES = ("cuda", "cpu")
+# One C call that says whether autocast is on for any device type (torch >= 2.1; traced by
+# torch.compile): every op asks on every call, and autocast is usually off. Asking per device type
+# parses the type's name each time: right after a long kernel, with the CPU's caches cold, that
+# measured ~25 µs against ~9 µs for this (a 2-core x86-64 CPU).
+_ANY_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def _enabled(device: torch.device) -> bool:
+    if _ANY_ENABLED is not None and not _ANY_ENABLED():
+        return False
     return device.type in _DEVICE_TYPES and torch.is_autocast_enabled(device.type)
 
 
