@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..backends import device_type
+
 _DEVICE_TYPES = ("cuda", "cpu")
 # One C call that says whether autocast is on for any device type (torch >= 2.1; traced by
 # torch.compile): every op asks on every call, and autocast is usually off. Asking per device type
@@ -32,12 +34,13 @@ _ANY_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
 def _enabled(device: torch.device) -> bool:
     if _ANY_ENABLED is not None and not _ANY_ENABLED():
         return False
-    return device.type in _DEVICE_TYPES and torch.is_autocast_enabled(device.type)
+    kind = device_type(device)
+    return kind in _DEVICE_TYPES and torch.is_autocast_enabled(kind)
 
 
 def lower_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast gives ``F.linear`` on ``device`` (its autocast dtype), or None when off."""
-    return torch.get_autocast_dtype(device.type) if _enabled(device) else None
+    return torch.get_autocast_dtype(device_type(device)) if _enabled(device) else None
 
 
 def norm_dtype(x: Tensor, residual: Optional[Tensor]) -> Optional[torch.dtype]:
@@ -66,5 +69,5 @@ def disabled(device: torch.device):
     ``torch.autocast(enabled=False)`` where autocast is on, else nothing (entering and leaving
     ``torch.autocast`` costs ~4 µs of Python a call, twice an op's forward and backward)."""
     if _enabled(device):
-        return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device_type(device), enabled=False)
     return contextlib.nullcontext()
