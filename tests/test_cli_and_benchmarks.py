@@ -181,37 +181,51 @@ def test_bench_packing_command_line(tmp_path, capsys):
     assert "| packed |" in capsys.readouterr().out
 
 
-def test_interleaved_timing_calls_each_side_in_turn():
+def test_interleaved_timing_calls_each_side_once_per_repeat():
     calls: list[str] = []
     fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    med = common.interleaved_ms(fns, repeats=30)
+    times = common.interleaved_times(fns, repeats=30)
     # a warm-up call each, then every repeat runs each once, in an order shuffled per repeat
     assert calls[:3] == ["a", "b", "c"]
     repeats = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]
     assert len(repeats) == 30 and all(sorted(r) == ["a", "b", "c"] for r in repeats)
     assert {r[0] for r in repeats} == set("abc") and len(set(repeats)) > 3  # no fixed order or rotation
-    assert set(med) == {"a", "b", "c"} and all(ms >= 0 for ms in med.values())
+    assert set(times) == {"a", "b", "c"} and all(len(ts) == 30 and min(ts) >= 0 for ts in times.values())
     again: list[str] = []
-    common.interleaved_ms({n: (lambda n=n: again.append(n)) for n in "abc"}, repeats=30)
+    common.interleaved_times({n: (lambda n=n: again.append(n)) for n in "abc"}, repeats=30)
     assert again == calls  # seeded
-    times = common.interleaved_times({"a": lambda: None, "b": lambda: None}, repeats=4)
-    assert [len(ts) for ts in times.values()] == [4, 4]
     with pytest.raises(ValueError, match="at least one function"):
         common.interleaved_times({}, repeats=3)
+
+
+def test_interleaved_times_are_paired_by_repeat():
+    # both sides sleep in the odd repeats: the i-th time of each side comes from repeat i
+    import time as _time
+
+    calls = {"n": 0}
+
+    def side():
+        k = calls["n"]
+        calls["n"] += 1
+        if k >= 2 and (k - 2) // 2 % 2 == 1:  # after the two warm-up calls, two calls a repeat
+            _time.sleep(0.005)
+
+    times = common.interleaved_times({"a": side, "b": lambda: side()}, repeats=6)
+    slow = {name: [t > 2.5 for t in ts] for name, ts in times.items()}  # ms
+    assert slow["a"] == slow["b"] == [False, True, False, True, False, True]
 
 
 def test_paired_ratio_median_and_interval():
     # other ran twice as fast in every repeat, whatever the repeat's load: exactly 2, no spread
     base = [10.0, 30.0, 20.0, 50.0, 12.0]
-    ratio, lo, hi = common.paired_ratio(base, [t / 2 for t in base])
-    assert (ratio, lo, hi) == (2.0, 2.0, 2.0)
-    # ratios 0.9, 1.0, 1.1, 1.2, 1.3: the median is 1.1, and the interval holds it within the extremes
-    ratio, lo, hi = common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5)
-    assert ratio == pytest.approx(1.1) and 0.9 <= lo <= 1.1 <= hi <= 1.3 and lo < hi
-    assert common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5) == (ratio, lo, hi)  # seeded
-    # a wider level gives a wider (or equal) interval
-    _, lo50, hi50 = common.paired_ratio([0.9, 1.0, 1.1, 1.2, 1.3], [1.0] * 5, level=0.5)
-    assert lo <= lo50 and hi50 <= hi
+    assert common.paired_ratio(base, [t / 2 for t in base]) == (2.0, 2.0, 2.0)
+    # ratios 1..15: the median 8, and the order statistics 4 and 12 (coverage 1 - 2 P(Bin(15, 1/2) <= 3)
+    # = 96.5%; the next pair, 5 and 11, covers only 88%)
+    assert common.paired_ratio([float(r) for r in range(15, 0, -1)], [1.0] * 15) == (8.0, 4.0, 12.0)
+    # too few repeats for 95%: the range
+    assert common.paired_ratio([0.9, 1.3, 1.0, 1.2, 1.1], [1.0] * 5) == pytest.approx((1.1, 0.9, 1.3))
+    # a lower level, a narrower interval
+    assert common.paired_ratio([float(r) for r in range(1, 16)], [1.0] * 15, level=0.5) == (8.0, 6.0, 10.0)
     with pytest.raises(ValueError, match="equally long"):
         common.paired_ratio([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="level"):

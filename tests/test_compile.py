@@ -277,6 +277,24 @@ def test_compile_follows_the_scoped_backend():
             torch.testing.assert_close(compiled(x, r, w, b), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_op_compiles_once(monkeypatch):
+    """The ops' own bookkeeping (the device-type memo) does not fail a compiled graph's guards: a
+    compiled call compiles once, even on a device the memo has not seen yet."""
+    from torch._dynamo.testing import CompileCounter
+
+    from transformer_kernels import backends
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "_DEVICE_TYPE", {})
+    counter = CompileCounter()
+    compiled = torch.compile(lambda *t: tk.dropout_add_layer_norm(*t), fullgraph=True, backend=counter)
+    x, r = torch.randn(3, 16, device=device()), torch.randn(3, 16, device=device())
+    w, b = torch.randn(16, device=device()), torch.randn(16, device=device())
+    for _ in range(3):
+        compiled(x, r, w, b)
+    assert counter.frame_count == 1
+
+
 # --- opcheck: (custom op, args) per op ---------------------------------------------------------
 
 

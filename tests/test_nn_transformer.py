@@ -142,6 +142,27 @@ def test_multihead_attention_matches_torch(backend, kind):
         _check_same(ours, theirs, lambda m: m(q, kv, v, need_weights=False)[0], inputs)
 
 
+def _graph_nodes(t):
+    nodes, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in nodes}
+
+
+def test_self_attention_projects_with_the_whole_packed_weight():
+    """Self-attention's q/k/v projection takes in_proj_weight/bias whole (a full-range slice's
+    backward would zero-fill and copy the whole weight gradient); cross-attention slices the k/v
+    rows, and the gradients of both match torch's."""
+    mha = tk.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True, device=device())
+    x = torch.randn(2, 5, D_MODEL, device=device())
+    assert "SliceBackward0" not in _graph_nodes(mha(x, x, x, need_weights=False)[0])
+    memory = torch.randn(2, 7, D_MODEL, device=device())
+    assert "SliceBackward0" in _graph_nodes(mha(x, memory, memory, need_weights=False)[0])
+
+
 def test_unsupported_inputs_fall_back_visibly_and_correctly():
     ours, theirs = _pair(
         "TransformerEncoderLayer", 0, d_model=D_MODEL, nhead=NHEAD, dim_feedforward=D_FF, dropout=0.0, batch_first=True

@@ -45,18 +45,22 @@ _DEVICE_TYPE: dict[torch.device, str] = {}
 
 
 def device_type(device: torch.device) -> str:
-    """``device.type``, remembered per device. Every op asks on every call, and torch.device formats
-    the type's name through a C++ string stream on each ``.type``: right after a long kernel, with
-    the CPU's caches cold, that measured ~35 µs against ~7 µs for this lookup (a 2-core x86-64 CPU)."""
+    """``device.type``, remembered per device: every op asks on every call, and torch.device formats
+    the type's name through a C++ string stream on each ``.type``, the costliest step of an op's
+    checks when the CPU's caches are cold (as right after a long kernel). Under torch.compile the
+    type is a constant of the graph, and writing the memo there would only fail the graph's guard
+    on it (one recompile)."""
+    if torch.compiler.is_compiling():
+        return device.type
     kind = _DEVICE_TYPE.get(device)
     if kind is None:
         kind = _DEVICE_TYPE[device] = device.type
     return kind
 
 
-def auto_order(op: str, device_type: str) -> tuple[str, ...]:
-    """The backends ``auto`` tries, in order, for ``op`` on tensors of ``device_type``."""
-    if device_type == "cuda":
+def auto_order(op: str, kind: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries, in order, for ``op`` on tensors of device type ``kind``."""
+    if kind == "cuda":
         return AUTO_ORDER.get(op, DEFAULT_AUTO_ORDER)
     return CPU_AUTO_ORDER
 

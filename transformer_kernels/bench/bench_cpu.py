@@ -15,9 +15,10 @@ Three tables, fp32, forward + backward at the sizes CPU users train at (~4096 to
   ``torch.nn.Transformer`` (``bench_training``'s ``nn_eager``), dropout 0.1 and 0.
 
 Timing: :func:`~transformer_kernels.bench.common.interleaved_times` (every repeat runs each side
-once, in turn), because a CPU benchmark often shares its cores. A cell's figure is the median of
-the per-repeat ratios (baseline time / this side's time, both from the same repeat) and its 95%
-bootstrap interval (:func:`~transformer_kernels.bench.common.paired_ratio`): an interval that
+once, in a shuffled order), because a CPU benchmark often shares its cores. A cell's figure is the median of
+the per-repeat ratios (baseline time / this side's time, both from the same repeat) and an interval
+of at least 95% coverage for it (:func:`~transformer_kernels.bench.common.paired_ratio`; with
+fewer than 9 repeats it is the ratios' range, 98.4% at 7 repeats): an interval that
 holds 1.00 means this run cannot tell the side from the baseline. Each row ends with a control
 column, the baseline timed twice ("eager again"), whose interval shows the run's noise. The rows
 are markdown; the first column's time is the baseline.
@@ -60,7 +61,7 @@ REPEATS: int | None = None
 
 def row(name: str, fns: dict[str, Callable[[], object]], repeats: int, control: bool = False) -> dict[str, float]:
     """Time ``fns`` in turn and print one markdown row: ``name``, then each side's median ms and
-    its speed against the first side, the median of the per-repeat ratios with its 95% interval
+    its speed against the first side, the median of the per-repeat ratios with its (>= 95%) interval
     (:func:`~transformer_kernels.bench.common.paired_ratio`). ``control``: the first side once
     more, as the last column ("again"): its ratio, which is 1.00x but for the machine's noise, says
     how far from 1.00x a ratio must be to mean anything in this run. Returns the median ms."""
@@ -76,7 +77,7 @@ def row(name: str, fns: dict[str, Callable[[], object]], repeats: int, control: 
     cells = [f"{base} {med[base]:.1f} ms (1.00x)"]
     for k, ts in list(times.items())[1:]:
         ratio, lo, hi = paired_ratio(times[base], ts)
-        cells.append(f"{k} {med[k]:.1f} ms ({ratio:.2f}x, {lo:.2f}-{hi:.2f})")
+        cells.append(f"{k} {med[k]:.1f} ms ({ratio:.3f}x, {lo:.3f}-{hi:.3f})")
     print(f"| {name} | {' | '.join(cells)} |", flush=True)
     return med
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{_dt.date.today()}, commit {git_commit()}: {cpu_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32; fwd + bwd, median ms (speed vs the first column: "
-        "the median of the per-repeat ratios, its 95% interval)",
+        "the median of the per-repeat ratios, its >= 95% interval)",
         flush=True,
     )
     if args.repeats is not None and args.repeats < 1:

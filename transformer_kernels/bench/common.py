@@ -229,34 +229,29 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *, see
     return times
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """The median of each function's :func:`interleaved_times`."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats).items()}
-
-
-def paired_ratio(
-    base: Sequence[float], other: Sequence[float], *, level: float = 0.95, resamples: int = 4000, seed: int = 0
-) -> tuple[float, float, float]:
+def paired_ratio(base: Sequence[float], other: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
     """How many times faster ``other`` ran than ``base``, from paired times (the i-th of each timed
     in the same repeat, as :func:`interleaved_times` gives them): the median of the per-repeat
-    ratios ``base[i] / other[i]``, and its ``level`` confidence interval by the percentile
-    bootstrap (``resamples`` resamplings of the repeats, seeded: the same times give the same
-    interval). A ratio taken within one repeat cancels the load drifting between repeats, which
-    the ratio of two medians does not; an interval that contains 1.00 says the run cannot tell
-    the two apart."""
+    ratios ``base[i] / other[i]``, and a distribution-free confidence interval for it of at least
+    ``level`` coverage: the order statistics ``[r_(j), r_(n+1-j)]`` of the n sorted ratios with
+    the largest j whose coverage, ``1 - 2 P(Binomial(n, 1/2) <= j - 1)``, is still >= ``level``
+    (the repeats taken as independent). Below 6 repeats no pair of order statistics reaches 95%:
+    the interval is then the ratios' range (coverage ``1 - 2^(1-n)``). A ratio taken within one
+    repeat cancels the load drifting between repeats, which the ratio of two medians does not; an
+    interval that contains 1.00 says the run cannot tell the two apart."""
     if len(base) != len(other) or not base:
         raise ValueError(
             f"paired_ratio: needs two equally long, non-empty lists of times (got {len(base)}, {len(other)})"
         )
-    if not 0.0 < level < 1.0 or resamples < 1:
-        raise ValueError(f"paired_ratio: level must be in (0, 1) and resamples >= 1 (got {level}, {resamples})")
-    ratios = torch.tensor([b / o for b, o in zip(base, other, strict=True)], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(ratios), (resamples, len(ratios)), generator=gen)
-    medians = ratios[picks].quantile(0.5, dim=1)
-    tail = (1.0 - level) / 2.0
-    lo, hi = medians.quantile(torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return ratios.quantile(0.5).item(), lo, hi
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"paired_ratio: level must be in (0, 1) (got {level})")
+    ratios = sorted(b / o for b, o in zip(base, other, strict=True))
+    n = len(ratios)
+    j, cdf = 1, (1 + n) / 2**n  # cdf: P(Binomial(n, 1/2) <= j), what the interval of j + 1 leaves out each side
+    while j < (n + 1) // 2 and 1.0 - 2.0 * cdf >= level:
+        j += 1
+        cdf += math.comb(n, j) / 2**n
+    return statistics.median(ratios), ratios[j - 1], ratios[n - j]
 
 
 def time_passes(

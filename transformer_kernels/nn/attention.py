@@ -155,7 +155,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         e = self.embed_dim
         weight: Tensor = self.in_proj_weight
         bias: Tensor | None = self.in_proj_bias
-        if count < 3:  # all three blocks unsliced: a slice's backward would zero-fill and copy the whole gradient
+        # all three blocks: the parameters whole, as a full-range slice's backward would zero-fill
+        # and copy the whole weight gradient
+        if (first, count) != (0, 3):
             rows = slice(first * e, (first + count) * e)
             weight, bias = weight[rows], None if bias is None else bias[rows]
         y = fused_linear(x, weight, bias)

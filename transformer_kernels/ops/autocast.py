@@ -26,8 +26,8 @@ from ..backends import device_type
 _DEVICE_TYPES = ("cuda", "cpu")
 # One C call that says whether autocast is on for any device type (torch >= 2.1; traced by
 # torch.compile): every op asks on every call, and autocast is usually off. Asking per device type
-# parses the type's name each time: right after a long kernel, with the CPU's caches cold, that
-# measured ~25 µs against ~9 µs for this (a 2-core x86-64 CPU).
+# parses the type's name each time, which costs more when the CPU's caches are cold (as right
+# after a long kernel).
 _ANY_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
