@@ -52,6 +52,17 @@ def skip_without_kernels(op: str):
     )
 
 
+def graph_node_names(t: torch.Tensor) -> set[str]:
+    """The class names of every autograd node behind ``t`` (``"CopySlices"``, ``"SliceBackward0"``, ...)."""
+    nodes, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in nodes}
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import device, kernel_backends, seed_for
+from helpers import device, graph_node_names, kernel_backends, seed_for
 
 import transformer_kernels as tk
 from transformer_kernels.ops.attention import OP as ATTENTION
@@ -142,25 +142,15 @@ def test_multihead_attention_matches_torch(backend, kind):
         _check_same(ours, theirs, lambda m: m(q, kv, v, need_weights=False)[0], inputs)
 
 
-def _graph_nodes(t):
-    nodes, todo = set(), [t.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is not None and fn not in nodes:
-            nodes.add(fn)
-            todo.extend(f for f, _ in fn.next_functions)
-    return {type(fn).__name__ for fn in nodes}
-
-
 def test_self_attention_projects_with_the_whole_packed_weight():
     """Self-attention's q/k/v projection takes in_proj_weight/bias whole (a full-range slice's
     backward would zero-fill and copy the whole weight gradient); cross-attention slices the k/v
     rows, and the gradients of both match torch's."""
     mha = tk.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True, device=device())
     x = torch.randn(2, 5, D_MODEL, device=device())
-    assert "SliceBackward0" not in _graph_nodes(mha(x, x, x, need_weights=False)[0])
+    assert "SliceBackward0" not in graph_node_names(mha(x, x, x, need_weights=False)[0])
     memory = torch.randn(2, 7, D_MODEL, device=device())
-    assert "SliceBackward0" in _graph_nodes(mha(x, memory, memory, need_weights=False)[0])
+    assert "SliceBackward0" in graph_node_names(mha(x, memory, memory, need_weights=False)[0])
 
 
 def test_unsupported_inputs_fall_back_visibly_and_correctly():
