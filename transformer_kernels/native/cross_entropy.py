@@ -164,8 +164,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss, *_ = _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, None, needs)
             ctx.save_for_backward(hidden, weight, bias, target)
             return loss
-        scale = 1.0 / valid.sum() if reduction == "mean" else torch.ones((), device=hidden.device)
-        row_grad = scale.expand(hidden.shape[0]) if any(needs) else None
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        row_grad = _row_factor(valid, reduction, compute) if any(needs) else None
         loss, dh, dw, db = _chunked(hidden, weight, bias, target, label_smoothing, ignore_index, row_grad, needs)
         ctx.save_for_backward(dh, dw, db)
         return _reduce(loss, valid, reduction)
