@@ -67,7 +67,7 @@ def cast(dtype: Optional[torch.dtype], *tensors: Any) -> tuple[Any, ...]:
 def disabled(device: torch.device):
     """A context with autocast off on ``device``'s type (traceable by torch.compile): a
     ``torch.autocast(enabled=False)`` where autocast is on, else nothing (entering and leaving
-    ``torch.autocast`` costs ~4 µs of Python a call, twice an op's forward and backward)."""
+    ``torch.autocast`` costs a few µs of Python a call, twice an op's forward and backward)."""
     if _enabled(device):
         return torch.autocast(device_type(device), enabled=False)
     return contextlib.nullcontext()
